@@ -1,0 +1,37 @@
+//! `prefloop bench …`: the speed and memory targets of the issues, measured by the binary
+//! itself so the same command runs here, in CI and on a GPU machine.
+
+mod shards;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+/// Benchmarks. Record what they print, with the machine, in docs/BENCHMARKS.md.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Shards(shards::Args),
+}
+
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Shards(args) => shards::run(&args),
+    }
+}
+
+/// Peak resident set size of this process so far (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Starts a new peak-RSS window, so one phase's peak is not hidden by an earlier one.
+fn reset_peak_rss() {
+    // "5" resets VmHWM (Linux ≥ 4.0); where it is not allowed the peak covers the whole run.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}

@@ -1,0 +1,52 @@
+//! The `prefloop` binary: a thin clap layer over the library crates. The only crate that
+//! uses anyhow; it turns every error into one line on stderr and a non-zero exit code.
+
+mod bench;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// prefloop aligns language models with fresh, on-policy preference data.
+///
+/// One round samples answers from the current policy, scores them (a reward model, or unit
+/// tests run in a wasmtime sandbox), writes Parquet shards of samples, scores and preference
+/// pairs, and trains the next policy with DPO or PPO.
+///
+/// Start with `prefloop inspect FILE.parquet` to look at any shard or dataset file.
+#[derive(Debug, Parser)]
+#[command(name = "prefloop", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Inspect(inspect::Args),
+    #[command(subcommand)]
+    Bench(bench::Command),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PREFLOOP_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(&args),
+        Command::Bench(command) => bench::run(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

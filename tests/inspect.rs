@@ -1,0 +1,138 @@
+//! End-to-end: `prefloop inspect` on our shards, on a file pyarrow wrote, and on bad files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use prefloop_core::{Pair, PairSource};
+use prefloop_data::{ShardWriter, WriterOptions};
+
+fn prefloop(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prefloop"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The project venv's python (scripts/setup), if this run has one.
+fn venv_python() -> Option<PathBuf> {
+    let python = PathBuf::from(std::env::var_os("PREFLOOP_PYTHON")?);
+    python.exists().then_some(python)
+}
+
+fn write_pairs(path: &Path, n: u32) {
+    let pairs: Vec<Pair> = (0..n)
+        .map(|i| Pair {
+            prompt: format!("Write a haiku about {i}.\nMake it short."),
+            chosen: "A short poem".into(),
+            rejected: "No.".into(),
+            chosen_reward: 1.5,
+            rejected_reward: -0.5,
+            margin: 2.0,
+            problem_id: format!("hh/{i}"),
+            round: 0,
+            source: PairSource::Policy,
+        })
+        .collect();
+    let mut writer = ShardWriter::<Pair>::create(path, &WriterOptions::default()).unwrap();
+    writer.write(&pairs).unwrap();
+    writer.finish().unwrap();
+}
+
+#[test]
+fn inspect_shows_schema_rows_and_first_rows_of_our_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.parquet");
+    write_pairs(&path, 12);
+    let out = prefloop(&["inspect", path.to_str().unwrap(), "-n", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("rows:       12\n"), "{stdout}");
+    assert!(stdout.contains("dataset:    pairs\n"), "{stdout}");
+    assert!(stdout.contains("  margin: Float32 not null\n"), "{stdout}");
+    assert!(
+        stdout.contains("row 1:\n  prompt: Write a haiku about 1.\\nMake it short.\n"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("row 2:"), "{stdout}");
+}
+
+#[test]
+fn inspect_reads_a_file_written_by_pyarrow() {
+    let Some(python) = venv_python() else {
+        eprintln!("skipped: PREFLOOP_PYTHON is not set to a venv with pyarrow (run scripts/setup)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trl.parquet");
+    let script = r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+t = pa.table({
+    "prompt": ["2+2?", "Capital of France?"],
+    "chosen": ["4", "Paris"],
+    "rejected": ["5", "Lyon"],
+    "chosen_reward": pa.array([1.0, 2.0], pa.float64()),
+    "rejected_reward": [0.0, 0.5],
+    "margin": [1.0, 1.5],
+    "problem_id": ["a", "b"],
+    "round": pa.array([0, 0], pa.int64()),
+    "source": ["policy", "policy"],
+})
+pq.write_table(t, sys.argv[1])  # snappy, int64, float64: pyarrow's defaults
+"#;
+    let status = Command::new(python)
+        .args(["-c", script, path.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = prefloop(&["inspect", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("written by: parquet-cpp-arrow"), "{stdout}");
+    assert!(stdout.contains("dataset:    pairs\n"), "{stdout}");
+    assert!(stdout.contains("  chosen: Paris\n"), "{stdout}");
+
+    // And our typed reader takes it as pairs, converting int64/float64.
+    let pairs: Vec<Pair> = prefloop_data::RecordReader::<Pair>::open(&path)
+        .unwrap()
+        .flat_map(Result::unwrap)
+        .collect();
+    assert_eq!(pairs[1].chosen, "Paris");
+    assert_eq!(pairs[1].margin, 1.5);
+}
+
+fn assert_fails_naming(args: &[&str], needles: &[&str]) {
+    let out = prefloop(args);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing printed on stdout for a bad file"
+    );
+    let stderr = text(&out.stderr);
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+    }
+}
+
+#[test]
+fn inspect_names_the_file_when_it_is_not_parquet_or_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("data.parquet");
+    std::fs::write(&csv, "prompt,chosen\nhi,hello\n").unwrap();
+    let csv = csv.to_str().unwrap();
+    assert_fails_naming(&["inspect", csv], &[csv, "not a readable Parquet file"]);
+
+    let cut = dir.path().join("cut.parquet");
+    write_pairs(&cut, 100);
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let cut = cut.to_str().unwrap();
+    assert_fails_naming(&["inspect", cut], &[cut, "not a readable Parquet file"]);
+
+    let missing = dir.path().join("nope.parquet");
+    let missing = missing.to_str().unwrap();
+    assert_fails_naming(&["inspect", missing], &[missing, "No such file"]);
+}
