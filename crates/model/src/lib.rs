@@ -1,0 +1,18 @@
+//! prefloop-model: the policy. A Llama-family causal LM in tch that loads Hugging Face
+//! safetensors directories and llama.cpp GGUF files, tokenises with the model's own tokenizer
+//! and chat template, and samples in large batches over a preallocated KV cache.
+
+mod config;
+mod error;
+mod generate;
+mod gguf;
+mod llama;
+mod load;
+mod tokenizer;
+
+pub use config::{Config, RopeScaling};
+pub use error::{ModelError, Result};
+pub use generate::{Generation, SamplingParams, generate};
+pub use llama::{KvCache, Llama};
+pub use load::{DEFAULT_MODEL_FILE, Model, best_device, compute_kind, default_model_path};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,186 @@
+//! A ready-to-run model: weights in a VarStore on the chosen device, the tokenizer, the
+//! config. `--model` takes a GGUF file, a Hugging Face directory, or nothing (the embedded
+//! default that scripts/setup installs).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::{gguf, tokenizer};
+
+/// File name of the embedded default model inside the model directory.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where the embedded default lives: `$PREFLOOP_MODEL_DIR`, else `.prefloop/models` of the
+/// checkout the binary was built in (target/{profile}/prefloop → ../../.prefloop/models).
+pub fn default_model_path() -> PathBuf {
+    let dir = std::env::var_os("PREFLOOP_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap_or_default();
+            let checkout = exe
+                .ancestors()
+                .find(|d| d.join(".prefloop/models").is_dir());
+            checkout.map_or_else(
+                || PathBuf::from(".prefloop/models"),
+                |d| d.join(".prefloop/models"),
+            )
+        });
+    dir.join(DEFAULT_MODEL_FILE)
+}
+
+/// The device generation and training run on: the first CUDA GPU if there is one.
+pub fn best_device() -> Device {
+    Device::cuda_if_available()
+}
+
+/// The policy's compute dtype: bf16 on CUDA, f32 on the CPU.
+pub fn compute_kind(device: Device) -> Kind {
+    if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    }
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    /// Where the weights came from (for logs and the `policy` column).
+    pub source: PathBuf,
+}
+
+impl Model {
+    /// Loads `path` (a .gguf file or a Hugging Face directory), or the embedded default.
+    pub fn load(path: Option<&Path>, device: Device) -> Result<Self> {
+        let path = match path {
+            Some(p) => p.to_owned(),
+            None => {
+                let default = default_model_path();
+                if !default.exists() {
+                    return Err(ModelError::NoDefaultModel(default));
+                }
+                default
+            }
+        };
+        let (config, weights, tokenizer) = if path.is_dir() {
+            load_hf_dir(&path)?
+        } else {
+            let contents = gguf::load(&path)?;
+            let tokenizer = Tokenizer::from_gguf_vocab(&contents.vocab)?;
+            (contents.config, contents.weights, tokenizer)
+        };
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(ModelError::VocabMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                embeddings: config.vocab_size,
+            });
+        }
+        let mut vs = nn::VarStore::new(device);
+        let llama = Llama::new(&vs, &config)?;
+        fill(&vs, weights, &path)?;
+        if compute_kind(device) != Kind::Float {
+            vs.set_kind(compute_kind(device));
+        }
+        Ok(Self {
+            vs,
+            llama,
+            tokenizer,
+            source: path,
+        })
+    }
+}
+
+/// Parameters by name, as read from a checkpoint.
+type Weights = Vec<(String, Tensor)>;
+
+fn load_hf_dir(dir: &Path) -> Result<(Config, Weights, Tokenizer)> {
+    let config = Config::from_file(&dir.join("config.json"))?;
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
+        let map = parsed
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Config {
+                path: index.clone(),
+                message: "no weight_map".into(),
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut weights = Vec::new();
+    for file in files {
+        if !file.exists() {
+            return Err(ModelError::Io {
+                path: file,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        let tensors = Tensor::read_safetensors(&file).map_err(|e| ModelError::Config {
+            path: file.clone(),
+            message: format!("not a readable safetensors file: {e}"),
+        })?;
+        weights.extend(tensors);
+    }
+    let tokenizer =
+        tokenizer::Tokenizer::from_hf_dir(dir, config.eos_token_ids(), config.bos_token_id)?;
+    Ok((config, weights, tokenizer))
+}
+
+/// Copies loaded tensors into the declared variables, checking names and shapes.
+fn fill(vs: &nn::VarStore, weights: Weights, source: &Path) -> Result<()> {
+    let mut weights: HashMap<String, Tensor> = weights.into_iter().collect();
+    let mut variables = vs.variables();
+    let mut names: Vec<&String> = variables.keys().collect();
+    names.sort();
+    let names: Vec<String> = names.into_iter().cloned().collect();
+    tch::no_grad(|| {
+        for name in names {
+            let var = variables.get_mut(&name).expect("listed");
+            let Some(value) = weights.remove(&name) else {
+                return Err(ModelError::MissingWeight {
+                    path: source.to_owned(),
+                    name,
+                });
+            };
+            if value.size() != var.size() {
+                return Err(ModelError::WeightShape {
+                    path: source.to_owned(),
+                    name,
+                    expected: var.size(),
+                    found: value.size(),
+                });
+            }
+            var.f_copy_(&value.to_kind(var.kind()))?;
+        }
+        Ok(())
+    })?;
+    for name in weights.keys() {
+        tracing::debug!(weight = name, "ignoring a weight the model does not use");
+    }
+    Ok(())
+}
