@@ -3,6 +3,8 @@
 //! token budget.
 
 use prefloop_core::Finish;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
@@ -72,7 +74,6 @@ pub fn generate(
         return Ok(Vec::new());
     }
     let device = model.vs.device();
-    tch::manual_seed(params.seed as i64);
     tch::no_grad(|| run(model, prompts, params, device))
 }
 
@@ -133,8 +134,16 @@ fn run(
         })
         .collect();
     let mut done = vec![false; batch];
+    // Our own RNG, not torch's global one: a seed then gives the same samples whatever else the
+    // process runs, on any device.
+    let mut rng = StdRng::seed_from_u64(params.seed);
     for step in 0..params.max_new_tokens {
-        let next = sample(&logits, params); // (B,)
+        let uniform: Vec<f32> = (0..batch).map(|_| rng.random::<f32>()).collect();
+        let next = sample(
+            &logits,
+            params,
+            &Tensor::from_slice(&uniform).to_device(device),
+        ); // (B,)
         let logprob = logits
             .log_softmax(-1, Kind::Float)
             .gather(1, &next.unsqueeze(1), false)
@@ -203,8 +212,9 @@ fn hits_stop(model: &Model, tokens: &[u32], stop: &[String]) -> Result<bool> {
     Ok(stop.iter().any(|s| text.contains(s.as_str())))
 }
 
-/// Next token per row from logits (B, V): greedy, or temperature / top-k / top-p sampling.
-fn sample(logits: &Tensor, params: &SamplingParams) -> Tensor {
+/// Next token per row from logits (B, V): greedy, or temperature / top-k / top-p sampling by
+/// inverting each row's CDF at `uniform` (B,), draws in [0, 1).
+fn sample(logits: &Tensor, params: &SamplingParams, uniform: &Tensor) -> Tensor {
     if params.temperature <= 0.0 {
         return logits.argmax(-1, false);
     }
@@ -224,8 +234,11 @@ fn sample(logits: &Tensor, params: &SamplingParams) -> Tensor {
         let drop = drop_sorted.scatter(1, &order, &drop_sorted);
         scores = scores.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    scores
-        .softmax(-1, Kind::Float)
-        .multinomial(1, false)
+    let cdf = scores.softmax(-1, Kind::Float).cumsum(-1, Kind::Float); // (B, V)
+    let total = cdf.narrow(1, vocab - 1, 1); // ≈ 1: the CDF's own end
+    let target = uniform.unsqueeze(1) * total; // (B, 1)
+    target
+        .searchsorted(&cdf, false, true, "right", None::<Tensor>)
         .squeeze_dim(1)
+        .clamp_max(vocab - 1)
 }

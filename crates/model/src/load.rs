@@ -9,9 +9,9 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::gguf;
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
-use crate::{gguf, tokenizer};
 
 /// File name of the embedded default model inside the model directory.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -71,18 +71,18 @@ impl Model {
             }
         };
         let (config, weights, tokenizer) = if path.is_dir() {
-            load_hf_dir(&path)?
+            let config = Config::from_file(&path.join("config.json"))?;
+            let tokenizer =
+                Tokenizer::from_hf_dir(&path, config.eos_token_ids(), config.bos_token_id)?;
+            check_vocab(&tokenizer, &config)?;
+            let weights = read_safetensors(&path)?;
+            (config, weights, tokenizer)
         } else {
             let contents = gguf::load(&path)?;
             let tokenizer = Tokenizer::from_gguf_vocab(&contents.vocab)?;
+            check_vocab(&tokenizer, &contents.config)?;
             (contents.config, contents.weights, tokenizer)
         };
-        if tokenizer.vocab_size() > config.vocab_size {
-            return Err(ModelError::VocabMismatch {
-                tokenizer: tokenizer.vocab_size(),
-                embeddings: config.vocab_size,
-            });
-        }
         let mut vs = nn::VarStore::new(device);
         let llama = Llama::new(&vs, &config)?;
         fill(&vs, weights, &path)?;
@@ -101,8 +101,18 @@ impl Model {
 /// Parameters by name, as read from a checkpoint.
 type Weights = Vec<(String, Tensor)>;
 
-fn load_hf_dir(dir: &Path) -> Result<(Config, Weights, Tokenizer)> {
-    let config = Config::from_file(&dir.join("config.json"))?;
+fn check_vocab(tokenizer: &Tokenizer, config: &Config) -> Result<()> {
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(ModelError::VocabMismatch {
+            tokenizer: tokenizer.vocab_size(),
+            embeddings: config.vocab_size,
+        });
+    }
+    Ok(())
+}
+
+/// `model.safetensors`, or every shard a `model.safetensors.index.json` names.
+fn read_safetensors(dir: &Path) -> Result<Weights> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
@@ -146,9 +156,7 @@ fn load_hf_dir(dir: &Path) -> Result<(Config, Weights, Tokenizer)> {
         })?;
         weights.extend(tensors);
     }
-    let tokenizer =
-        tokenizer::Tokenizer::from_hf_dir(dir, config.eos_token_ids(), config.bos_token_id)?;
-    Ok((config, weights, tokenizer))
+    Ok(weights)
 }
 
 /// Copies loaded tensors into the declared variables, checking names and shapes.

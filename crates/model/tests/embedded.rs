@@ -41,3 +41,162 @@ fn greedy_capital_of_france_is_paris() {
             .all(|&lp| lp <= 0.0 && lp.is_finite())
     );
 }
+
+#[test]
+fn a_padded_batch_gives_each_prompt_its_own_greedy_output() {
+    let Some(model) = embedded() else { return };
+    let questions = [
+        "Name a colour.",
+        "Write one sentence about the sea and the moon together.",
+        "2+2=",
+    ];
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            model
+                .tokenizer
+                .encode(&model.tokenizer.apply_chat_template(q).unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        prompts[0].len() != prompts[1].len(),
+        "the batch must need padding"
+    );
+    let params = SamplingParams::greedy(24);
+    let batched = generate(&model, &prompts, &params).unwrap();
+    for (prompt, together) in prompts.iter().zip(&batched) {
+        let alone = generate(&model, std::slice::from_ref(prompt), &params).unwrap();
+        assert_eq!(together.tokens, alone[0].tokens);
+        assert_eq!(together.text, alone[0].text);
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_for_a_seed() {
+    let Some(model) = embedded() else { return };
+    let prompt = model
+        .tokenizer
+        .encode(
+            &model
+                .tokenizer
+                .apply_chat_template("Tell me a story.")
+                .unwrap(),
+        )
+        .unwrap();
+    let prompts = vec![prompt; 4];
+    let params = |seed| SamplingParams {
+        max_new_tokens: 12,
+        seed,
+        ..SamplingParams::default()
+    };
+    let a = generate(&model, &prompts, &params(7)).unwrap();
+    let b = generate(&model, &prompts, &params(7)).unwrap();
+    let c = generate(&model, &prompts, &params(8)).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert!(
+        a.iter().any(|g| g.tokens != a[0].tokens),
+        "4 samples at temperature 1 should differ"
+    );
+}
+
+#[test]
+fn stop_strings_end_and_cut_the_completion() {
+    let Some(model) = embedded() else { return };
+    let prompt = model
+        .tokenizer
+        .encode(
+            &model
+                .tokenizer
+                .apply_chat_template("What is the capital of France?")
+                .unwrap(),
+        )
+        .unwrap();
+    let params = SamplingParams {
+        stop: vec!["Paris".into()],
+        ..SamplingParams::greedy(32)
+    };
+    let out = generate(&model, &[prompt], &params).unwrap();
+    assert_eq!(out[0].text, "The capital of France is ");
+    assert_eq!(out[0].finish, prefloop_core::Finish::Stop);
+}
+
+/// An HF directory with the embedded model's tokenizer and the given config.
+fn hf_dir(config: serde_json::Value, model: &Model) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        model.tokenizer.json().to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+fn smollm_config(vocab_size: usize) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "tie_word_embeddings": true, "eos_token_id": 2
+    })
+}
+
+#[test]
+fn a_missing_or_corrupt_weight_file_is_a_clear_error() {
+    let Some(model) = embedded() else { return };
+    let dir = hf_dir(smollm_config(49152), &model);
+    let err = Model::load(Some(dir.path()), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    let weights = dir.path().join("model.safetensors");
+    assert!(
+        err.starts_with(&weights.display().to_string()) && err.contains("not found"),
+        "{err}"
+    );
+
+    std::fs::write(&weights, b"definitely not safetensors").unwrap();
+    let err = Model::load(Some(dir.path()), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors: not a readable safetensors file"),
+        "{err}"
+    );
+
+    let gguf = dir.path().join("model.gguf");
+    let bytes = std::fs::read(default_model_path()).unwrap();
+    std::fs::write(&gguf, &bytes[..4096]).unwrap();
+    let err = Model::load(Some(&gguf), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!("{}: not a readable GGUF file", gguf.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_embeddings_is_rejected() {
+    let Some(model) = embedded() else { return };
+    let dir = hf_dir(smollm_config(1000), &model);
+    let err = Model::load(Some(dir.path()), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "the tokenizer has 49152 tokens but the embeddings have 1000 rows"
+    );
+}
+
+#[test]
+fn an_unknown_architecture_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = smollm_config(1000);
+    config["model_type"] = "gpt_neox".into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = Model::load(Some(dir.path()), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("unknown architecture `gpt_neox`"), "{err}");
+}
