@@ -2,6 +2,7 @@
 //! uses anyhow; it turns every error into one line on stderr and a non-zero exit code.
 
 mod bench;
+mod generate;
 mod inspect;
 
 use std::process::ExitCode;
@@ -14,7 +15,8 @@ use clap::{Parser, Subcommand};
 /// tests run in a wasmtime sandbox), writes Parquet shards of samples, scores and preference
 /// pairs, and trains the next policy with DPO or PPO.
 ///
-/// Start with `prefloop inspect FILE.parquet` to look at any shard or dataset file.
+/// Start with `prefloop generate --prompts prompts.jsonl --out samples/` to sample from the
+/// embedded default model, and `prefloop inspect FILE.parquet` to look at any shard.
 #[derive(Debug, Parser)]
 #[command(name = "prefloop", version, propagate_version = true)]
 struct Cli {
@@ -25,6 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Inspect(inspect::Args),
+    Generate(generate::Args),
     #[command(subcommand)]
     Bench(bench::Command),
 }
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Bench(command) => bench::run(command),
     };
     match result {

@@ -23,7 +23,6 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
     /// Generation stops once the completion contains one of these; it is cut before it.
     pub stop: Vec<String>,
-    pub seed: u64,
 }
 
 impl Default for SamplingParams {
@@ -34,7 +33,6 @@ impl Default for SamplingParams {
             top_p: 1.0,
             max_new_tokens: 256,
             stop: Vec::new(),
-            seed: 0,
         }
     }
 }
@@ -48,6 +46,14 @@ impl SamplingParams {
             ..Self::default()
         }
     }
+}
+
+/// One prompt to complete. Each row draws from its own RNG seeded with `seed`, so a sample
+/// does not depend on which other prompts share its batch (up to float noise of batching).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub seed: u64,
 }
 
 /// One completion.
@@ -67,24 +73,25 @@ const STOP_WINDOW: usize = 16;
 /// Samples one completion for each prompt (token ids) in one batch.
 pub fn generate(
     model: &Model,
-    prompts: &[Vec<u32>],
+    requests: &[Request],
     params: &SamplingParams,
 ) -> Result<Vec<Generation>> {
-    if prompts.is_empty() {
+    if requests.is_empty() {
         return Ok(Vec::new());
     }
     let device = model.vs.device();
-    tch::no_grad(|| run(model, prompts, params, device))
+    tch::no_grad(|| run(model, requests, params, device))
 }
 
 fn run(
     model: &Model,
-    prompts: &[Vec<u32>],
+    requests: &[Request],
     params: &SamplingParams,
     device: Device,
 ) -> Result<Vec<Generation>> {
-    let batch = prompts.len();
-    let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let batch = requests.len();
+    let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
+    let prompt_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
     let capacity = (prompt_len + params.max_new_tokens) as i64;
     let pad = model.tokenizer.pad_id() as i64;
     let eos: Vec<i64> = model
@@ -134,11 +141,14 @@ fn run(
         })
         .collect();
     let mut done = vec![false; batch];
-    // Our own RNG, not torch's global one: a seed then gives the same samples whatever else the
+    // Our own RNGs, not torch's global one: a seed then gives the same sample whatever else the
     // process runs, on any device.
-    let mut rng = StdRng::seed_from_u64(params.seed);
+    let mut rngs: Vec<StdRng> = requests
+        .iter()
+        .map(|r| StdRng::seed_from_u64(r.seed))
+        .collect();
     for step in 0..params.max_new_tokens {
-        let uniform: Vec<f32> = (0..batch).map(|_| rng.random::<f32>()).collect();
+        let uniform: Vec<f32> = rngs.iter_mut().map(|rng| rng.random::<f32>()).collect();
         let next = sample(
             &logits,
             params,

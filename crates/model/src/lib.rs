@@ -12,7 +12,7 @@ mod tokenizer;
 
 pub use config::{Config, RopeScaling};
 pub use error::{ModelError, Result};
-pub use generate::{Generation, SamplingParams, generate};
+pub use generate::{Generation, Request, SamplingParams, generate};
 pub use llama::{KvCache, Llama};
 pub use load::{DEFAULT_MODEL_FILE, Model, best_device, compute_kind, default_model_path};
 pub use tokenizer::Tokenizer;

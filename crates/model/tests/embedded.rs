@@ -1,7 +1,7 @@
 //! The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end on the CPU.
 //! Skipped with a message when scripts/setup has not installed it.
 
-use prefloop_model::{Model, SamplingParams, default_model_path, generate};
+use prefloop_model::{Model, Request, SamplingParams, default_model_path, generate};
 use tch::Device;
 
 fn embedded() -> Option<Model> {
@@ -14,6 +14,14 @@ fn embedded() -> Option<Model> {
         return None;
     }
     Some(Model::load(None, Device::Cpu).expect("the embedded default loads"))
+}
+
+fn request(model: &Model, user: &str, seed: u64) -> Request {
+    let text = model.tokenizer.apply_chat_template(user).unwrap();
+    Request {
+        prompt: model.tokenizer.encode(&text).unwrap(),
+        seed,
+    }
 }
 
 #[test]
@@ -30,7 +38,15 @@ fn greedy_capital_of_france_is_paris() {
         "{prompt:?}"
     );
     let ids = model.tokenizer.encode(&prompt).unwrap();
-    let out = generate(&model, &[ids], &SamplingParams::greedy(32)).unwrap();
+    let out = generate(
+        &model,
+        &[Request {
+            prompt: ids,
+            seed: 0,
+        }],
+        &SamplingParams::greedy(32),
+    )
+    .unwrap();
     assert_eq!(out[0].text, "The capital of France is Paris.");
     assert_eq!(out[0].finish, prefloop_core::Finish::Stop);
     assert_eq!(out[0].tokens.len(), out[0].logprobs.len());
@@ -50,17 +66,10 @@ fn a_padded_batch_gives_each_prompt_its_own_greedy_output() {
         "Write one sentence about the sea and the moon together.",
         "2+2=",
     ];
-    let prompts: Vec<Vec<u32>> = questions
-        .iter()
-        .map(|q| {
-            model
-                .tokenizer
-                .encode(&model.tokenizer.apply_chat_template(q).unwrap())
-                .unwrap()
-        })
-        .collect();
-    assert!(
-        prompts[0].len() != prompts[1].len(),
+    let prompts: Vec<Request> = questions.iter().map(|q| request(&model, q, 0)).collect();
+    assert_ne!(
+        prompts[0].prompt.len(),
+        prompts[1].prompt.len(),
         "the batch must need padding"
     );
     let params = SamplingParams::greedy(24);
@@ -75,49 +84,38 @@ fn a_padded_batch_gives_each_prompt_its_own_greedy_output() {
 #[test]
 fn sampling_is_reproducible_for_a_seed() {
     let Some(model) = embedded() else { return };
-    let prompt = model
-        .tokenizer
-        .encode(
-            &model
-                .tokenizer
-                .apply_chat_template("Tell me a story.")
-                .unwrap(),
-        )
-        .unwrap();
-    let prompts = vec![prompt; 4];
-    let params = |seed| SamplingParams {
+    let batch = |base: u64| -> Vec<Request> {
+        (0..4)
+            .map(|i| request(&model, "Tell me a story.", base + i))
+            .collect()
+    };
+    let params = SamplingParams {
         max_new_tokens: 12,
-        seed,
         ..SamplingParams::default()
     };
-    let a = generate(&model, &prompts, &params(7)).unwrap();
-    let b = generate(&model, &prompts, &params(7)).unwrap();
-    let c = generate(&model, &prompts, &params(8)).unwrap();
+    let a = generate(&model, &batch(7), &params).unwrap();
+    let b = generate(&model, &batch(7), &params).unwrap();
+    let c = generate(&model, &batch(100), &params).unwrap();
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert!(
         a.iter().any(|g| g.tokens != a[0].tokens),
         "4 samples at temperature 1 should differ"
     );
+    // A row's sample depends on its seed, not on its batch.
+    let alone = generate(&model, &batch(7)[2..3], &params).unwrap();
+    assert_eq!(alone[0].tokens, a[2].tokens);
 }
 
 #[test]
 fn stop_strings_end_and_cut_the_completion() {
     let Some(model) = embedded() else { return };
-    let prompt = model
-        .tokenizer
-        .encode(
-            &model
-                .tokenizer
-                .apply_chat_template("What is the capital of France?")
-                .unwrap(),
-        )
-        .unwrap();
     let params = SamplingParams {
         stop: vec!["Paris".into()],
         ..SamplingParams::greedy(32)
     };
-    let out = generate(&model, &[prompt], &params).unwrap();
+    let france = request(&model, "What is the capital of France?", 0);
+    let out = generate(&model, &[france], &params).unwrap();
     assert_eq!(out[0].text, "The capital of France is ");
     assert_eq!(out[0].finish, prefloop_core::Finish::Stop);
 }

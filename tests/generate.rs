@@ -1,0 +1,116 @@
+//! End-to-end: `prefloop generate` on the embedded default writes a samples stage, and a run
+//! killed part-way resumes to exactly the rows of an uninterrupted run.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prefloop_core::Sample;
+use prefloop_data::{Manifest, StageReader};
+
+fn model_installed() -> bool {
+    let installed = prefloop_model::default_model_path().exists();
+    if !installed {
+        eprintln!("skipped: the embedded default model is not installed (run scripts/setup)");
+    }
+    installed
+}
+
+fn generate(prompts: &Path, out: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefloop"));
+    cmd.args([
+        "generate",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+        "--shard-rows",
+        "2",
+    ])
+    .arg("--prompts")
+    .arg(prompts)
+    .arg("--out")
+    .arg(out)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+fn read(dir: &Path) -> Vec<Sample> {
+    StageReader::<Sample>::open(dir)
+        .unwrap()
+        .flat_map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn generate_writes_a_samples_stage_and_resumes_after_a_kill() {
+    if !model_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    let lines: Vec<String> = [
+        "Name a colour.",
+        "What is 2+2?",
+        "Say hello.",
+        "Name a fruit.",
+        "Count to three.",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, p)| serde_json::json!({"problem_id": format!("q{i}"), "prompt": p}).to_string())
+    .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+
+    let whole = dir.path().join("whole");
+    let out = generate(&prompts, &whole).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = read(&whole);
+    assert_eq!(expected.len(), 10);
+    assert_eq!(expected[3].problem_id, "q1");
+    assert_eq!(expected[3].sample_idx, 1);
+    assert!(
+        expected
+            .iter()
+            .all(|s| s.num_tokens <= 12 && s.logprob_sum < 0.0)
+    );
+
+    // Kill once two shards are durable, then run the same command again.
+    let resumed = dir.path().join("resumed");
+    let mut child = generate(&prompts, &resumed).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Manifest::load(&resumed)
+        .ok()
+        .flatten()
+        .is_none_or(|m| m.shards.len() < 2)
+    {
+        assert!(Instant::now() < deadline, "no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!Manifest::load(&resumed).unwrap().unwrap().complete);
+    let out = generate(&prompts, &resumed).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read(&resumed), expected);
+
+    // A complete stage is not generated twice.
+    let out = generate(&prompts, &resumed).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stage is already complete"));
+}
