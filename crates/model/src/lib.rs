@@ -8,6 +8,7 @@ mod generate;
 mod gguf;
 mod llama;
 mod load;
+mod save;
 mod tokenizer;
 
 pub use config::{Config, RopeScaling};

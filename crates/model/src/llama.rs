@@ -358,6 +358,15 @@ impl Llama {
         self.norm.forward(&x)
     }
 
+    /// Logits, (B, T, V), of unpadded sequences (B, T): positions 0..T, every token valid.
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        let (b, t) = input_ids.size2().expect("(B, T)");
+        let device = input_ids.device();
+        let positions = Tensor::arange(t, (Kind::Int64, device)).expand([b, t], true);
+        let valid = Tensor::ones([b, t], (Kind::Bool, device));
+        self.logits(&self.forward_hidden(input_ids, &positions, &valid, None))
+    }
+
     /// Logits, (…, V), of hidden states (…, C).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.matmul(&self.lm_head.tr())

@@ -1,0 +1,92 @@
+//! Saving a model as a Hugging Face directory that `transformers` loads:
+//! model.safetensors, config.json, tokenizer.json, tokenizer_config.json,
+//! generation_config.json. Written to a hidden sibling directory first and renamed into place,
+//! so the directory either is complete or does not exist.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+use tch::{Device, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::load::Model;
+
+impl Model {
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ModelError::Io { path, source }
+        };
+        if dir.exists() {
+            return Err(ModelError::Io {
+                path: dir.to_owned(),
+                source: std::io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let temp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+        let written = self.write_files(&temp);
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&temp);
+            return Err(e);
+        }
+        std::fs::rename(&temp, dir).map_err(io(dir))
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<()> {
+        let mut named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensor::write_safetensors(&named, dir.join("model.safetensors"))?;
+
+        let config = self.llama.config();
+        let architecture = match config.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let dtype = match named.first().map(|(_, t)| t.kind()) {
+            Some(tch::Kind::BFloat16) => "bfloat16",
+            Some(tch::Kind::Half) => "float16",
+            _ => "float32",
+        };
+        let mut config_json = serde_json::to_value(config).expect("a config serialises");
+        config_json["architectures"] = json!([architecture]);
+        config_json["hidden_act"] = json!("silu");
+        config_json["torch_dtype"] = json!(dtype);
+        let eos = self.tokenizer.eos_ids().to_vec();
+        config_json["eos_token_id"] = json!(eos.first());
+        let token = |id: Option<u32>| id.and_then(|id| self.tokenizer.token_text(id));
+        let tokenizer_config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": self.tokenizer.chat_template(),
+            "bos_token": token(config.bos_token_id),
+            "eos_token": token(eos.first().copied()),
+            "pad_token": token(Some(self.tokenizer.pad_id())),
+            "model_max_length": config.max_position_embeddings,
+            "clean_up_tokenization_spaces": false,
+        });
+        let generation_config = json!({
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.tokenizer.pad_id(),
+        });
+        let files: [(&str, &Value); 4] = [
+            ("config.json", &config_json),
+            ("tokenizer.json", self.tokenizer.json()),
+            ("tokenizer_config.json", &tokenizer_config),
+            ("generation_config.json", &generation_config),
+        ];
+        for (file, value) in files {
+            let path = dir.join(file);
+            let text = serde_json::to_string_pretty(value).expect("JSON serialises");
+            std::fs::write(&path, text).map_err(|source| ModelError::Io { path, source })?;
+        }
+        Ok(())
+    }
+}
