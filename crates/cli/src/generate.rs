@@ -110,6 +110,7 @@ pub fn run(args: &Args) -> Result<()> {
         top_p: args.top_p,
         max_new_tokens: args.max_new_tokens,
         stop: args.stop.clone(),
+        ignore_eos: false,
     };
 
     let bar = ProgressBar::new(total).with_position(done);

@@ -23,6 +23,8 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
     /// Generation stops once the completion contains one of these; it is cut before it.
     pub stop: Vec<String>,
+    /// Keep sampling past EOS (benchmarks, which need a fixed number of tokens).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +35,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             max_new_tokens: 256,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -94,12 +97,10 @@ fn run(
     let prompt_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
     let capacity = (prompt_len + params.max_new_tokens) as i64;
     let pad = model.tokenizer.pad_id() as i64;
-    let eos: Vec<i64> = model
-        .tokenizer
-        .eos_ids()
-        .iter()
-        .map(|&e| e as i64)
-        .collect();
+    let eos: Vec<i64> = match params.ignore_eos {
+        true => Vec::new(),
+        false => model.tokenizer.eos_ids().iter().map(|&e| e as i64).collect(),
+    };
 
     // Left padding: every row's last prompt token sits at column prompt_len - 1.
     let mut ids = vec![pad; batch * prompt_len];

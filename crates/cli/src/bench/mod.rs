@@ -1,6 +1,7 @@
 //! `prefloop bench …`: the speed and memory targets of the issues, measured by the binary
 //! itself so the same command runs here, in CI and on a GPU machine.
 
+mod generate;
 mod shards;
 
 use anyhow::Result;
@@ -10,11 +11,13 @@ use clap::Subcommand;
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Shards(shards::Args),
+    Generate(generate::Args),
 }
 
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Shards(args) => shards::run(&args),
+        Command::Generate(args) => generate::run(&args),
     }
 }
 
