@@ -6,6 +6,8 @@ use std::io::{self, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use arrow_array::{RecordBatch, RecordBatchReader};
 use arrow_schema::SchemaRef;
@@ -104,13 +106,18 @@ impl Write for HashingFile {
 }
 
 /// Writes records of type `R` to one Parquet file, streaming: memory is bounded by one row
-/// group. The file appears at its path only when [`ShardWriter::finish`] succeeds; a writer
-/// dropped earlier (or a process killed) leaves at most a hidden temp file.
+/// group plus two batches in flight. The file appears at its path only when
+/// [`ShardWriter::finish`] succeeds; a writer dropped earlier (or a process killed) leaves at
+/// most a hidden temp file.
+///
+/// Rows become Arrow arrays on the caller's thread while a second thread encodes and
+/// compresses the previous batch, so conversion and zstd overlap.
 pub struct ShardWriter<R> {
     path: PathBuf,
     temp: PathBuf,
-    writer: Option<ArrowWriter<HashingFile>>,
-    row_group_bytes: usize,
+    /// Batches to the encoder thread; None once finished or failed.
+    batches: Option<SyncSender<RecordBatch>>,
+    encoder: Option<JoinHandle<Result<HashingFile>>>,
     rows: u64,
     _record: PhantomData<fn(R)>,
 }
@@ -122,6 +129,22 @@ impl<R> std::fmt::Debug for ShardWriter<R> {
             .field("rows", &self.rows)
             .finish()
     }
+}
+
+/// The encoder thread: writes every batch it receives, closes the file when the channel does.
+fn encode(
+    mut writer: ArrowWriter<HashingFile>,
+    batches: Receiver<RecordBatch>,
+    row_group_bytes: usize,
+    path: PathBuf,
+) -> Result<HashingFile> {
+    for batch in batches {
+        writer.write(&batch).map_err(DataError::parquet(&path))?;
+        if writer.in_progress_size() >= row_group_bytes {
+            writer.flush().map_err(DataError::parquet(&path))?;
+        }
+    }
+    writer.into_inner().map_err(DataError::parquet(&path))
 }
 
 impl<R: Record> ShardWriter<R> {
@@ -137,20 +160,27 @@ impl<R: Record> ShardWriter<R> {
         let writer = options
             .properties()
             .and_then(|props| ArrowWriter::try_new(sink, R::schema(), Some(props)));
-        match writer {
-            Ok(writer) => Ok(Self {
-                path,
-                temp,
-                writer: Some(writer),
-                row_group_bytes: options.row_group_bytes,
-                rows: 0,
-                _record: PhantomData,
-            }),
+        let writer = match writer {
+            Ok(writer) => writer,
             Err(e) => {
                 let _ = fs::remove_file(&temp);
-                Err(DataError::parquet(path)(e))
+                return Err(DataError::parquet(path)(e));
             }
-        }
+        };
+        let (sender, receiver) = sync_channel(2);
+        let (row_group_bytes, thread_path) = (options.row_group_bytes, path.clone());
+        let encoder = std::thread::Builder::new()
+            .name("shard-encoder".into())
+            .spawn(move || encode(writer, receiver, row_group_bytes, thread_path))
+            .map_err(DataError::io(&temp))?;
+        Ok(Self {
+            path,
+            temp,
+            batches: Some(sender),
+            encoder: Some(encoder),
+            rows: 0,
+            _record: PhantomData,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -164,7 +194,7 @@ impl<R: Record> ShardWriter<R> {
 
     pub fn write(&mut self, rows: &[R]) -> Result<()> {
         let batch = R::to_batch(rows).map_err(DataError::record(&self.path))?;
-        self.write_conformed(&batch)
+        self.send(batch)
     }
 
     /// Writes a batch from elsewhere (another tool's file, a polars job), checking and casting
@@ -174,31 +204,41 @@ impl<R: Record> ShardWriter<R> {
             path: self.path.clone(),
             source: e.at_offset(self.rows),
         })?;
-        self.write_conformed(&batch)
+        self.send(batch)
     }
 
-    fn write_conformed(&mut self, batch: &RecordBatch) -> Result<()> {
-        let writer = self.writer.as_mut().expect("present until finish");
-        writer
-            .write(batch)
-            .map_err(DataError::parquet(&self.path))?;
-        if writer.in_progress_size() >= self.row_group_bytes {
-            writer.flush().map_err(DataError::parquet(&self.path))?;
+    fn send(&mut self, batch: RecordBatch) -> Result<()> {
+        let rows = batch.num_rows() as u64;
+        let sender = self.batches.as_ref().expect("present until finish");
+        if sender.send(batch).is_err() {
+            // The encoder stopped on an error; it is the one to report.
+            self.batches = None;
+            return match self.join_encoder() {
+                Err(e) => Err(e),
+                Ok(_) => unreachable!("the encoder hangs up only on an error"),
+            };
         }
-        self.rows += batch.num_rows() as u64;
+        self.rows += rows;
         Ok(())
+    }
+
+    fn join_encoder(&mut self) -> Result<HashingFile> {
+        let encoder = self.encoder.take().expect("joined once");
+        encoder
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
     /// Writes the footer, syncs the file and renames it into place.
     pub fn finish(mut self) -> Result<ShardInfo> {
-        let writer = self.writer.take().expect("present until finish");
-        let sink = writer.into_inner().map_err(DataError::parquet(&self.path));
-        let sink = match sink.and_then(|mut s| {
-            s.flush()
-                .and_then(|()| s.file.sync_all())
+        self.batches = None;
+        let synced = self.join_encoder().and_then(|mut sink| {
+            sink.flush()
+                .and_then(|()| sink.file.sync_all())
                 .map_err(DataError::io(&self.temp))?;
-            Ok(s)
-        }) {
+            Ok(sink)
+        });
+        let sink = match synced {
             Ok(sink) => sink,
             Err(e) => {
                 let _ = fs::remove_file(&self.temp);
@@ -218,7 +258,9 @@ impl<R: Record> ShardWriter<R> {
 
 impl<R> Drop for ShardWriter<R> {
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
+        if let Some(encoder) = self.encoder.take() {
+            self.batches = None;
+            let _ = encoder.join();
             let _ = fs::remove_file(&self.temp);
         }
     }

@@ -99,7 +99,12 @@ fn run(
     let pad = model.tokenizer.pad_id() as i64;
     let eos: Vec<i64> = match params.ignore_eos {
         true => Vec::new(),
-        false => model.tokenizer.eos_ids().iter().map(|&e| e as i64).collect(),
+        false => model
+            .tokenizer
+            .eos_ids()
+            .iter()
+            .map(|&e| e as i64)
+            .collect(),
     };
 
     // Left padding: every row's last prompt token sits at column prompt_len - 1.

@@ -75,8 +75,18 @@ pub fn run(args: &Args) -> Result<()> {
         None => None,
     };
     // Warm-up: first-call allocations and kernel selection stay out of the numbers.
-    let warm = Request { prompt: (0..8).map(|i| 100 + i).collect(), seed: 0 };
-    generate(&model, &[warm], &SamplingParams { max_new_tokens: 4, ..params.clone() })?;
+    let warm = Request {
+        prompt: (0..8).map(|i| 100 + i).collect(),
+        seed: 0,
+    };
+    generate(
+        &model,
+        &[warm],
+        &SamplingParams {
+            max_new_tokens: 4,
+            ..params.clone()
+        },
+    )?;
 
     println!(
         "bench generate: {} on {device:?}, prompt {} + {} new tokens, top-k {}",
@@ -118,7 +128,12 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn hf_tokens_per_second(python: &PathBuf, dir: &std::path::Path, batch: usize, args: &Args) -> Result<f64> {
+fn hf_tokens_per_second(
+    python: &PathBuf,
+    dir: &std::path::Path,
+    batch: usize,
+    args: &Args,
+) -> Result<f64> {
     let output = Command::new(python)
         .args(["-c", HF_BASELINE])
         .arg(dir)
@@ -127,7 +142,16 @@ fn hf_tokens_per_second(python: &PathBuf, dir: &std::path::Path, batch: usize, a
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .with_context(|| format!("running {}", python.display()))?;
-    anyhow::ensure!(output.status.success(), "transformers baseline failed: {}", String::from_utf8_lossy(&output.stderr));
+    anyhow::ensure!(
+        output.status.success(),
+        "transformers baseline failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let text = String::from_utf8_lossy(&output.stdout);
-    text.trim().lines().last().unwrap_or("").parse().with_context(|| format!("baseline printed {text:?}"))
+    text.trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("baseline printed {text:?}"))
 }

@@ -21,12 +21,22 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Peak resident set size of this process so far (VmHWM), in bytes.
-fn peak_rss() -> Option<u64> {
+/// A `/proc/self/status` field in bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Peak resident set size of this process since the last [`reset_peak_rss`] (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// Resident set size now (VmRSS), in bytes.
+fn rss() -> Option<u64> {
+    status_bytes("VmRSS:")
 }
 
 /// Starts a new peak-RSS window, so one phase's peak is not hidden by an earlier one.
