@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod import;
 mod inspect;
 
 use std::process::ExitCode;
@@ -28,6 +29,7 @@ struct Cli {
 enum Command {
     Inspect(inspect::Args),
     Generate(generate::Args),
+    Import(import::Args),
     #[command(subcommand)]
     Bench(bench::Command),
 }
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Import(args) => import::run(&args),
         Command::Bench(command) => bench::run(command),
     };
     match result {

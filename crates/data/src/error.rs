@@ -21,6 +21,15 @@ pub enum DataError {
 
     #[error("{}: {message}", path.display())]
     Manifest { path: PathBuf, message: String },
+
+    /// A source row that does not convert (imports).
+    #[error("{}: row {row}, field `{field}`: {message}", path.display())]
+    BadRow {
+        path: PathBuf,
+        row: u64,
+        field: String,
+        message: String,
+    },
 }
 
 impl DataError {

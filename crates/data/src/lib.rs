@@ -6,11 +6,13 @@
 
 mod error;
 mod fsutil;
+mod import;
 mod manifest;
 mod shard;
 mod stage;
 
 pub use error::DataError;
+pub use import::{DatasetKind, ImportOptions, ImportReport, SafePreference, import};
 pub use manifest::{MANIFEST_FILE, Manifest, ShardInfo};
 pub use shard::{RecordReader, ShardReader, ShardWriter, WriterOptions};
 pub use stage::{StageReader, StageWriter};
