@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod import;
 mod inspect;
+mod jobs;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ enum Command {
     Inspect(inspect::Args),
     Generate(generate::Args),
     Import(import::Args),
+    Pairs(jobs::PairsArgs),
+    Stats(jobs::StatsArgs),
     #[command(subcommand)]
     Bench(bench::Command),
 }
@@ -47,6 +50,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Import(args) => import::run(&args),
+        Command::Pairs(args) => jobs::pairs(&args),
+        Command::Stats(args) => jobs::stats(&args),
         Command::Bench(command) => bench::run(command),
     };
     match result {

@@ -1,0 +1,89 @@
+//! `prefloop pairs` and `prefloop stats`: batch jobs over stages.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use prefloop_data::{PairsOptions, build_pairs, stage_stats};
+
+/// Build preference pairs from a samples and a scores stage: per problem and round, the
+/// best-scored sample is chosen and the worst rejected; ties are dropped. With --problems,
+/// a problem where no sample passed its tests gets its reference solution as the chosen answer.
+#[derive(Debug, clap::Args)]
+pub struct PairsArgs {
+    #[arg(long)]
+    samples: PathBuf,
+    #[arg(long)]
+    scores: PathBuf,
+    /// Problems stage, for the reference-solution fallback.
+    #[arg(long)]
+    problems: Option<PathBuf>,
+    /// The pairs stage to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Drop pairs whose reward margin is below this.
+    #[arg(long, default_value_t = 0.0)]
+    min_margin: f32,
+    /// Reward credited to a reference solution used as the chosen answer.
+    #[arg(long, default_value_t = 10.0)]
+    reference_reward: f32,
+}
+
+pub fn pairs(args: &PairsArgs) -> Result<()> {
+    let options = PairsOptions {
+        min_margin: args.min_margin,
+        reference_reward: args.reference_reward,
+    };
+    let manifest = build_pairs(
+        &args.samples,
+        &args.scores,
+        args.problems.as_deref(),
+        &args.out,
+        &options,
+    )?;
+    println!(
+        "wrote {} pairs in {} shard(s) to {}",
+        manifest.rows(),
+        manifest.shards.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Per-round statistics of a samples and a scores stage: reward mean and standard deviation,
+/// unbiased pass@k, the verdict histogram and completion lengths.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    #[arg(long)]
+    samples: PathBuf,
+    #[arg(long)]
+    scores: PathBuf,
+    /// Which pass@k to report, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    k: Vec<u32>,
+}
+
+pub fn stats(args: &StatsArgs) -> Result<()> {
+    for round in stage_stats(&args.samples, &args.scores, &args.k)? {
+        let pass: Vec<String> = round
+            .pass_at
+            .iter()
+            .map(|(k, v)| format!("pass@{k} {v:.4}"))
+            .collect();
+        let verdicts: Vec<String> = round
+            .verdicts
+            .iter()
+            .map(|(v, n)| format!("{v} {n}"))
+            .collect();
+        println!(
+            "round {}: {} scores, reward {:.4} ± {:.4}, {}, mean {:.1} tokens, verdicts: {}",
+            round.round,
+            round.scores,
+            round.reward_mean,
+            round.reward_std,
+            pass.join(", "),
+            round.mean_tokens,
+            verdicts.join(", ")
+        );
+    }
+    Ok(())
+}

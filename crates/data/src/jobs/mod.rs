@@ -1,0 +1,53 @@
+//! Batch jobs over stages, on polars' lazy streaming engine: the inputs are scanned shard by
+//! shard from the stages' manifests and never loaded whole.
+
+mod pairs;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use polars::prelude::*;
+
+use crate::{DataError, Manifest, Result};
+
+pub use pairs::{PairsOptions, build_pairs};
+pub use stats::{RoundStats, pass_at_k, stage_stats};
+
+/// A complete stage's shards, as a lazy frame.
+fn scan_stage(dir: &Path, kind: &str) -> Result<LazyFrame> {
+    let manifest = Manifest::load(dir)?.ok_or_else(|| DataError::Manifest {
+        path: dir.join(crate::MANIFEST_FILE),
+        message: "no manifest: not a stage directory".into(),
+    })?;
+    if manifest.kind != kind || !manifest.complete {
+        let message = format!(
+            "expected a complete {kind} stage, found a {} {} stage",
+            if manifest.complete {
+                "complete"
+            } else {
+                "incomplete"
+            },
+            manifest.kind
+        );
+        return Err(DataError::Manifest {
+            path: dir.to_owned(),
+            message,
+        });
+    }
+    let paths: Vec<PlPath> = manifest
+        .shards
+        .iter()
+        .map(|s| PlPath::Local(Arc::from(dir.join(&s.path).as_path())))
+        .collect();
+    LazyFrame::scan_parquet_files(paths.into(), ScanArgsParquet::default())
+        .map_err(polars_error(dir))
+}
+
+pub(crate) fn polars_error(path: &Path) -> impl FnOnce(PolarsError) -> DataError {
+    let path: PathBuf = path.to_owned();
+    move |e| DataError::Manifest {
+        path,
+        message: format!("batch job failed: {e}"),
+    }
+}
