@@ -51,3 +51,12 @@ pub(crate) fn polars_error(path: &Path) -> impl FnOnce(PolarsError) -> DataError
         message: format!("batch job failed: {e}"),
     }
 }
+
+/// Writes `rows` as a complete stage: the job tests' inputs.
+#[cfg(test)]
+fn write_test_stage<R: prefloop_core::Record>(dir: &Path, rows: &[R]) {
+    let options = crate::WriterOptions::default().with_shard_rows(3);
+    let mut writer = crate::StageWriter::<R>::open(dir, options).unwrap();
+    writer.write(rows).unwrap();
+    writer.finish().unwrap();
+}

@@ -234,17 +234,11 @@ fn pairs_of(chunk: &DataFrame) -> Result<Vec<Pair>> {
 
 #[cfg(test)]
 mod tests {
-    use prefloop_core::{Finish, Problem, ProblemSource, Record, Sample, Score, Verdict};
+    use prefloop_core::{Finish, Problem, ProblemSource, Sample, Score, Verdict};
 
     use super::*;
     use crate::StageReader;
-
-    fn stage<R: Record>(dir: &Path, rows: &[R]) {
-        let mut writer =
-            StageWriter::<R>::open(dir, WriterOptions::default().with_shard_rows(3)).unwrap();
-        writer.write(rows).unwrap();
-        writer.finish().unwrap();
-    }
+    use crate::jobs::write_test_stage;
 
     /// (problem, sample_idx, reward, all tests passed); d is scored by a reward model.
     const CASES: &[(&str, u32, f32, bool)] = &[
@@ -325,9 +319,9 @@ mod tests {
             })
             .collect();
         let [s, c, p, out] = ["samples", "scores", "problems", "pairs"].map(|n| dir.path().join(n));
-        stage(&s, &samples);
-        stage(&c, &scores);
-        stage(&p, &problems);
+        write_test_stage(&s, &samples);
+        write_test_stage(&c, &scores);
+        write_test_stage(&p, &problems);
         let options = PairsOptions {
             min_margin,
             ..PairsOptions::default()

@@ -183,16 +183,10 @@ pub fn stage_stats(samples: &Path, scores: &Path, ks: &[u32]) -> Result<Vec<Roun
 
 #[cfg(test)]
 mod tests {
-    use prefloop_core::{Finish, Record, Sample, Score, Scorer, Verdict};
+    use prefloop_core::{Finish, Sample, Score, Scorer, Verdict};
 
     use super::*;
-    use crate::{StageWriter, WriterOptions};
-
-    fn stage<R: Record>(dir: &Path, rows: &[R]) {
-        let mut writer = StageWriter::<R>::open(dir, WriterOptions::default()).unwrap();
-        writer.write(rows).unwrap();
-        writer.finish().unwrap();
-    }
+    use crate::jobs::write_test_stage;
 
     #[test]
     fn stats_of_a_hand_built_round() {
@@ -239,8 +233,8 @@ mod tests {
             })
             .collect();
         let (s, c) = (dir.path().join("samples"), dir.path().join("scores"));
-        stage(&s, &samples);
-        stage(&c, &scores);
+        write_test_stage(&s, &samples);
+        write_test_stage(&c, &scores);
         let stats = stage_stats(&s, &c, &[1, 4, 8]).unwrap();
         assert_eq!(stats.len(), 1);
         let round = &stats[0];
