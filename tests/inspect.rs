@@ -136,3 +136,58 @@ fn inspect_names_the_file_when_it_is_not_parquet_or_cut_short() {
     let missing = missing.to_str().unwrap();
     assert_fails_naming(&["inspect", missing], &[missing, "No such file"]);
 }
+
+#[test]
+fn exported_pairs_load_in_pyarrow_with_trl_column_names() {
+    let Some(python) = venv_python() else {
+        eprintln!("skipped: PREFLOOP_PYTHON is not set to a venv with pyarrow (run scripts/setup)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &src,
+        "{\"prompt\": \"2+2?\", \"chosen\": \"4\", \"rejected\": \"5\", \"score_chosen\": 9.0, \"score_rejected\": 1.0}\n\
+         {\"prompt\": \"Hi\", \"chosen\": \"Hello!\", \"rejected\": \"Go away.\"}\n",
+    )
+    .unwrap();
+    let stage = dir.path().join("stage");
+    let out = prefloop(&[
+        "import",
+        "trl",
+        src.to_str().unwrap(),
+        "--out",
+        stage.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (parquet, jsonl) = (dir.path().join("trl.parquet"), dir.path().join("trl.jsonl"));
+    for file in [&parquet, &jsonl] {
+        let out = prefloop(&[
+            "export",
+            stage.to_str().unwrap(),
+            "--out",
+            file.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let script = r#"
+import json, sys, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+assert t.column_names[:3] == ["prompt", "chosen", "rejected"], t.column_names
+rows = t.to_pylist()
+assert rows[0]["chosen"] == "4" and rows[0]["margin"] == 8.0, rows[0]
+lines = [json.loads(l) for l in open(sys.argv[2])]
+assert [l["prompt"] for l in lines] == ["2+2?", "Hi"], lines
+assert lines[1]["margin"] is None and lines[0]["chosen_reward"] == 9.0, lines
+"#;
+    let status = Command::new(python)
+        .args(["-c", script])
+        .arg(&parquet)
+        .arg(&jsonl)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "pyarrow could not read the export as TRL pairs"
+    );
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use prefloop_data::{PairsOptions, build_pairs, stage_stats};
+use prefloop_data::{PairsOptions, build_pairs, export_pairs, stage_stats};
 
 /// Build preference pairs from a samples and a scores stage: per problem and round, the
 /// best-scored sample is chosen and the worst rejected; ties are dropped. With --problems,
@@ -85,5 +85,22 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
             verdicts.join(", ")
         );
     }
+    Ok(())
+}
+
+/// Export a pairs stage as one TRL-ready file: `.parquet`, or `.jsonl` (unknown rewards as
+/// null), with TRL's `prompt`/`chosen`/`rejected` columns first.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The pairs stage directory.
+    pairs: PathBuf,
+    /// The file to write: name.parquet or name.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn export(args: &ExportArgs) -> Result<()> {
+    let rows = export_pairs(&args.pairs, &args.out)?;
+    println!("exported {rows} pairs to {}", args.out.display());
     Ok(())
 }

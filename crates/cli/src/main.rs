@@ -33,6 +33,7 @@ enum Command {
     Import(import::Args),
     Pairs(jobs::PairsArgs),
     Stats(jobs::StatsArgs),
+    Export(jobs::ExportArgs),
     #[command(subcommand)]
     Bench(bench::Command),
 }
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         Command::Import(args) => import::run(&args),
         Command::Pairs(args) => jobs::pairs(&args),
         Command::Stats(args) => jobs::stats(&args),
+        Command::Export(args) => jobs::export(&args),
         Command::Bench(command) => bench::run(command),
     };
     match result {

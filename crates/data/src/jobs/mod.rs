@@ -1,6 +1,7 @@
 //! Batch jobs over stages, on polars' lazy streaming engine: the inputs are scanned shard by
 //! shard from the stages' manifests and never loaded whole.
 
+mod export;
 mod pairs;
 mod stats;
 
@@ -11,6 +12,7 @@ use polars::prelude::*;
 
 use crate::{DataError, Manifest, Result};
 
+pub use export::export_pairs;
 pub use pairs::{PairsOptions, build_pairs};
 pub use stats::{RoundStats, pass_at_k, stage_stats};
 
