@@ -1,9 +1,9 @@
-//! `prefloop pairs` and `prefloop stats`: batch jobs over stages.
+//! `prefloop pairs`, `stats`, `filter` and `export`: batch jobs over stages.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use prefloop_data::{PairsOptions, build_pairs, export_pairs, stage_stats};
+use prefloop_data::{PairsOptions, build_pairs, export_pairs, filter_stage, stage_stats};
 
 /// Build preference pairs from a samples and a scores stage: per problem and round, the
 /// best-scored sample is chosen and the worst rejected; ties are dropped. With --problems,
@@ -102,5 +102,32 @@ pub struct ExportArgs {
 pub fn export(args: &ExportArgs) -> Result<()> {
     let rows = export_pairs(&args.pairs, &args.out)?;
     println!("exported {rows} pairs to {}", args.out.display());
+    Ok(())
+}
+
+/// Keep the rows of a stage (samples, scores, pairs or problems) that satisfy a SQL `WHERE`
+/// expression over its columns, e.g. `--where "reward >= 5 AND verdict = 'OK'"` or
+/// `--where "source = 'policy' AND margin > 2"`. Writes a stage of the same kind.
+#[derive(Debug, clap::Args)]
+pub struct FilterArgs {
+    /// The stage directory to read.
+    stage: PathBuf,
+    /// The predicate: a SQL expression; rows where it is false or null are dropped.
+    #[arg(long = "where", value_name = "EXPR")]
+    predicate: String,
+    /// The stage to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn filter(args: &FilterArgs) -> Result<()> {
+    let report = filter_stage(&args.stage, &args.predicate, &args.out)?;
+    println!(
+        "kept {} of {} {} rows in {}",
+        report.rows_out,
+        report.rows_in,
+        report.kind,
+        args.out.display()
+    );
     Ok(())
 }

@@ -33,6 +33,7 @@ enum Command {
     Import(import::Args),
     Pairs(jobs::PairsArgs),
     Stats(jobs::StatsArgs),
+    Filter(jobs::FilterArgs),
     Export(jobs::ExportArgs),
     #[command(subcommand)]
     Bench(bench::Command),
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
         Command::Import(args) => import::run(&args),
         Command::Pairs(args) => jobs::pairs(&args),
         Command::Stats(args) => jobs::stats(&args),
+        Command::Filter(args) => jobs::filter(&args),
         Command::Export(args) => jobs::export(&args),
         Command::Bench(command) => bench::run(command),
     };

@@ -14,7 +14,10 @@ mod stage;
 
 pub use error::DataError;
 pub use import::{DatasetKind, ImportOptions, ImportReport, SafePreference, import};
-pub use jobs::{PairsOptions, RoundStats, build_pairs, export_pairs, pass_at_k, stage_stats};
+pub use jobs::{
+    FilterReport, PairsOptions, RoundStats, build_pairs, export_pairs, filter_stage, pass_at_k,
+    stage_stats,
+};
 pub use manifest::{MANIFEST_FILE, Manifest, ShardInfo};
 pub use shard::{RecordReader, ShardReader, ShardWriter, WriterOptions};
 pub use stage::{StageReader, StageWriter};

@@ -61,6 +61,20 @@ impl<R: Record> StageWriter<R> {
         })
     }
 
+    /// Creates the stage afresh: an unfinished one is discarded rather than resumed. For batch
+    /// jobs, whose output order is not stable from one run to the next, so that a killed job
+    /// run again writes every row exactly once.
+    pub fn restart(dir: impl Into<PathBuf>, options: WriterOptions) -> Result<Self> {
+        let dir = dir.into();
+        if let Some(manifest) = Manifest::load(&dir)?
+            && manifest.kind == R::KIND
+            && !manifest.complete
+        {
+            Manifest::new(R::KIND).save(&dir)?;
+        }
+        Self::open(dir, options)
+    }
+
     /// Rows already durable in finished shards (those a resumed writer need not write again).
     pub fn committed_rows(&self) -> u64 {
         self.manifest.rows()

@@ -2,22 +2,27 @@
 //! itself so the same command runs here, in CI and on a GPU machine.
 
 mod generate;
+mod jobs;
 mod shards;
 
 use anyhow::Result;
 use clap::Subcommand;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 /// Benchmarks. Record what they print, with the machine, in docs/BENCHMARKS.md.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Shards(shards::Args),
     Generate(generate::Args),
+    Jobs(jobs::Args),
 }
 
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Shards(args) => shards::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Jobs(args) => jobs::run(&args),
     }
 }
 
@@ -47,4 +52,41 @@ fn reset_peak_rss() {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
+}
+
+/// Deterministic English-looking text, so zstd sees something like real prompts.
+struct TextGen {
+    rng: SmallRng,
+    words: Vec<String>,
+}
+
+impl TextGen {
+    fn new(seed: u64) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let syllables = [
+            "an", "re", "to", "pro", "gram", "in", "put", "out", "sum", "val", "de", "x",
+        ];
+        let words = (0..4000)
+            .map(|_| {
+                let n = rng.random_range(1..4);
+                (0..n)
+                    .map(|_| syllables[rng.random_range(0..syllables.len())])
+                    .collect()
+            })
+            .collect();
+        Self { rng, words }
+    }
+
+    fn text(&mut self, bytes: usize) -> String {
+        let mut s = String::with_capacity(bytes + 16);
+        while s.len() < bytes {
+            s.push_str(&self.words[self.rng.random_range(0..self.words.len())]);
+            s.push(if self.rng.random_ratio(1, 12) {
+                '\n'
+            } else {
+                ' '
+            });
+        }
+        s
+    }
 }

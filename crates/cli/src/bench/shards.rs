@@ -7,10 +7,9 @@ use std::time::Instant;
 use anyhow::Result;
 use prefloop_core::{Finish, Sample};
 use prefloop_data::{StageReader, StageWriter, WriterOptions};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
-use super::{mib, peak_rss, reset_peak_rss, rss};
+use super::{TextGen, mib, peak_rss, reset_peak_rss, rss};
 
 /// Write then read N `samples` rows; report MB/s and peak RSS of each phase.
 #[derive(Debug, clap::Args)]
@@ -49,43 +48,6 @@ const CHUNK_ROWS: usize = 8192;
 fn logical_bytes(s: &Sample) -> u64 {
     let text = s.problem_id.len() + s.prompt.len() + s.completion.len() + s.policy.len();
     (text + s.finish.as_str().len()) as u64 + FIXED_BYTES
-}
-
-/// Deterministic English-looking text, so zstd sees something like real prompts.
-struct TextGen {
-    rng: SmallRng,
-    words: Vec<String>,
-}
-
-impl TextGen {
-    fn new(seed: u64) -> Self {
-        let mut rng = SmallRng::seed_from_u64(seed);
-        let syllables = [
-            "an", "re", "to", "pro", "gram", "in", "put", "out", "sum", "val", "de", "x",
-        ];
-        let words = (0..4000)
-            .map(|_| {
-                let n = rng.random_range(1..4);
-                (0..n)
-                    .map(|_| syllables[rng.random_range(0..syllables.len())])
-                    .collect()
-            })
-            .collect();
-        Self { rng, words }
-    }
-
-    fn text(&mut self, bytes: usize) -> String {
-        let mut s = String::with_capacity(bytes + 16);
-        while s.len() < bytes {
-            s.push_str(&self.words[self.rng.random_range(0..self.words.len())]);
-            s.push(if self.rng.random_ratio(1, 12) {
-                '\n'
-            } else {
-                ' '
-            });
-        }
-        s
-    }
 }
 
 /// Reads every sample of the stage in `dir`: (rows, logical bytes, seconds, peak, start RSS).

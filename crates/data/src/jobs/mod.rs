@@ -2,6 +2,7 @@
 //! shard from the stages' manifests and never loaded whole.
 
 mod export;
+mod filter;
 mod pairs;
 mod stats;
 
@@ -13,6 +14,7 @@ use polars::prelude::*;
 use crate::{DataError, Manifest, Result};
 
 pub use export::export_pairs;
+pub use filter::{FilterReport, filter_stage};
 pub use pairs::{PairsOptions, build_pairs};
 pub use stats::{RoundStats, pass_at_k, stage_stats};
 
@@ -44,6 +46,12 @@ fn scan_stage(dir: &Path, kind: &str) -> Result<LazyFrame> {
         .collect();
     LazyFrame::scan_parquet_files(paths.into(), ScanArgsParquet::default())
         .map_err(polars_error(dir))
+}
+
+/// Runs a plan on polars' streaming engine. (`collect` alone picks the in-memory engine, which
+/// loads every input whole, whatever `with_new_streaming` says.)
+fn streaming(lf: LazyFrame) -> PolarsResult<DataFrame> {
+    lf.collect_with_engine(Engine::Streaming)
 }
 
 pub(crate) fn polars_error(path: &Path) -> impl FnOnce(PolarsError) -> DataError {

@@ -2,15 +2,15 @@
 //! sample against the worst, ties dropped, an optional minimum margin, and — as the paper does
 //! for code — the problem's reference solution as the chosen answer when no sample passed.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use polars::prelude::*;
-use prefloop_core::{Pair, PairSource, Scorer};
+use prefloop_core::{Pair, PairSource, Sample, Scorer};
 
-use super::{polars_error, scan_stage};
+use super::{polars_error, scan_stage, streaming};
 use crate::shard::WriterOptions;
-use crate::stage::StageWriter;
+use crate::stage::{StageReader, StageWriter};
 use crate::{DataError, Manifest, Result};
 
 /// Options of [`build_pairs`].
@@ -34,6 +34,10 @@ impl Default for PairsOptions {
 
 /// Reads the samples and scores stages (and the problems stage, for the reference fallback),
 /// writes the pairs stage `out`.
+///
+/// Two passes keep memory to the size of the pairs rather than of the samples: the first, on
+/// polars, decides every pair from the scores alone; the second streams the samples and keeps
+/// the chosen and rejected ones, matching each pair's halves as they arrive.
 pub fn build_pairs(
     samples: &Path,
     scores: &Path,
@@ -41,14 +45,29 @@ pub fn build_pairs(
     out: &Path,
     options: &PairsOptions,
 ) -> Result<Manifest> {
-    let keys = [col("problem_id"), col("sample_idx"), col("round")];
-    let samples_lf = scan_stage(samples, "samples")?.select([
-        col("problem_id"),
-        col("prompt"),
-        col("completion"),
-        col("sample_idx"),
-        col("round"),
-    ]);
+    let decided = streaming(decide(scores, problems, options)?).map_err(polars_error(scores))?;
+    let mut matcher = Matcher::new(&decided).map_err(polars_error(scores))?;
+    drop(decided);
+    // Our own batch-at-a-time reader for the text: polars' scan of the text columns peaked
+    // at 1.5 GiB over 5M rows (docs/BENCHMARKS.md), ours stays within a row group.
+    let reader = StageReader::<Sample>::open(samples)?;
+    let mut writer = StageWriter::<Pair>::restart(out, WriterOptions::default())?;
+    for rows in reader {
+        let pairs: Vec<Pair> = rows?.into_iter().filter_map(|s| matcher.take(s)).collect();
+        writer.write(&pairs)?;
+    }
+    if let Some(message) = matcher.unmatched() {
+        return Err(DataError::Manifest {
+            path: samples.to_owned(),
+            message,
+        });
+    }
+    writer.finish()
+}
+
+/// The first pass: one row per pair to make, with the sample_idx of its chosen and rejected
+/// samples, their rewards and margin, and the reference solution where that is the chosen.
+fn decide(scores: &Path, problems: Option<&Path>, options: &PairsOptions) -> Result<LazyFrame> {
     let scores_lf = scan_stage(scores, "scores")?.select([
         col("problem_id"),
         col("sample_idx"),
@@ -58,16 +77,10 @@ pub fn build_pairs(
         col("passed"),
         col("total"),
     ]);
-    let joined = samples_lf.join(
-        scores_lf,
-        keys.clone(),
-        keys,
-        JoinArgs::new(JoinType::Inner),
-    );
 
     // Best: highest reward, lowest sample_idx among equals; worst: lowest reward, likewise.
-    let ranked = |column: &str, best: bool| {
-        col(column)
+    let ranked = |best: bool| {
+        col("sample_idx")
             .sort_by(
                 [col("reward"), col("sample_idx")],
                 SortMultipleOptions::default().with_order_descending_multi([best, false]),
@@ -75,11 +88,10 @@ pub fn build_pairs(
             .first()
     };
     let passed = col("passed").eq(col("total")).and(col("total").gt(lit(0)));
-    let mut per_problem = joined.group_by([col("problem_id"), col("round")]).agg([
-        col("prompt").first(),
-        ranked("completion", true).alias("chosen"),
+    let per_problem = scores_lf.group_by([col("problem_id"), col("round")]).agg([
+        ranked(true).alias("chosen_idx"),
         col("reward").max().alias("chosen_reward"),
-        ranked("completion", false).alias("rejected"),
+        ranked(false).alias("rejected_idx"),
         col("reward").min().alias("rejected_reward"),
         passed.any(true).alias("any_passed"),
         col("scorer")
@@ -87,157 +99,181 @@ pub fn build_pairs(
             .all(true)
             .alias("tested"),
     ]);
-
-    let mut use_reference = lit(false);
-    if let Some(problems) = problems {
-        let references = scan_stage(problems, "problems")?
-            .select([col("problem_id"), col("reference_solution")]);
-        per_problem = per_problem.join(
-            references,
-            [col("problem_id")],
-            [col("problem_id")],
-            JoinArgs::new(JoinType::Left),
-        );
-        // Only where tests scored every sample: a reward model's low scores are no failure.
-        use_reference = col("tested")
-            .and(col("any_passed").not())
-            .and(col("reference_solution").is_not_null());
-    }
-    let chosen = when(use_reference.clone())
-        .then(col("reference_solution"))
-        .otherwise(col("chosen"));
+    let per_problem = match problems {
+        Some(problems) => {
+            let references = scan_stage(problems, "problems")?
+                .select([col("problem_id"), col("reference_solution")]);
+            per_problem.join(
+                references,
+                [col("problem_id")],
+                [col("problem_id")],
+                JoinArgs::new(JoinType::Left),
+            )
+        }
+        None => {
+            per_problem.with_column(lit(NULL).cast(DataType::String).alias("reference_solution"))
+        }
+    };
+    // Only where tests scored every sample: a reward model's low scores are no failure.
+    let use_reference = col("tested")
+        .and(col("any_passed").not())
+        .and(col("reference_solution").is_not_null());
     let chosen_reward = when(use_reference.clone())
         .then(lit(options.reference_reward))
         .otherwise(col("chosen_reward").cast(DataType::Float32));
-    let source = when(use_reference)
-        .then(lit(PairSource::Reference.as_str()))
-        .otherwise(lit(PairSource::Policy.as_str()));
-    let pairs = per_problem
+    let reference = when(use_reference)
+        .then(col("reference_solution"))
+        .otherwise(lit(NULL).cast(DataType::String));
+    Ok(per_problem
         .with_columns([
-            chosen.alias("chosen"),
             chosen_reward.alias("chosen_reward"),
-            source.alias("source"),
+            col("rejected_reward").cast(DataType::Float32),
+            reference.alias("reference"),
         ])
-        .with_column(
-            (col("chosen_reward") - col("rejected_reward").cast(DataType::Float32)).alias("margin"),
-        )
+        .with_column((col("chosen_reward") - col("rejected_reward")).alias("margin"))
         .filter(
             col("margin")
                 .gt(lit(0.0f32))
                 .and(col("margin").gt_eq(lit(options.min_margin))),
         )
         .select([
-            col("prompt"),
-            col("chosen"),
-            col("rejected"),
-            col("chosen_reward"),
-            col("rejected_reward").cast(DataType::Float32),
-            col("margin"),
             col("problem_id"),
-            col("round").cast(DataType::UInt32),
-            col("source"),
-        ]);
-
-    // Streamed out chunk by chunk into our own stage writer (atomic shards, manifest, schema).
-    let writer = Arc::new(Mutex::new(StageWriter::<Pair>::open(
-        out,
-        WriterOptions::default(),
-    )?));
-    let failure: Arc<Mutex<Option<DataError>>> = Arc::default();
-    let (sink_writer, sink_failure) = (Arc::clone(&writer), Arc::clone(&failure));
-    let callback = PlanCallback::new(move |chunk: DataFrame| -> PolarsResult<bool> {
-        let written =
-            pairs_of(&chunk).and_then(|rows| sink_writer.lock().expect("writer lock").write(&rows));
-        match written {
-            Ok(()) => Ok(false),
-            Err(e) => {
-                *sink_failure.lock().expect("failure lock") = Some(e);
-                Ok(true) // stop
-            }
-        }
-    });
-    pairs
-        .with_new_streaming(true)
-        .sink_batches(callback, true, None)
-        .and_then(LazyFrame::collect)
-        .map_err(polars_error(out))?;
-    if let Some(e) = failure.lock().expect("failure lock").take() {
-        return Err(e);
-    }
-    let writer = Arc::try_unwrap(writer).map_err(|_| DataError::Manifest {
-        path: out.to_owned(),
-        message: "the batch job still holds the writer".into(),
-    })?;
-    writer.into_inner().expect("writer lock").finish()
+            col("round"),
+            col("chosen_idx"),
+            col("rejected_idx"),
+            col("chosen_reward"),
+            col("rejected_reward"),
+            col("margin"),
+            col("reference"),
+        ]))
 }
 
-fn pairs_of(chunk: &DataFrame) -> Result<Vec<Pair>> {
-    let failed = |e: PolarsError| DataError::Manifest {
-        path: "pairs".into(),
-        message: e.to_string(),
-    };
-    let text = |name: &str| -> Result<Vec<String>> {
-        let column = chunk
-            .column(name)
-            .map_err(failed)?
-            .str()
-            .map_err(failed)?
-            .clone();
-        Ok(column
-            .into_iter()
-            .map(|v| v.unwrap_or_default().to_owned())
-            .collect())
-    };
-    let float = |name: &str| -> Result<Vec<f32>> {
-        let column = chunk
-            .column(name)
-            .map_err(failed)?
-            .f32()
-            .map_err(failed)?
-            .clone();
-        Ok(column.into_iter().map(|v| v.unwrap_or(f32::NAN)).collect())
-    };
-    let rounds: Vec<u32> = chunk
-        .column("round")
-        .map_err(failed)?
-        .u32()
-        .map_err(failed)?
-        .into_iter()
-        .map(Option::unwrap_or_default)
-        .collect();
-    let (prompt, chosen, rejected) = (text("prompt")?, text("chosen")?, text("rejected")?);
-    let (problem_id, source) = (text("problem_id")?, text("source")?);
-    let (chosen_reward, rejected_reward, margin) = (
-        float("chosen_reward")?,
-        float("rejected_reward")?,
-        float("margin")?,
-    );
-    let mut pairs = Vec::with_capacity(chunk.height());
-    for i in 0..chunk.height() {
-        pairs.push(Pair {
-            prompt: prompt[i].clone(),
-            chosen: chosen[i].clone(),
-            rejected: rejected[i].clone(),
-            chosen_reward: chosen_reward[i],
-            rejected_reward: rejected_reward[i],
-            margin: margin[i],
-            problem_id: problem_id[i].clone(),
-            round: rounds[i],
-            source: source[i].parse().map_err(|e: String| DataError::Manifest {
-                path: "pairs".into(),
-                message: e,
-            })?,
-        });
+/// One half of a pair, waiting for the other.
+#[derive(Debug)]
+struct Half {
+    prompt: String,
+    completion: String,
+}
+
+/// A pair decided by the first pass, and what the second has found of it so far.
+#[derive(Debug)]
+struct Decision {
+    round: u32,
+    chosen_idx: u32,
+    rejected_idx: u32,
+    chosen_reward: f32,
+    rejected_reward: f32,
+    margin: f32,
+    /// The reference solution, where it is the chosen answer.
+    reference: Option<String>,
+    /// The half already seen: (is it the chosen one, its text).
+    seen: Option<(bool, Half)>,
+    done: bool,
+}
+
+/// Picks the chosen and rejected samples out of the stream of all samples and pairs them up,
+/// in whatever order the samples come.
+#[derive(Debug)]
+struct Matcher {
+    /// By problem_id: a problem has a decision per round, so the vectors are short.
+    decisions: HashMap<String, Vec<Decision>>,
+}
+
+impl Matcher {
+    fn new(decided: &DataFrame) -> PolarsResult<Self> {
+        let problem_id = decided.column("problem_id")?.str()?;
+        let round = decided.column("round")?.u32()?;
+        let (chosen_idx, rejected_idx) = (
+            decided.column("chosen_idx")?.u32()?,
+            decided.column("rejected_idx")?.u32()?,
+        );
+        let (chosen_reward, rejected_reward, margin) = (
+            decided.column("chosen_reward")?.f32()?,
+            decided.column("rejected_reward")?.f32()?,
+            decided.column("margin")?.f32()?,
+        );
+        let reference = decided.column("reference")?.str()?;
+        let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
+        for i in 0..decided.height() {
+            let id = problem_id.get(i).unwrap_or_default().to_owned();
+            decisions.entry(id).or_default().push(Decision {
+                round: round.get(i).unwrap_or_default(),
+                chosen_idx: chosen_idx.get(i).unwrap_or_default(),
+                rejected_idx: rejected_idx.get(i).unwrap_or_default(),
+                chosen_reward: chosen_reward.get(i).unwrap_or(f32::NAN),
+                rejected_reward: rejected_reward.get(i).unwrap_or(f32::NAN),
+                margin: margin.get(i).unwrap_or(f32::NAN),
+                reference: reference.get(i).map(str::to_owned),
+                seen: None,
+                done: false,
+            });
+        }
+        Ok(Self { decisions })
     }
-    Ok(pairs)
+
+    /// The pair this sample completes, if it does; a chosen or rejected sample whose partner
+    /// has not come yet is kept until it does.
+    fn take(&mut self, sample: Sample) -> Option<Pair> {
+        let decision = self
+            .decisions
+            .get_mut(&sample.problem_id)?
+            .iter_mut()
+            .find(|d| d.round == sample.round)?;
+        let is_chosen = decision.reference.is_none() && sample.sample_idx == decision.chosen_idx;
+        if decision.done || !(is_chosen || sample.sample_idx == decision.rejected_idx) {
+            return None;
+        }
+        let half = Half {
+            prompt: sample.prompt,
+            completion: sample.completion,
+        };
+        let (chosen, rejected, source) = match (decision.reference.take(), decision.seen.take()) {
+            (Some(reference), _) => (reference, half, PairSource::Reference),
+            (None, None) => {
+                decision.seen = Some((is_chosen, half));
+                return None;
+            }
+            (None, Some((_, other))) if is_chosen => (half.completion, other, PairSource::Policy),
+            (None, Some((_, other))) => (other.completion, half, PairSource::Policy),
+        };
+        decision.done = true;
+        Some(Pair {
+            prompt: rejected.prompt,
+            chosen,
+            rejected: rejected.completion,
+            chosen_reward: decision.chosen_reward,
+            rejected_reward: decision.rejected_reward,
+            margin: decision.margin,
+            problem_id: sample.problem_id,
+            round: sample.round,
+            source,
+        })
+    }
+
+    /// A pair whose samples never came (a score without its sample), as an error message.
+    fn unmatched(&self) -> Option<String> {
+        let (id, decision) = self
+            .decisions
+            .iter()
+            .flat_map(|(id, d)| d.iter().map(move |d| (id, d)))
+            .find(|(_, d)| !d.done)?;
+        let missing = match &decision.seen {
+            Some((true, _)) => decision.rejected_idx,
+            Some((false, _)) => decision.chosen_idx,
+            None => decision.rejected_idx,
+        };
+        Some(format!(
+            "problem {id} round {}: sample {missing} is scored but not in the samples stage",
+            decision.round
+        ))
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use prefloop_core::{Finish, Problem, ProblemSource, Sample, Score, Verdict};
+    use prefloop_core::{Finish, Problem, ProblemSource, Score, Verdict};
 
     use super::*;
-    use crate::StageReader;
     use crate::jobs::write_test_stage;
 
     /// (problem, sample_idx, reward, all tests passed); d is scored by a reward model.
@@ -256,10 +292,20 @@ mod tests {
         ("e", 1, 0.0, false),
     ];
 
-    fn run(min_margin: f32) -> Vec<Pair> {
+    fn run(min_margin: f32, with_problems: bool) -> Vec<Pair> {
+        run_without(min_margin, with_problems, None).unwrap()
+    }
+
+    /// Builds the pairs of CASES, with one sample left out of the samples stage if asked.
+    fn run_without(
+        min_margin: f32,
+        with_problems: bool,
+        missing: Option<(&str, u32)>,
+    ) -> Result<Vec<Pair>> {
         let dir = tempfile::tempdir().unwrap();
         let samples: Vec<Sample> = CASES
             .iter()
+            .filter(|&&(p, i, _, _)| missing != Some((p, i)))
             .map(|&(p, i, _, _)| Sample {
                 problem_id: p.into(),
                 prompt: format!("prompt {p}"),
@@ -326,18 +372,19 @@ mod tests {
             min_margin,
             ..PairsOptions::default()
         };
-        build_pairs(&s, &c, Some(&p), &out, &options).unwrap();
+        let problems = with_problems.then_some(p.as_path());
+        build_pairs(&s, &c, problems, &out, &options)?;
         let mut pairs: Vec<Pair> = StageReader::open(&out)
             .unwrap()
             .flat_map(Result::unwrap)
             .collect();
         pairs.sort_by(|x, y| x.problem_id.cmp(&y.problem_id));
-        pairs
+        Ok(pairs)
     }
 
     #[test]
     fn pairs_pick_best_against_worst_drop_ties_and_fall_back_to_the_reference() {
-        let pairs = run(0.0);
+        let pairs = run(0.0, true);
         let summary: Vec<(&str, &str, &str, f32, PairSource)> = pairs
             .iter()
             .map(|p| {
@@ -372,7 +419,34 @@ mod tests {
 
     #[test]
     fn a_minimum_margin_drops_close_pairs() {
-        let ids: Vec<String> = run(1.0).into_iter().map(|p| p.problem_id).collect();
+        let ids: Vec<String> = run(1.0, true).into_iter().map(|p| p.problem_id).collect();
         assert_eq!(ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn pairs_without_a_problems_stage_do_not_look_for_reference_solutions() {
+        let ids: Vec<(String, PairSource)> = run(0.0, false)
+            .into_iter()
+            .map(|p| (p.problem_id, p.source))
+            .collect();
+        // b had no passing sample and, without its reference, only ties: no pair.
+        assert_eq!(
+            ids,
+            [
+                ("a".into(), PairSource::Policy),
+                ("d".into(), PairSource::Policy)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_scored_sample_missing_from_the_samples_stage_is_an_error_naming_it() {
+        let e = run_without(0.0, true, Some(("a", 1)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("problem a round 1: sample 1 is scored but not in the samples stage"),
+            "{e}"
+        );
     }
 }

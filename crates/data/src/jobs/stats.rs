@@ -6,7 +6,7 @@ use std::path::Path;
 
 use polars::prelude::*;
 
-use super::{polars_error, scan_stage};
+use super::{polars_error, scan_stage, streaming};
 use crate::Result;
 
 /// What one round's samples and scores look like.
@@ -42,9 +42,7 @@ pub fn pass_at_k(n: u64, c: u64, k: u64) -> f64 {
 }
 
 fn collect(lf: LazyFrame, path: &Path) -> Result<DataFrame> {
-    lf.with_new_streaming(true)
-        .collect()
-        .map_err(polars_error(path))
+    streaming(lf).map_err(polars_error(path))
 }
 
 fn u32s(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<u32>> {
