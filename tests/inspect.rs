@@ -1,21 +1,14 @@
 //! End-to-end: `prefloop inspect` on our shards, on a file pyarrow wrote, and on bad files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use prefloop_core::{Pair, PairSource};
 use prefloop_data::{ShardWriter, WriterOptions};
 
-fn prefloop(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prefloop"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{prefloop, text};
 
 /// The project venv's python (scripts/setup), if this run has one.
 fn venv_python() -> Option<PathBuf> {

@@ -1,19 +1,11 @@
 //! End-to-end: the batch-job commands chained as a user would run them — import a TRL file,
 //! filter its pairs, export the result — and their errors for bad input.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn prefloop(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prefloop"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{prefloop, text};
 
 fn fixture(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
