@@ -11,3 +11,4 @@ export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # The venv's python: numerical references and interop checks in tests.
 export PREFLOOP_PYTHON=$VIRTUAL_ENV/bin/python
 export PREFLOOP_MODEL_DIR=$cache/models
+export PREFLOOP_SANDBOX_DIR=$cache/sandbox

@@ -6,6 +6,7 @@ mod generate;
 mod import;
 mod inspect;
 mod jobs;
+mod sandbox;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,9 @@ enum Command {
     Stats(jobs::StatsArgs),
     Filter(jobs::FilterArgs),
     Export(jobs::ExportArgs),
+    ScoreTests(sandbox::ScoreTestsArgs),
+    #[command(subcommand)]
+    Sandbox(sandbox::Command),
     #[command(subcommand)]
     Bench(bench::Command),
 }
@@ -56,6 +60,8 @@ fn main() -> ExitCode {
         Command::Stats(args) => jobs::stats(&args),
         Command::Filter(args) => jobs::filter(&args),
         Command::Export(args) => jobs::export(&args),
+        Command::ScoreTests(args) => sandbox::score_tests(&args),
+        Command::Sandbox(command) => sandbox::run(&command),
         Command::Bench(command) => bench::run(command),
     };
     match result {

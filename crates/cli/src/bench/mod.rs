@@ -3,6 +3,7 @@
 
 mod generate;
 mod jobs;
+mod sandbox;
 mod shards;
 
 use anyhow::Result;
@@ -16,6 +17,7 @@ pub enum Command {
     Shards(shards::Args),
     Generate(generate::Args),
     Jobs(jobs::Args),
+    Sandbox(sandbox::Args),
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -23,6 +25,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Shards(args) => shards::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Jobs(args) => jobs::run(&args),
+        Command::Sandbox(args) => sandbox::run(&args),
     }
 }
 

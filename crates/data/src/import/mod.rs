@@ -332,6 +332,14 @@ mod tests {
             assert_eq!(rows.len(), 427);
             assert_eq!(rows[0].fn_name.as_deref(), Some("similar_elements"));
             assert_eq!(rows[0].source, ProblemSource::Mbpp);
+            // The signature, then the 2-space-indented canonical body; the docstring is gone.
+            assert_eq!(
+                rows[0].reference_solution.as_deref(),
+                Some(
+                    "def similar_elements(test_tup1, test_tup2):\n  \
+                     res = tuple(set(test_tup1) & set(test_tup2))\n  return (res) \n"
+                )
+            );
         }
     }
 

@@ -207,21 +207,53 @@ pub(super) fn codecontests(
 /// `check(<entry_point>)` after the completed function; the prompt is also the starter code.
 fn check_style(row: &Value, source: ProblemSource) -> Result<Problem, BadField> {
     let prompt = text(row, "prompt")?;
+    // Some MBPP entry points carry a trailing space ("is_Power_Of_Two ").
+    let entry_point = text(row, "entry_point")?.trim();
+    let canonical = text(row, "canonical_solution")?;
+    let test = match source {
+        // MBPP's tests call math.isclose: the original rows import math in `test_imports`,
+        // which the HumanEval-form conversion dropped.
+        ProblemSource::Mbpp => format!("import math\n{}", text(row, "test")?),
+        _ => text(row, "test")?.to_owned(),
+    };
     Ok(Problem {
         problem_id: text(row, "task_id")?.to_owned(),
         source,
         prompt: prompt.to_owned(),
         tests: vec![TestCase {
-            input: text(row, "test")?.to_owned(),
+            input: test,
             output: String::new(),
         }],
-        fn_name: Some(text(row, "entry_point")?.to_owned()),
+        fn_name: Some(entry_point.to_owned()),
         starter_code: prompt.to_owned(),
-        reference_solution: Some(format!("{prompt}{}", text(row, "canonical_solution")?)),
+        reference_solution: Some(reference(prompt, entry_point, canonical, source)),
         difficulty: String::new(),
         time_limit_ms: None,
         memory_limit_bytes: None,
     })
+}
+
+/// The canonical solution as a whole program. HumanEval's continues its prompt. MBPP's (in
+/// HumanEval form) is indented differently from the prompt's docstring, so the two do not
+/// concatenate; it continues the prompt's signature line instead, docstring dropped.
+fn reference(prompt: &str, entry_point: &str, canonical: &str, source: ProblemSource) -> String {
+    let signature_end = (source == ProblemSource::Mbpp)
+        .then(|| {
+            let def = prompt.find(&format!("def {entry_point}"))?;
+            let mut end = def;
+            for line in prompt[def..].split_inclusive('\n') {
+                end += line.len();
+                if line.trim_end().ends_with(':') {
+                    return Some(end);
+                }
+            }
+            None
+        })
+        .flatten();
+    match signature_end {
+        Some(end) => format!("{}{canonical}", &prompt[..end]),
+        None => format!("{prompt}{canonical}"),
+    }
 }
 
 pub(super) fn humaneval(row: &Value, _: &RowRef, _: &ImportOptions) -> Result<Problem, BadField> {

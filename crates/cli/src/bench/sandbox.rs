@@ -1,0 +1,282 @@
+//! `prefloop bench sandbox`: every reference solution of a problems stage run against all its
+//! tests in the sandbox, and — in the same run, as APPS and LiveCodeBench evaluate — by a
+//! native `python3` process per test. Reports tests/s of both, the pass rates, every failure,
+//! and the per-test overhead of a trivial program.
+//!
+//! The native baseline executes the dataset's reference solutions on the host: use it on
+//! datasets you trust (the published references), never on generated code.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use prefloop_core::{Problem, ProblemSource, TestCase, Verdict};
+use prefloop_data::StageReader;
+use prefloop_sandbox::{
+    Compare, JudgeOptions, Limits, Sandbox, TestStyle, TimePolicy, apps_match, default_runtime_dir,
+    program_for, tokens_match,
+};
+use rayon::prelude::*;
+
+/// Run every reference solution of a problems stage in the sandbox and natively; compare.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A problems stage with stdin/stdout tests (e.g. prefloop import codecontests …).
+    #[arg(long)]
+    problems: PathBuf,
+    /// The native interpreter for the baseline; "none" to skip it.
+    #[arg(long, default_value = "python3")]
+    native: String,
+    /// Only the first N problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Runs of the trivial program for the overhead figure.
+    #[arg(long, default_value_t = 200)]
+    trivial_runs: u32,
+}
+
+/// The outcome of one problem's reference under one runner.
+struct Outcome {
+    verdict: Verdict,
+    tests: u32,
+    detail: String,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let mut problems: Vec<Problem> = Vec::new();
+    for rows in StageReader::<Problem>::open(&args.problems)? {
+        problems.extend(rows?.into_iter().filter(|p| p.reference_solution.is_some()));
+    }
+    problems.truncate(args.limit.unwrap_or(problems.len()));
+    let started = Instant::now();
+    let sandbox = Sandbox::open(&default_runtime_dir())?;
+    println!(
+        "sandbox ready in {:.2} s (runner compiled or loaded from cache); {} problems, {} threads",
+        started.elapsed().as_secs_f64(),
+        problems.len(),
+        rayon::current_num_threads()
+    );
+
+    let trivial = TestCase {
+        input: "7\n".into(),
+        output: "7".into(),
+    };
+    let echo = prefloop_sandbox::Program {
+        language: prefloop_sandbox::Language::Python,
+        source: "print(input())\n".into(),
+        style: TestStyle::Stdio,
+    };
+    let options = JudgeOptions::default();
+    let started = Instant::now();
+    for _ in 0..args.trivial_runs {
+        let judgement = sandbox.judge(&echo, std::slice::from_ref(&trivial), &options);
+        anyhow::ensure!(
+            judgement.verdict == Verdict::Ok,
+            "trivial program: {judgement:?}"
+        );
+    }
+    let sandbox_trivial = started.elapsed() / args.trivial_runs;
+    let native_trivial = if args.native == "none" {
+        None
+    } else {
+        let started = Instant::now();
+        for _ in 0..args.trivial_runs {
+            let (ok, _) = run_native(
+                &args.native,
+                "print(input())\n",
+                &trivial,
+                Duration::from_secs(10),
+            )?;
+            anyhow::ensure!(
+                ok == Some("7\n".into()),
+                "native trivial program printed {ok:?}"
+            );
+        }
+        Some(started.elapsed() / args.trivial_runs)
+    };
+    println!(
+        "trivial program (print(input())), per test: sandbox {:.2} ms{}",
+        sandbox_trivial.as_secs_f64() * 1e3,
+        native_trivial.map_or(String::new(), |t| format!(
+            ", native {} process {:.2} ms",
+            args.native,
+            t.as_secs_f64() * 1e3
+        ))
+    );
+
+    let time = TimePolicy::default();
+    let started = Instant::now();
+    let in_sandbox: Vec<Outcome> = problems
+        .par_iter()
+        .map(|problem| {
+            let options = JudgeOptions {
+                limits: Limits {
+                    time: time.limit(problem.time_limit_ms, None),
+                    ..Limits::default()
+                },
+                compare: compare_for(problem),
+                all_tests: true,
+            };
+            let reference = problem.reference_solution.as_deref().unwrap_or_default();
+            let judgement =
+                sandbox.judge(&program_for(problem, reference), &problem.tests, &options);
+            let detail = judgement
+                .tests
+                .iter()
+                .position(|t| t.verdict != Verdict::Ok)
+                .map(|i| format!("test {i}: {}", judgement.tests[i].detail))
+                .unwrap_or_default();
+            Outcome {
+                verdict: judgement.verdict,
+                tests: judgement.tests.len() as u32,
+                detail,
+            }
+        })
+        .collect();
+    let sandbox_wall = started.elapsed();
+    report("sandbox", &problems, &in_sandbox, sandbox_wall);
+
+    if args.native != "none" {
+        let started = Instant::now();
+        let native: Vec<Outcome> = problems
+            .par_iter()
+            .map(|problem| native_outcome(&args.native, problem, &time))
+            .collect::<Result<_>>()?;
+        let native_wall = started.elapsed();
+        report(
+            &format!("native {}", args.native),
+            &problems,
+            &native,
+            native_wall,
+        );
+        println!(
+            "wall time, sandbox / native: {:.2}",
+            sandbox_wall.as_secs_f64() / native_wall.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn compare_for(problem: &Problem) -> Compare {
+    match problem.source {
+        ProblemSource::Apps => Compare::Apps,
+        _ => Compare::Tokens,
+    }
+}
+
+fn report(runner: &str, problems: &[Problem], outcomes: &[Outcome], wall: Duration) {
+    let tests: u32 = outcomes.iter().map(|o| o.tests).sum();
+    let passed = outcomes.iter().filter(|o| o.verdict == Verdict::Ok).count();
+    println!(
+        "{runner}: {passed}/{} references pass; {tests} tests in {:.1} s = {:.1} tests/s",
+        problems.len(),
+        wall.as_secs_f64(),
+        f64::from(tests) / wall.as_secs_f64()
+    );
+    for (problem, outcome) in problems.iter().zip(outcomes) {
+        if outcome.verdict != Verdict::Ok {
+            println!(
+                "  {runner} {} {}: {}",
+                problem.problem_id,
+                outcome.verdict,
+                outcome.detail.lines().next().unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The reference run natively, one process per test, stopping at nothing (all tests).
+fn native_outcome(python: &str, problem: &Problem, time: &TimePolicy) -> Result<Outcome> {
+    let source = program_for(
+        problem,
+        problem.reference_solution.as_deref().unwrap_or_default(),
+    )
+    .source;
+    let limit = time.limit(problem.time_limit_ms, None);
+    let mut verdict = Verdict::Ok;
+    let mut detail = String::new();
+    for (i, test) in problem.tests.iter().enumerate() {
+        let (stdout, error) = run_native(python, &source, test, limit)?;
+        let this = match stdout {
+            None => Verdict::TimeLimit,
+            Some(_) if !error.is_empty() => Verdict::RuntimeError,
+            Some(out) => {
+                let ok = match compare_for(problem) {
+                    Compare::Apps => apps_match(&out, &test.output),
+                    Compare::Tokens => tokens_match(&out, &test.output),
+                };
+                if ok {
+                    Verdict::Ok
+                } else {
+                    Verdict::WrongAnswer
+                }
+            }
+        };
+        if this != Verdict::Ok && verdict == Verdict::Ok {
+            verdict = this;
+            detail = format!("test {i}: {}", error.lines().last().unwrap_or_default());
+        }
+    }
+    Ok(Outcome {
+        verdict,
+        tests: problem.tests.len() as u32,
+        detail,
+    })
+}
+
+/// One native run: (stdout, or None on timeout; stderr if it exited non-zero).
+fn run_native(
+    python: &str,
+    source: &str,
+    test: &TestCase,
+    limit: Duration,
+) -> Result<(Option<String>, String)> {
+    let mut child = Command::new(python)
+        .args(["-c", source])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {python}"))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = test.input.clone();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    // Drained while the child runs, so a large output cannot block it on a full pipe.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let waited = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let _ = writer.join();
+    let (stdout, stderr) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
+    Ok(match waited {
+        None => (None, String::new()),
+        Some(status) if status.success() => (Some(stdout), String::new()),
+        Some(status) => (Some(stdout), format!("{status}\n{stderr}")),
+    })
+}

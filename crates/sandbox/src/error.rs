@@ -1,0 +1,15 @@
+//! Errors of the sandbox itself. A program's misbehaviour is never an error: it is a verdict.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{}: the sandbox runtime is missing; run scripts/setup (it builds the runners)", .0.display())]
+    MissingRuntime(PathBuf),
+    #[error("unsupported language {0:?}: the sandbox runs python")]
+    UnsupportedLanguage(String),
+    #[error("sample for problem {0:?}, which the problems stage does not have")]
+    UnknownProblem(String),
+    #[error("wasmtime: {0}")]
+    Wasmtime(String),
+}

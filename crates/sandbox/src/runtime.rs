@@ -1,0 +1,287 @@
+//! The wasmtime side: one engine, the Python runner compiled once (cached on disk by
+//! wasmtime's own cache, keyed by the module's hash and the engine's flags) and pre-linked, and a
+//! fresh store per run, so that nothing a program does survives into the next run.
+//!
+//! A run gets stdin from memory, stdout and stderr into capped memory pipes, the WASI
+//! environment as its only other input, no preopened directories, no sockets, no threads or
+//! processes (WASI has none). Time is bounded by epoch interruption (a ticker thread advances
+//! the engine's epoch), memory by a resource limiter that refuses growth past the limit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::bindings::sync::CommandPre;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxView, WasiView};
+
+use crate::{Result, SandboxError};
+
+/// How often the epoch advances: the granularity of time limits.
+const TICK: Duration = Duration::from_millis(5);
+
+/// The file name of the Python runner component under the runtime directory.
+pub const PYTHON_RUNNER: &str = "python-runner.wasm";
+
+/// Bounds on one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Wall-clock time.
+    pub time: Duration,
+    /// Linear memory, in bytes, summed over the instance's memories.
+    pub memory_bytes: usize,
+    /// Bytes the program may write to stdout (and, separately, to stderr).
+    pub output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            time: Duration::from_secs(10),
+            memory_bytes: 1 << 30,
+            output_bytes: 16 << 20,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// `run` returned: Ok(()) or Err(()) (exit code 0 or 1).
+    Code(i32),
+    /// Stopped at the time limit.
+    TimedOut,
+    /// A memory growth was refused and the program trapped or failed because of it.
+    OutOfMemory,
+    /// Filled stdout or stderr up to the output limit.
+    OutputLimit,
+    /// A wasm trap: stack overflow, unreachable, out-of-bounds access.
+    Trap(String),
+}
+
+/// What one run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    pub exit: Exit,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub wall: Duration,
+    /// A memory growth was refused during the run (the program may have survived it).
+    pub memory_refused: bool,
+}
+
+/// The store's data: WASI state and our limiter.
+struct RunState {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Refuses memory growth past the limit and remembers that it did.
+struct MemoryLimiter {
+    limit: usize,
+    refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.limit;
+        self.refused |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// The engine and the pre-linked runners. Cheap to share across threads (`&Sandbox` is `Sync`);
+/// every run makes its own store.
+pub struct Sandbox {
+    engine: Engine,
+    python: CommandPre<RunState>,
+    _ticker: Ticker,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    /// Loads the runners from `runtime_dir` (scripts/setup builds them into
+    /// `.prefloop/sandbox`), compiling them on first use and caching the machine code in
+    /// `runtime_dir/cache`.
+    pub fn open(runtime_dir: &Path) -> Result<Self> {
+        let runner = runtime_dir.join(PYTHON_RUNNER);
+        if !runner.is_file() {
+            return Err(SandboxError::MissingRuntime(runner));
+        }
+        let wasm = |e: wasmtime::Error| SandboxError::Wasmtime(format!("{e:#}"));
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let mut cache = CacheConfig::new();
+        cache.with_directory(runtime_dir.join("cache"));
+        config.cache(Some(Cache::new(cache).map_err(wasm)?));
+        let engine = Engine::new(&config).map_err(wasm)?;
+
+        let started = Instant::now();
+        let component = Component::from_file(&engine, &runner)
+            .map_err(|e| SandboxError::Wasmtime(format!("loading {}: {e:#}", runner.display())))?;
+        tracing::debug!(elapsed = ?started.elapsed(), runner = %runner.display(), "python runner ready");
+        let mut linker = Linker::<RunState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm)?;
+        let python =
+            CommandPre::new(linker.instantiate_pre(&component).map_err(wasm)?).map_err(wasm)?;
+        Ok(Self {
+            _ticker: Ticker::start(&engine),
+            engine,
+            python,
+        })
+    }
+
+    /// Runs the Python runner once: `env` is the WASI environment (the runner reads the program
+    /// and its mode from it), `stdin` the test's input.
+    pub fn run_python(
+        &self,
+        env: &[(&str, &str)],
+        stdin: &[u8],
+        limits: &Limits,
+    ) -> Result<RunOutput> {
+        let stdout = MemoryOutputPipe::new(limits.output_bytes);
+        let stderr = MemoryOutputPipe::new(limits.output_bytes);
+        let ctx = WasiCtx::builder()
+            .stdin(MemoryInputPipe::new(stdin.to_vec()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .envs(env)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = RunState {
+            ctx,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: limits.memory_bytes,
+                refused: false,
+            },
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let ticks = limits.time.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let started = Instant::now();
+        let result = self
+            .python
+            .instantiate(&mut store)
+            .and_then(|command| command.wasi_cli_run().call_run(&mut store));
+        let wall = started.elapsed();
+        let memory_refused = store.data().limiter.refused;
+        drop(store);
+        let (stdout, stderr) = (stdout.contents().to_vec(), stderr.contents().to_vec());
+        // A full pipe refuses further writes (the guest sees a broken pipe, and usually dies
+        // of it): filled to the byte, it was the output limit whatever happened next.
+        let full = stdout.len() >= limits.output_bytes || stderr.len() >= limits.output_bytes;
+        let exit = match result {
+            _ if full => Exit::OutputLimit,
+            Ok(Ok(())) => Exit::Code(0),
+            Ok(Err(())) => Exit::Code(1),
+            Err(e) => classify(&e, memory_refused)?,
+        };
+        Ok(RunOutput {
+            exit,
+            stdout,
+            stderr,
+            wall,
+            memory_refused,
+        })
+    }
+}
+
+/// Turns a wasmtime error out of a run into how the program ended; an error that is no fault
+/// of the program's is ours.
+fn classify(error: &wasmtime::Error, memory_refused: bool) -> Result<Exit> {
+    if let Some(exit) = error.downcast_ref::<I32Exit>() {
+        return Ok(Exit::Code(exit.0));
+    }
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return Ok(match trap {
+            Trap::Interrupt => Exit::TimedOut,
+            _ if memory_refused => Exit::OutOfMemory,
+            other => Exit::Trap(other.to_string()),
+        });
+    }
+    let message = format!("{error:#}");
+    if memory_refused {
+        return Ok(Exit::OutOfMemory);
+    }
+    Err(SandboxError::Wasmtime(message))
+}
+
+/// Advances the engine's epoch every tick until the sandbox is dropped.
+struct Ticker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (engine, flag) = (engine.clone(), Arc::clone(&stop));
+        let thread = std::thread::Builder::new()
+            .name("sandbox-epoch".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where scripts/setup puts the runners: `$PREFLOOP_SANDBOX_DIR`, else `.prefloop/sandbox`
+/// under the current directory.
+pub fn default_runtime_dir() -> PathBuf {
+    std::env::var_os("PREFLOOP_SANDBOX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".prefloop/sandbox"))
+}
