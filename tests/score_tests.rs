@@ -38,6 +38,25 @@ fn runtime_present() -> bool {
     present
 }
 
+/// Imports the APPS fixture into `dir/problems` and writes `samples` as `dir/samples`.
+fn problems_and_samples(dir: &Path, samples: &[Sample]) {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/fixtures/apps_hf.jsonl");
+    let problems = dir.join("problems");
+    let out = prefloop(&[
+        "import",
+        "apps",
+        fixture.to_str().unwrap(),
+        "--out",
+        problems.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut writer =
+        StageWriter::<Sample>::open(dir.join("samples"), WriterOptions::default()).unwrap();
+    writer.write(samples).unwrap();
+    writer.finish().unwrap();
+}
+
 #[test]
 fn score_tests_rewards_passing_programs_and_names_verdicts() {
     if !runtime_present() {
@@ -45,16 +64,6 @@ fn score_tests_rewards_passing_programs_and_names_verdicts() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/fixtures/apps_hf.jsonl");
-    let out = prefloop(&[
-        "import",
-        "apps",
-        fixture.to_str().unwrap(),
-        "--out",
-        &path("problems"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
 
     let samples = [
         // Call-based sum_even: right, fenced in a chat answer.
@@ -71,10 +80,7 @@ fn score_tests_rewards_passing_programs_and_names_verdicts() {
         sample("apps/17", 2, "while True:\n    pass\n"),
         sample("apps/17", 3, "print(\n"),
     ];
-    let mut writer =
-        StageWriter::<Sample>::open(dir.path().join("samples"), WriterOptions::default()).unwrap();
-    writer.write(&samples).unwrap();
-    writer.finish().unwrap();
+    problems_and_samples(dir.path(), &samples);
 
     let out = prefloop(&[
         "score-tests",
@@ -133,20 +139,7 @@ fn score_tests_names_a_sample_whose_problem_is_missing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/fixtures/apps_hf.jsonl");
-    let out = prefloop(&[
-        "import",
-        "apps",
-        fixture.to_str().unwrap(),
-        "--out",
-        &path("problems"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut writer =
-        StageWriter::<Sample>::open(dir.path().join("samples"), WriterOptions::default()).unwrap();
-    writer.write(&[sample("apps/999", 0, "print(1)")]).unwrap();
-    writer.finish().unwrap();
+    problems_and_samples(dir.path(), &[sample("apps/999", 0, "print(1)")]);
     let out = prefloop(&[
         "score-tests",
         "--problems",

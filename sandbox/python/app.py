@@ -22,7 +22,6 @@ import sys
 import traceback
 
 import atexit
-import gc
 import importlib
 import os
 import threading
@@ -80,28 +79,30 @@ def stdin_like_a_file(size):
 
 
 def shut_down(namespace):
-    """What interpreter exit would do: atexit handlers, then the program's objects finalised
-    (an io.IOBase flushes itself in __del__, and fast-output wrappers rely on it)."""
+    """What interpreter exit does, less tearing the heap down (the instance is thrown away):
+    atexit handlers, then the program's streams flushed and closed while the functions they
+    call still exist. Fast-output solutions replace sys.stdout with a buffering io.IOBase and
+    rely on exactly this to see their output written."""
     atexit._run_exitfuncs()
-    # Closed here, while the functions they call still exist: at real exit their finaliser
-    # runs before the module's names are gone.
-    standard = {sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__}
-    streams = []
+    original = {sys.__stdin__, sys.__stdout__, sys.__stderr__}
+    streams = [sys.stdout, sys.stderr]
     for value in reversed(list(namespace.values())):
-        if isinstance(value, io.IOBase) and value not in standard:
+        if isinstance(value, io.IOBase):
             streams.append(value)
             # The stream it wraps, if any (fast-output wrappers hold their buffer object).
             attributes = getattr(value, "__dict__", {}).values()
             streams.extend(v for v in attributes if isinstance(v, io.IOBase))
     for stream in streams:
-        if stream in standard:
+        if stream.closed:
             continue
         try:
-            stream.close()
+            if stream in original:
+                stream.flush()
+            else:
+                stream.close()
         except Exception:
             traceback.print_exc()
-    namespace.clear()
-    gc.collect()
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__
 
 
 def run_program(env):
@@ -161,7 +162,8 @@ class Run(exports.Run):
             traceback.print_exc()
             status = "error " + type(e).__name__
         try:
-            sys.stdout.flush()
+            if not sys.stdout.closed:
+                sys.stdout.flush()
         except BaseException as e:
             status = "error " + type(e).__name__
         report(status)

@@ -18,6 +18,8 @@ pub use judge::{
     json_answer_matches, tokens_match,
 };
 pub use runtime::{Exit, Limits, PYTHON_RUNNER, RunOutput, Sandbox, default_runtime_dir};
-pub use score::{ScoreOptions, TimePolicy, extract_program, program_for, score_samples};
+pub use score::{
+    ScoreOptions, TimePolicy, compare_for, extract_program, program_for, score_samples,
+};
 
 pub type Result<T, E = SandboxError> = std::result::Result<T, E>;

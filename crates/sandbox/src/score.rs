@@ -111,7 +111,8 @@ pub fn program_for(problem: &Problem, code: &str) -> Program {
     }
 }
 
-fn compare_for(problem: &Problem) -> Compare {
+/// How a problem's stdout answers are compared: APPS' cascade for APPS, tokens otherwise.
+pub fn compare_for(problem: &Problem) -> Compare {
     match problem.source {
         ProblemSource::Apps => Compare::Apps,
         _ => Compare::Tokens,

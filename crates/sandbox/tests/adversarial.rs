@@ -2,27 +2,14 @@
 //! the host is unharmed, and the same sandbox serves the next program normally.
 //! Needs the Python runner built by scripts/setup; skipped with a message without it.
 
-use std::sync::OnceLock;
+mod common;
+
 use std::time::Duration;
 
 use prefloop_core::{TestCase, Verdict};
-use prefloop_sandbox::{
-    Compare, JudgeOptions, Judgement, Language, Limits, Program, Sandbox, TestStyle,
-    default_runtime_dir,
-};
+use prefloop_sandbox::{Compare, JudgeOptions, Judgement, Language, Limits, Program, TestStyle};
 
-fn sandbox() -> Option<&'static Sandbox> {
-    static SANDBOX: OnceLock<Option<Sandbox>> = OnceLock::new();
-    SANDBOX
-        .get_or_init(|| match Sandbox::open(&default_runtime_dir()) {
-            Ok(sandbox) => Some(sandbox),
-            Err(e) => {
-                eprintln!("skipping: {e}");
-                None
-            }
-        })
-        .as_ref()
-}
+use common::sandbox;
 
 fn options() -> JudgeOptions {
     JudgeOptions {
@@ -174,6 +161,34 @@ fn stdin_reads_like_a_redirected_file() {
         "import atexit, io, sys\nout = io.StringIO()\natexit.register(lambda: sys.stdout.write(out.getvalue()))\nout.write('7')\n",
         "",
         "7",
+        Verdict::Ok,
+    );
+}
+
+#[test]
+fn replaced_and_buffered_stdout_is_flushed_at_exit() {
+    expect(
+        "import io, sys\nsys.stdout = io.TextIOWrapper(sys.stdout.buffer)\nprint(int(input()) * 2)\n",
+        "21\n",
+        "42",
+        Verdict::Ok,
+    );
+    // The Codeforces fast-output template: an io.IOBase that buffers and writes with os.write
+    // only when flushed, which at real exit happens as the object is finalised.
+    expect(
+        "import os, sys\nfrom io import BytesIO, IOBase\n\
+         class FastIO(IOBase):\n\
+         \x20   def __init__(self, fd):\n\
+         \x20       self.fd, self.buffer = fd, BytesIO()\n\
+         \x20   def write(self, s):\n\
+         \x20       self.buffer.write(s.encode())\n\
+         \x20   def flush(self):\n\
+         \x20       os.write(self.fd, self.buffer.getvalue())\n\
+         \x20       self.buffer = BytesIO()\n\
+         sys.stdout = FastIO(1)\n\
+         print(6 * 7)\n",
+        "",
+        "42",
         Verdict::Ok,
     );
 }

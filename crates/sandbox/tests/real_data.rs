@@ -4,28 +4,16 @@
 //! `prefloop bench sandbox`, which reports every failure). Skipped with a message when the
 //! data or the runner is absent.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use prefloop_core::{Problem, Verdict};
 use prefloop_data::{DatasetKind, ImportOptions, StageReader, import};
-use prefloop_sandbox::{
-    JudgeOptions, Limits, Sandbox, TimePolicy, default_runtime_dir, program_for,
-};
+use prefloop_sandbox::{JudgeOptions, Limits, TimePolicy, compare_for, program_for};
 
-fn sandbox() -> Option<&'static Sandbox> {
-    static SANDBOX: OnceLock<Option<Sandbox>> = OnceLock::new();
-    SANDBOX
-        .get_or_init(|| match Sandbox::open(&default_runtime_dir()) {
-            Ok(sandbox) => Some(sandbox),
-            Err(e) => {
-                eprintln!("skipping: {e}");
-                None
-            }
-        })
-        .as_ref()
-}
+use common::sandbox;
 
 fn shared(path: &str) -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -50,16 +38,12 @@ fn problems(kind: DatasetKind, src: &Path) -> Vec<Problem> {
 }
 
 fn options(problem: &Problem) -> JudgeOptions {
-    let compare = match problem.source {
-        prefloop_core::ProblemSource::Apps => prefloop_sandbox::Compare::Apps,
-        _ => prefloop_sandbox::Compare::Tokens,
-    };
     JudgeOptions {
         limits: Limits {
             time: TimePolicy::default().limit(problem.time_limit_ms, None),
             ..Limits::default()
         },
-        compare,
+        compare: compare_for(problem),
         all_tests: false,
     }
 }

@@ -12,11 +12,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use prefloop_core::{Problem, ProblemSource, TestCase, Verdict};
+use prefloop_core::{Problem, TestCase, Verdict};
 use prefloop_data::StageReader;
 use prefloop_sandbox::{
-    Compare, JudgeOptions, Limits, Sandbox, TestStyle, TimePolicy, apps_match, default_runtime_dir,
-    program_for, tokens_match,
+    Compare, JudgeOptions, Limits, Sandbox, TestStyle, TimePolicy, apps_match, compare_for,
+    default_runtime_dir, program_for, tokens_match,
 };
 use rayon::prelude::*;
 
@@ -157,13 +157,6 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn compare_for(problem: &Problem) -> Compare {
-    match problem.source {
-        ProblemSource::Apps => Compare::Apps,
-        _ => Compare::Tokens,
-    }
 }
 
 fn report(runner: &str, problems: &[Problem], outcomes: &[Outcome], wall: Duration) {
