@@ -15,18 +15,17 @@ fn fixture(name: &str) -> String {
         .into_owned()
 }
 
+/// `prefloop import trl` of the TRL fixture into the pairs stage `out`.
+fn import_trl_fixture(out: &str) {
+    let out = prefloop(&["import", "trl", &fixture("trl_pairs.jsonl"), "--out", out]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn import_filter_export_keeps_the_matching_pairs() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let out = prefloop(&[
-        "import",
-        "trl",
-        &fixture("trl_pairs.jsonl"),
-        "--out",
-        &path("pairs"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    import_trl_fixture(&path("pairs"));
 
     // Rows without scores carry NaN rewards, and NaN > 5 is false: only the scored pair stays.
     let out = prefloop(&[
@@ -55,14 +54,7 @@ fn import_filter_export_keeps_the_matching_pairs() {
 fn filter_names_the_unknown_column_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let out = prefloop(&[
-        "import",
-        "trl",
-        &fixture("trl_pairs.jsonl"),
-        "--out",
-        &path("pairs"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    import_trl_fixture(&path("pairs"));
     let out = prefloop(&[
         "filter",
         &path("pairs"),

@@ -11,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_core::{Problem, Sample, TestCase};
 use prefloop_data::{StageReader, StageWriter, WriterOptions};
 use prefloop_sandbox::{
-    JudgeOptions, Language, Limits, Program, Sandbox, ScoreOptions, TestStyle, TimePolicy,
-    default_runtime_dir, score_samples,
+    Calibration, JudgeOptions, Language, Limits, Program, Sandbox, ScoreOptions, TestStyle,
+    TimePolicy, default_runtime_dir, score_samples,
 };
 
 /// Commands of the sandbox.
@@ -38,13 +38,13 @@ pub struct RunArgs {
 #[derive(Debug, clap::Args)]
 struct LimitArgs {
     /// Time limit per test, in milliseconds (score-tests: for problems that state none).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = Limits::default().time.as_millis() as u64)]
     time_limit_ms: u64,
     /// Memory limit per test, in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = Limits::default().memory_bytes >> 20)]
     memory_mb: usize,
     /// Output limit per test, in MiB.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = Limits::default().output_bytes >> 20)]
     output_mb: usize,
 }
 
@@ -137,10 +137,10 @@ pub struct ScoreTestsArgs {
     #[command(flatten)]
     limits: LimitArgs,
     /// No test gets less time than this.
-    #[arg(long, default_value_t = 2_000)]
+    #[arg(long, default_value_t = TimePolicy::default().floor.as_millis() as u64)]
     time_floor_ms: u64,
     /// Multiplies a problem's own time limit (CPython in wasm is several times slower).
-    #[arg(long, default_value_t = 6.0)]
+    #[arg(long, default_value_t = TimePolicy::default().problem_scale)]
     time_scale: f64,
     /// Time problems without a limit from their reference solution's slowest test.
     #[arg(long)]
@@ -182,6 +182,7 @@ pub fn score_tests(args: &ScoreTestsArgs) -> Result<()> {
         calibrate: args.calibrate,
     };
 
+    let calibration = Calibration::default();
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
@@ -193,7 +194,7 @@ pub fn score_tests(args: &ScoreTestsArgs) -> Result<()> {
     let (mut seen, mut passed, mut batch) = (0u64, 0u64, Vec::with_capacity(args.batch));
     let started = Instant::now();
     let mut flush = |batch: &mut Vec<Sample>, bar: &ProgressBar| -> Result<()> {
-        let scores = score_samples(&sandbox, &problems, batch, &options)?;
+        let scores = score_samples(&sandbox, &problems, batch, &options, &calibration)?;
         passed += scores.iter().filter(|s| s.reward >= 10.0).count() as u64;
         writer.write(&scores)?;
         bar.inc(batch.len() as u64);

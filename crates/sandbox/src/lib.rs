@@ -19,7 +19,7 @@ pub use judge::{
 };
 pub use runtime::{Exit, Limits, PYTHON_RUNNER, RunOutput, Sandbox, default_runtime_dir};
 pub use score::{
-    ScoreOptions, TimePolicy, compare_for, extract_program, program_for, score_samples,
+    Calibration, ScoreOptions, TimePolicy, compare_for, extract_program, program_for, score_samples,
 };
 
 pub type Result<T, E = SandboxError> = std::result::Result<T, E>;

@@ -22,6 +22,10 @@ use crate::{Result, SandboxError};
 /// How often the epoch advances: the granularity of time limits.
 const TICK: Duration = Duration::from_millis(5);
 
+/// Table elements a program may grow to (tables hold function references, not data: this
+/// only stops a runaway growth loop).
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
 /// The file name of the Python runner component under the runtime directory.
 pub const PYTHON_RUNNER: &str = "python-runner.wasm";
 
@@ -112,7 +116,7 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
 

@@ -3,6 +3,7 @@
 //! credit as an option). Programs run in parallel on rayon's pool.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prefloop_core::{Problem, ProblemSource, Sample, Score, Scorer, Verdict};
@@ -119,13 +120,31 @@ pub fn compare_for(problem: &Problem) -> Compare {
     }
 }
 
+/// The reference solutions' measured times, kept across calls of [`score_samples`] so that
+/// each problem's reference runs once however many batches its samples come in.
+#[derive(Debug, Default)]
+pub struct Calibration {
+    /// None where the reference is missing or fails its own tests.
+    times: Mutex<HashMap<String, Option<Duration>>>,
+}
+
+impl Calibration {
+    /// The slowest test of `problem_id`'s reference, if it has been timed and passed.
+    pub fn measured(&self, problem_id: &str) -> Option<Duration> {
+        let times = self.times.lock().expect("calibration lock");
+        times.get(problem_id).copied().flatten()
+    }
+}
+
 /// Scores every sample against its problem's tests. A sample whose problem is unknown is an
-/// error (naming it) before anything runs.
+/// error (naming it) before anything runs. With `options.calibrate`, problems that state no
+/// time limit and are not yet in `calibration` have their reference timed first.
 pub fn score_samples(
     sandbox: &Sandbox,
     problems: &HashMap<String, Problem>,
     samples: &[Sample],
     options: &ScoreOptions,
+    calibration: &Calibration,
 ) -> Result<Vec<Score>> {
     if let Some(sample) = samples
         .iter()
@@ -133,25 +152,31 @@ pub fn score_samples(
     {
         return Err(SandboxError::UnknownProblem(sample.problem_id.clone()));
     }
-    let reference_times: HashMap<&str, Duration> = if options.calibrate {
-        samples
-            .iter()
-            .map(|s| s.problem_id.as_str())
-            .collect::<std::collections::HashSet<_>>()
-            .into_par_iter()
-            .filter_map(|id| {
-                let time = reference_time(sandbox, &problems[id], options)?;
-                Some((id, time))
-            })
-            .collect()
-    } else {
-        HashMap::new()
-    };
+    if options.calibrate {
+        let measured: Vec<(String, Option<Duration>)> = {
+            let known = calibration.times.lock().expect("calibration lock");
+            samples
+                .iter()
+                .map(|s| &problems[&s.problem_id])
+                .filter(|p| p.time_limit_ms.is_none() && !known.contains_key(&p.problem_id))
+                .map(|p| (p.problem_id.as_str(), p))
+                .collect::<HashMap<_, _>>()
+        }
+        .into_par_iter()
+        .map(|(id, problem)| (id.to_owned(), reference_time(sandbox, problem, options)))
+        .collect();
+        calibration
+            .times
+            .lock()
+            .expect("calibration lock")
+            .extend(measured);
+    }
+    let times = calibration.times.lock().expect("calibration lock");
     Ok(samples
         .par_iter()
         .map(|sample| {
             let problem = &problems[&sample.problem_id];
-            let reference = reference_times.get(sample.problem_id.as_str()).copied();
+            let reference = times.get(&sample.problem_id).copied().flatten();
             score_one(sandbox, problem, sample, reference, options)
         })
         .collect())
@@ -165,6 +190,8 @@ fn judge_options(
     let mut judge = options.judge.clone();
     judge.compare = compare_for(problem);
     judge.limits.time = options.time.limit(problem.time_limit_ms, reference);
+    // A problem's own memory limit was set for native code; CPython in wasm needs more, so
+    // it can only raise ours.
     if let Some(bytes) = problem.memory_limit_bytes.filter(|b| *b > 0) {
         judge.limits.memory_bytes = judge.limits.memory_bytes.max(bytes as usize);
     }
@@ -179,6 +206,8 @@ fn reference_time(
 ) -> Option<Duration> {
     let reference = problem.reference_solution.as_deref()?;
     let mut judge = judge_options(problem, None, options);
+    // Timed under the configured per-test limit, not the default it may be about to replace.
+    judge.limits.time = options.judge.limits.time;
     judge.all_tests = true;
     let judgement = sandbox.judge(&program_for(problem, reference), &problem.tests, &judge);
     (judgement.verdict == Verdict::Ok).then(|| {

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use prefloop_core::{Finish, Sample, Score, Scorer, Verdict};
+use prefloop_core::{Sample, Score, Scorer, Verdict};
 use prefloop_data::{Manifest, PairsOptions, StageWriter, WriterOptions, build_pairs, stage_stats};
 use rand::Rng;
 
@@ -125,21 +125,8 @@ fn generate(args: &Args, dir: &Path) -> Result<bool> {
             if sample_idx == 0 {
                 prompt = text.text(prompt_bytes);
             }
-            let completion_len = text
-                .rng
-                .random_range(completion_bytes / 2..=completion_bytes * 3 / 2);
-            sample_rows.push(Sample {
-                problem_id: format!("bench/{problem}"),
-                prompt: prompt.clone(),
-                completion: text.text(completion_len),
-                sample_idx,
-                round,
-                policy: format!("round-{round:04}"),
-                seed: i,
-                num_tokens: (completion_len / 4) as u32,
-                logprob_sum: -(completion_len as f32) / 8.0,
-                finish: Finish::Stop,
-            });
+            let sample = text.sample(problem, &prompt, sample_idx, round, i, completion_bytes);
+            sample_rows.push(sample);
             // A code round: 30% of samples pass all 8 tests; the rest fail some.
             let total = 8;
             let (passed, verdict) = match text.rng.random_range(0..10) {

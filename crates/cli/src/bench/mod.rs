@@ -8,6 +8,7 @@ mod shards;
 
 use anyhow::Result;
 use clap::Subcommand;
+use prefloop_core::{Finish, Sample};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -64,6 +65,34 @@ struct TextGen {
 }
 
 impl TextGen {
+    /// A synthetic sample of `prompt`: a completion of about `completion_bytes` (½× to 1½×),
+    /// with token count and log-prob in proportion.
+    fn sample(
+        &mut self,
+        problem: u64,
+        prompt: &str,
+        sample_idx: u32,
+        round: u32,
+        seed: u64,
+        completion_bytes: usize,
+    ) -> Sample {
+        let completion_len = self
+            .rng
+            .random_range(completion_bytes / 2..=completion_bytes * 3 / 2);
+        Sample {
+            problem_id: format!("bench/{problem}"),
+            prompt: prompt.to_owned(),
+            completion: self.text(completion_len),
+            sample_idx,
+            round,
+            policy: format!("round-{round:04}"),
+            seed,
+            num_tokens: (completion_len / 4) as u32,
+            logprob_sum: -(completion_len as f32) / 8.0,
+            finish: Finish::Stop,
+        }
+    }
+
     fn new(seed: u64) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed);
         let syllables = [

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use prefloop_core::{Finish, Sample};
+use prefloop_core::Sample;
 use prefloop_data::{StageReader, StageWriter, WriterOptions};
-use rand::Rng;
 
 use super::{TextGen, mib, peak_rss, reset_peak_rss, rss};
 
@@ -110,21 +109,8 @@ pub fn run(args: &Args) -> Result<()> {
         if sample_idx == 0 {
             prompt = text.text(prompt_bytes);
         }
-        let completion_len = text
-            .rng
-            .random_range(completion_bytes / 2..=completion_bytes * 3 / 2);
-        pool.push(Sample {
-            problem_id: format!("bench/{}", i / args.samples_per_prompt as u64),
-            prompt: prompt.clone(),
-            completion: text.text(completion_len),
-            sample_idx,
-            round: 0,
-            policy: "bench".into(),
-            seed: i,
-            num_tokens: (completion_len / 4) as u32,
-            logprob_sum: -(completion_len as f32) / 8.0,
-            finish: Finish::Stop,
-        });
+        let problem = i / args.samples_per_prompt as u64;
+        pool.push(text.sample(problem, &prompt, sample_idx, 0, i, completion_bytes));
     }
     let pool_bytes: Vec<u64> = pool.iter().map(logical_bytes).collect();
 
