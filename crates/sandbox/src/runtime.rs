@@ -12,12 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, StoreContextMut, Trap};
 use wasmtime_wasi::p2::bindings::sync::CommandPre;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxView, WasiView};
 
 use crate::{Result, SandboxError};
+
+/// The WASI clock interface whose sleeps [`cap_sleeps`] bounds (the version wasmtime-wasi
+/// =48.0.8 defines; components importing an older 0.2 resolve to it).
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// How often the epoch advances: the granularity of time limits.
 const TICK: Duration = Duration::from_millis(5);
@@ -81,6 +85,22 @@ struct RunState {
     ctx: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
+    /// When the run's time limit is up: no sleep of the guest's outlasts it.
+    deadline: Instant,
+    /// The guest asked to sleep past the deadline and was woken early: a TLE by definition,
+    /// whatever it does next (the epoch ticker may lag the wall clock by a tick or two).
+    sleep_cut: bool,
+}
+
+impl RunState {
+    /// `nanos` of sleep, cut to what is left before the deadline plus two epoch ticks, so the
+    /// guest wakes after its epoch deadline has passed and traps on its next instructions.
+    fn capped_sleep(&mut self, nanos: u64) -> u64 {
+        let left = self.deadline.saturating_duration_since(Instant::now()) + 2 * TICK;
+        let left = left.as_nanos().try_into().unwrap_or(u64::MAX);
+        self.sleep_cut |= nanos > left;
+        nanos.min(left)
+    }
 }
 
 impl WasiView for RunState {
@@ -157,6 +177,7 @@ impl Sandbox {
         tracing::debug!(elapsed = ?started.elapsed(), runner = %runner.display(), "python runner ready");
         let mut linker = Linker::<RunState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm)?;
+        cap_sleeps(&mut linker).map_err(wasm)?;
         let python =
             CommandPre::new(linker.instantiate_pre(&component).map_err(wasm)?).map_err(wasm)?;
         Ok(Self {
@@ -192,6 +213,8 @@ impl Sandbox {
                 limit: limits.memory_bytes,
                 refused: false,
             },
+            deadline: Instant::now() + limits.time,
+            sleep_cut: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -206,6 +229,7 @@ impl Sandbox {
             .and_then(|command| command.wasi_cli_run().call_run(&mut store));
         let wall = started.elapsed();
         let memory_refused = store.data().limiter.refused;
+        let sleep_cut = store.data().sleep_cut;
         drop(store);
         let (stdout, stderr) = (stdout.contents().to_vec(), stderr.contents().to_vec());
         // A full pipe refuses further writes (the guest sees a broken pipe, and usually dies
@@ -213,6 +237,7 @@ impl Sandbox {
         let full = stdout.len() >= limits.output_bytes || stderr.len() >= limits.output_bytes;
         let exit = match result {
             _ if full => Exit::OutputLimit,
+            _ if sleep_cut => Exit::TimedOut,
             Ok(Ok(())) => Exit::Code(0),
             Ok(Err(())) => Exit::Code(1),
             Err(e) => classify(&e, memory_refused)?,
@@ -225,6 +250,37 @@ impl Sandbox {
             memory_refused,
         })
     }
+}
+
+/// The WASI monotonic clock's sleeps, cut short at the run's deadline. Epoch interruption stops
+/// only wasm code: a guest blocked in the host's poll (`time.sleep`, `select` with a timeout)
+/// would otherwise hold its worker for as long as it asked. Cut at the deadline, it wakes past
+/// its epoch deadline and traps as a TLE.
+fn cap_sleeps(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::clocks::WasiClocksView;
+    use wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host;
+
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: StoreContextMut<'_, RunState>, (nanos,): (u64,)| {
+            let state = store.data_mut();
+            let capped = state.capped_sleep(nanos);
+            Ok((state.clocks().subscribe_duration(capped)?,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: StoreContextMut<'_, RunState>, (when,): (u64,)| {
+            let state = store.data_mut();
+            let now = state.clocks().now()?;
+            let capped = now.saturating_add(state.capped_sleep(when.saturating_sub(now)));
+            Ok((state.clocks().subscribe_instant(capped)?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Turns a wasmtime error out of a run into how the program ended; an error that is no fault

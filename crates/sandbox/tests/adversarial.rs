@@ -88,6 +88,33 @@ fn infinite_loop_is_tle() {
     expect("while True:\n    pass\n", "", "", Verdict::TimeLimit);
 }
 
+/// Regression: a sleeping guest blocks in the host's poll, where epoch interruption cannot
+/// reach it, so `time.sleep(30)` under a 2 s limit held its worker for 30 s.
+#[test]
+fn sleeping_past_the_limit_is_tle_at_the_limit_not_after_the_sleep() {
+    for source in [
+        "import time\ntime.sleep(30)\nprint(1)\n",
+        "import time\nwhile True:\n    time.sleep(0.5)\n",
+        "import select, sys\nselect.select([], [], [], 30)\nprint(1)\n",
+    ] {
+        let started = std::time::Instant::now();
+        expect(source, "", "1", Verdict::TimeLimit);
+        // The limit is 2 s; allow for the normal program `expect` runs next and a slow CI.
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{source} held the sandbox {:?}",
+            started.elapsed()
+        );
+    }
+    // A short sleep within the limit still completes normally.
+    expect(
+        "import time\ntime.sleep(0.1)\nprint(1)\n",
+        "",
+        "1",
+        Verdict::Ok,
+    );
+}
+
 #[test]
 fn memory_bomb_is_mle() {
     expect(
