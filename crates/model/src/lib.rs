@@ -17,5 +17,5 @@ pub use error::{ModelError, Result};
 pub use generate::{Generation, Request, SamplingParams, generate};
 pub use head::ScalarHead;
 pub use llama::{KvCache, Llama};
-pub use load::{DEFAULT_MODEL_FILE, Model, best_device, compute_kind, default_model_path};
+pub use load::{DEFAULT_MODEL_FILE, Model, best_device, compute_kind, default_model_path, fill};
 pub use tokenizer::Tokenizer;

@@ -189,7 +189,7 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, C)");
@@ -208,8 +208,10 @@ impl Attention {
             }
             None => (k, v),
         };
-        let y =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true);
+        // Without a mask the attention is plain causal, which lets torch pick its fused
+        // (flash / memory-efficient) kernels: O(T) memory instead of (B, H, T, T) scores.
+        let causal = mask.is_none();
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, true);
         let y = y
             .transpose(1, 2)
             .contiguous()
@@ -336,6 +338,31 @@ impl Llama {
             .logical_and(&causal)
             .logical_or(&own); // (B, 1, T, S)
 
+        let x = self.decoder(input_ids, positions, Some(&mask), cache.as_deref_mut());
+        if let Some(cache) = cache {
+            cache.len = s;
+        }
+        x
+    }
+
+    /// Final hidden states, (B, T, C), of sequences that are unpadded or right-padded, at
+    /// positions 0..T under a plain causal mask: what training batches need. Real tokens never
+    /// see the padding after them; padding rows' outputs are junk the losses mask out.
+    pub fn forward_hidden_causal(&self, input_ids: &Tensor) -> Tensor {
+        let (b, t) = input_ids.size2().expect("(B, T)");
+        let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).expand([b, t], true);
+        self.decoder(input_ids, &positions, None, None)
+    }
+
+    /// Embedding, decoder layers and final norm; `mask` None means causal.
+    fn decoder(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let offset = cache.as_ref().map_or(0, |c| c.len);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, C)
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], offset));
@@ -343,28 +370,22 @@ impl Llama {
                 &layer.input_layernorm.forward(&x),
                 &self.rope,
                 positions,
-                &mask,
+                mask,
                 layer_cache,
             );
-            x += h;
+            // Out of place: the norm above saved `x` for the backward pass.
+            x = &x + h;
             x = &x
                 + layer
                     .mlp
                     .forward(&layer.post_attention_layernorm.forward(&x));
-        }
-        if let Some(cache) = cache {
-            cache.len = s;
         }
         self.norm.forward(&x)
     }
 
     /// Logits, (B, T, V), of unpadded sequences (B, T): positions 0..T, every token valid.
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
-        let (b, t) = input_ids.size2().expect("(B, T)");
-        let device = input_ids.device();
-        let positions = Tensor::arange(t, (Kind::Int64, device)).expand([b, t], true);
-        let valid = Tensor::ones([b, t], (Kind::Bool, device));
-        self.logits(&self.forward_hidden(input_ids, &positions, &valid, None))
+        self.logits(&self.forward_hidden_causal(input_ids))
     }
 
     /// Logits, (…, V), of hidden states (…, C).

@@ -159,8 +159,10 @@ fn read_safetensors(dir: &Path) -> Result<Weights> {
     Ok(weights)
 }
 
-/// Copies loaded tensors into the declared variables, checking names and shapes.
-fn fill(vs: &nn::VarStore, weights: Weights, source: &Path) -> Result<()> {
+/// Copies loaded tensors into the declared variables, checking names and shapes (a missing
+/// or misshapen one is an error naming `source`; extra ones are ignored). Trainers restore
+/// checkpoints with it too.
+pub fn fill(vs: &nn::VarStore, weights: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
     let mut weights: HashMap<String, Tensor> = weights.into_iter().collect();
     let mut variables = vs.variables();
     let mut names: Vec<&String> = variables.keys().collect();

@@ -1,6 +1,7 @@
 //! Saving a model as a Hugging Face directory that `transformers` loads:
 //! model.safetensors, config.json, tokenizer.json, tokenizer_config.json,
-//! generation_config.json. Written to a hidden sibling directory first and renamed into place,
+//! generation_config.json (a reward model, with its `score` head, as a sequence classifier).
+//! Written to a hidden sibling directory first and renamed into place,
 //! so the directory either is complete or does not exist.
 
 use std::path::Path;
@@ -45,10 +46,18 @@ impl Model {
         Tensor::write_safetensors(&named, dir.join("model.safetensors"))?;
 
         let config = self.llama.config();
-        let architecture = match config.model_type.as_str() {
-            "qwen2" => "Qwen2ForCausalLM",
-            "mistral" => "MistralForCausalLM",
-            _ => "LlamaForCausalLM",
+        let family = match config.model_type.as_str() {
+            "qwen2" => "Qwen2",
+            "mistral" => "Mistral",
+            _ => "Llama",
+        };
+        // A reward model (a scalar `score` head on the trunk) is transformers' sequence
+        // classifier with one label; anything else is a causal LM.
+        let reward_model = named.iter().any(|(name, _)| name == "score.weight");
+        let architecture = if reward_model {
+            format!("{family}ForSequenceClassification")
+        } else {
+            format!("{family}ForCausalLM")
         };
         let dtype = match named.first().map(|(_, t)| t.kind()) {
             Some(tch::Kind::BFloat16) => "bfloat16",
@@ -59,6 +68,10 @@ impl Model {
         config_json["architectures"] = json!([architecture]);
         config_json["hidden_act"] = json!("silu");
         config_json["torch_dtype"] = json!(dtype);
+        if reward_model {
+            config_json["num_labels"] = json!(1);
+            config_json["pad_token_id"] = json!(self.tokenizer.pad_id());
+        }
         let eos = self.tokenizer.eos_ids().to_vec();
         config_json["eos_token_id"] = json!(eos.first());
         let token = |id: Option<u32>| id.and_then(|id| self.tokenizer.token_text(id));
