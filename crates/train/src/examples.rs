@@ -1,0 +1,176 @@
+//! Training examples from stages: prompts rendered with the model's chat template and
+//! tokenised, answers tokenised and closed with the end-of-sequence token, both cut to the
+//! configured lengths.
+
+use std::path::Path;
+
+use prefloop_core::{Pair, Problem, Record};
+use prefloop_data::{Manifest, StageReader};
+use prefloop_model::{Model, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::logprobs::TokenBatch;
+
+/// How prompts and answers become token sequences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncodeConfig {
+    /// Prompt tokens kept (the start of a longer prompt is cut). Default 512.
+    pub max_prompt_tokens: usize,
+    /// Prompt plus answer tokens kept (the end of a longer answer is cut). Default 1024.
+    pub max_length: usize,
+    /// Feed prompts as they are instead of through the chat template (HH-RLHF's
+    /// "\n\nHuman: … \n\nAssistant:" transcripts). Default false.
+    pub raw_prompts: bool,
+}
+
+impl EncodeConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.max_prompt_tokens == 0 || self.max_length <= self.max_prompt_tokens {
+            return Err(TrainError::Config {
+                field: "max_length",
+                message: format!(
+                    "must exceed max_prompt_tokens ({} ≥ {} here)",
+                    self.max_prompt_tokens, self.max_length
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for EncodeConfig {
+    fn default() -> Self {
+        Self {
+            max_prompt_tokens: 512,
+            max_length: 1024,
+            raw_prompts: false,
+        }
+    }
+}
+
+/// A tokenised prompt and answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    pub prompt: Vec<u32>,
+    /// Ends with the end-of-sequence token unless it was cut.
+    pub answer: Vec<u32>,
+}
+
+impl Sequence {
+    pub fn parts(&self) -> (&[u32], &[u32]) {
+        (&self.prompt, &self.answer)
+    }
+}
+
+/// One preference pair, tokenised.
+#[derive(Debug, Clone)]
+pub struct PairExample {
+    pub chosen: Sequence,
+    pub rejected: Sequence,
+    pub problem_id: String,
+}
+
+#[derive(Debug)]
+pub struct Encoder<'a> {
+    tokenizer: &'a Tokenizer,
+    config: EncodeConfig,
+}
+
+impl<'a> Encoder<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, config: EncodeConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { tokenizer, config })
+    }
+
+    pub fn prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        let text = if self.config.raw_prompts {
+            prompt.to_owned()
+        } else {
+            self.tokenizer.apply_chat_template(prompt)?
+        };
+        let mut ids = self.tokenizer.encode(&text)?;
+        if ids.len() > self.config.max_prompt_tokens {
+            ids.drain(..ids.len() - self.config.max_prompt_tokens);
+        }
+        Ok(ids)
+    }
+
+    pub fn sequence(&self, prompt: &[u32], answer: &str) -> Result<Sequence> {
+        let mut ids = self.tokenizer.encode(answer)?;
+        ids.extend(self.tokenizer.eos_ids().first());
+        ids.truncate(self.config.max_length - prompt.len());
+        Ok(Sequence {
+            prompt: prompt.to_vec(),
+            answer: ids,
+        })
+    }
+}
+
+/// Every row of a complete stage of kind `R`.
+pub fn read_stage<R: Record>(dir: &Path) -> Result<Vec<R>> {
+    let mut rows = Vec::new();
+    for batch in StageReader::<R>::open(dir)? {
+        rows.extend(batch?);
+    }
+    Ok(rows)
+}
+
+/// Tokenises every pair of a pairs stage.
+pub fn pair_examples(pairs: &[Pair], encoder: &Encoder) -> Result<Vec<PairExample>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let prompt = encoder.prompt(&p.prompt)?;
+            Ok(PairExample {
+                chosen: encoder.sequence(&prompt, &p.chosen)?,
+                rejected: encoder.sequence(&prompt, &p.rejected)?,
+                problem_id: p.problem_id.clone(),
+            })
+        })
+        .collect()
+}
+
+/// SFT data: the chosen side of a pairs stage, or the reference solutions of a problems stage
+/// (problems without one are skipped).
+pub fn sft_examples(dir: &Path, encoder: &Encoder) -> Result<Vec<Sequence>> {
+    let kind = Manifest::load(dir)?.map(|m| m.kind).unwrap_or_default();
+    let texts: Vec<(String, String)> = match kind.as_str() {
+        Pair::KIND => read_stage::<Pair>(dir)?
+            .into_iter()
+            .map(|p| (p.prompt, p.chosen))
+            .collect(),
+        Problem::KIND => read_stage::<Problem>(dir)?
+            .into_iter()
+            .filter_map(|p| p.reference_solution.map(|r| (p.prompt, r)))
+            .collect(),
+        other => {
+            return Err(TrainError::Data {
+                path: dir.to_owned(),
+                message: format!(
+                    "SFT reads a pairs or problems stage, this one is {}",
+                    if other.is_empty() {
+                        "not a stage"
+                    } else {
+                        other
+                    }
+                ),
+            });
+        }
+    };
+    texts
+        .iter()
+        .map(|(prompt, answer)| encoder.sequence(&encoder.prompt(prompt)?, answer))
+        .collect()
+}
+
+/// The chosen sequences of `indices` followed by their rejected ones: one batch of 2B rows.
+pub fn pair_batch(examples: &[PairExample], indices: &[usize], model: &Model) -> TokenBatch {
+    let sequences: Vec<(&[u32], &[u32])> = indices
+        .iter()
+        .map(|&i| examples[i].chosen.parts())
+        .chain(indices.iter().map(|&i| examples[i].rejected.parts()))
+        .collect();
+    TokenBatch::new(&sequences, model.tokenizer.pad_id(), model.vs.device())
+}

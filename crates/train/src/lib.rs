@@ -1,0 +1,50 @@
+//! prefloop-train: the trainers. SFT, a Bradley–Terry reward model, DPO/IPO and PPO over the
+//! tch policy, sharing one optimisation loop (AdamW, schedules, clipping, accumulation,
+//! atomic checkpoints that resume exactly) and completion log-probs computed in chunks.
+
+mod advantage;
+mod checkpoint;
+mod dpo;
+mod error;
+mod examples;
+mod fit;
+mod logprobs;
+mod losses;
+mod optim;
+mod ppo;
+mod reward;
+mod sft;
+
+use std::path::Path;
+
+pub use advantage::{
+    RunningMoments, ema_update, gae, kl_penalised_rewards, last_token_one_hot, normalise_advantages,
+};
+pub use dpo::{DpoConfig, REFERENCE_DIR, dpo_backward, reference_logps, train_dpo};
+pub use error::{Result, TrainError};
+pub use examples::{EncodeConfig, Encoder, PairExample, Sequence};
+pub use fit::{LoopConfig, METRICS_FILE, MicroBatch, StepRecord, fit};
+pub use logprobs::{TokenBatch, TokenLogprobs, log_ratios, sequence_sum, token_logprobs};
+pub use losses::{
+    PolicyLossOutput, PreferenceLoss, PreferenceOutput, bradley_terry_loss, masked_mean,
+    policy_loss, preference_loss, sft_loss, value_loss,
+};
+pub use optim::{AdamW, OptimConfig, Schedule};
+pub use ppo::{
+    CRITIC_DIR, Experience, IterationRecord, PpoConfig, PpoModels, PromptExample, RewardFn,
+    Rollout, train_ppo,
+};
+pub use reward::{
+    EVAL_FILE, REWARD_MODEL_DIR, RewardConfig, RewardEval, RewardModel, RewardReport, evaluate,
+    train_reward_model,
+};
+pub use sft::{SftConfig, train_sft};
+
+/// Where a trained policy is saved under a trainer's output directory.
+pub const POLICY_DIR: &str = "policy";
+
+/// Saves the trained policy as a Hugging Face directory at `<out>/policy`.
+fn finish_policy(model: &prefloop_model::Model, out: &Path) -> Result<()> {
+    model.save(&out.join(POLICY_DIR))?;
+    Ok(())
+}

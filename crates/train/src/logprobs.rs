@@ -1,0 +1,381 @@
+//! Log-probabilities of completion tokens under the policy, computed in chunks of positions so
+//! the fp32 (batch, time, vocab) tensor of log-softmax values is never held in memory at once.
+//!
+//! The gradient uses the same trick in reverse ("fused linear cross-entropy" style): the
+//! per-token log-probs are first computed without a graph and handed to the loss as a leaf;
+//! once the loss has been differentiated with respect to them, each chunk's logits are
+//! recomputed with a graph, back-propagated into the LM head and a detached copy of the hidden
+//! states, and the accumulated hidden-state gradient is finally pushed through the trunk. The
+//! price is one extra LM-head matmul per chunk; the saving is every chunk's logits but one.
+
+use prefloop_model::Llama;
+use tch::{Device, Kind, Tensor};
+
+/// Budget for one chunk's fp32 logits: positions per chunk = budget / (B · V · 4 bytes).
+const LOGITS_CHUNK_BYTES: i64 = 256 << 20;
+
+/// Prompt-plus-completion sequences, right-padded, ready for a forward pass.
+#[derive(Debug)]
+pub struct TokenBatch {
+    /// (B, T) token ids; padding positions hold the pad id.
+    pub input_ids: Tensor,
+    /// (B, T) bool: true on real tokens.
+    pub attention_mask: Tensor,
+    /// (B, T-1) f32: 1.0 where the target token `input_ids[:, t+1]` belongs to the completion,
+    /// 0.0 on prompt and padding targets.
+    pub loss_mask: Tensor,
+    /// Real tokens in the batch (prompt and completion), for throughput figures.
+    pub tokens: usize,
+}
+
+impl TokenBatch {
+    /// Packs `(prompt, completion)` token sequences; every sequence must be non-empty.
+    pub fn new(sequences: &[(&[u32], &[u32])], pad_id: u32, device: Device) -> Self {
+        let b = sequences.len();
+        let t = sequences
+            .iter()
+            .map(|(p, c)| p.len() + c.len())
+            .max()
+            .unwrap_or(0)
+            .max(2);
+        let mut ids = vec![pad_id as i64; b * t];
+        let mut valid = vec![false; b * t];
+        let mut loss = vec![0f32; b * (t - 1)];
+        let mut tokens = 0;
+        for (row, (prompt, completion)) in sequences.iter().enumerate() {
+            let n = prompt.len() + completion.len();
+            tokens += n;
+            for (i, &id) in prompt.iter().chain(completion.iter()).enumerate() {
+                ids[row * t + i] = id as i64;
+                valid[row * t + i] = true;
+            }
+            // Target t+1 is a completion token when t+1 >= prompt.len().
+            for target in prompt.len().max(1)..n {
+                loss[row * (t - 1) + target - 1] = 1.0;
+            }
+        }
+        let (b, t) = (b as i64, t as i64);
+        Self {
+            input_ids: Tensor::from_slice(&ids).view([b, t]).to_device(device),
+            attention_mask: Tensor::from_slice(&valid).view([b, t]).to_device(device),
+            loss_mask: Tensor::from_slice(&loss).view([b, t - 1]).to_device(device),
+            tokens,
+        }
+    }
+
+    /// Final hidden states of `llama` over the batch, (B, T, C). Right padding needs only the
+    /// causal mask: real tokens never attend to the padding after them.
+    pub fn hidden(&self, llama: &Llama) -> Tensor {
+        llama.forward_hidden_causal(&self.input_ids)
+    }
+
+    /// The rows `rows` of the batch, as a batch of their own.
+    pub fn select(&self, rows: &Tensor) -> TokenBatch {
+        let attention_mask = self.attention_mask.index_select(0, rows);
+        let tokens = attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+        TokenBatch {
+            input_ids: self.input_ids.index_select(0, rows),
+            attention_mask,
+            loss_mask: self.loss_mask.index_select(0, rows),
+            tokens,
+        }
+    }
+
+    /// Targets of the next-token predictions, (B, T-1).
+    pub fn targets(&self) -> Tensor {
+        self.input_ids.narrow(1, 1, self.input_ids.size()[1] - 1)
+    }
+}
+
+/// log π(target | prefix) of one chunk: hidden (B, c, C), targets (B, c) → (B, c) fp32.
+fn chunk_logprobs(llama: &Llama, hidden: &Tensor, targets: &Tensor) -> Tensor {
+    let logits = llama.logits(hidden).to_kind(Kind::Float); // (B, c, V)
+    let picked = logits
+        .gather(-1, &targets.unsqueeze(-1), false)
+        .squeeze_dim(-1);
+    picked - logits.logsumexp([-1], false)
+}
+
+/// Positions per chunk for `b` rows of a `vocab`-wide head.
+fn chunk_len(b: i64, vocab: i64) -> i64 {
+    (LOGITS_CHUNK_BYTES / (b * vocab * 4)).max(1)
+}
+
+/// Calls `f(start, len)` over consecutive chunks of `t` positions.
+fn for_chunks(t: i64, chunk: i64, mut f: impl FnMut(i64, i64)) {
+    let mut start = 0;
+    while start < t {
+        let len = chunk.min(t - start);
+        f(start, len);
+        start += len;
+    }
+}
+
+/// Per-token log-probs of the batch's targets, (B, T-1) fp32, without a graph.
+pub fn token_logprobs(llama: &Llama, batch: &TokenBatch) -> Tensor {
+    tch::no_grad(|| {
+        let hidden = batch.hidden(llama);
+        let b = hidden.size()[0];
+        let chunk = chunk_len(b, llama.config().vocab_size as i64);
+        logprobs_of_hidden(llama, &hidden, &batch.targets(), chunk)
+    })
+}
+
+/// Per-token log-probs and the policy's entropy at each position, both (B, T-1) fp32,
+/// without a graph (PPO's rollout statistics).
+pub fn token_logprobs_and_entropy(llama: &Llama, batch: &TokenBatch) -> (Tensor, Tensor) {
+    tch::no_grad(|| {
+        let hidden = batch.hidden(llama);
+        let targets = batch.targets();
+        let (b, t) = targets.size2().expect("(B, T-1)");
+        let chunk = chunk_len(b, llama.config().vocab_size as i64);
+        let (mut logprobs, mut entropies) = (Vec::new(), Vec::new());
+        for_chunks(t, chunk, |start, len| {
+            let logits = llama
+                .logits(&hidden.narrow(1, start, len))
+                .to_kind(Kind::Float);
+            let log_p = logits.log_softmax(-1, Kind::Float); // (B, c, V)
+            let picked = log_p
+                .gather(-1, &targets.narrow(1, start, len).unsqueeze(-1), false)
+                .squeeze_dim(-1);
+            let entropy =
+                -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
+            logprobs.push(picked);
+            entropies.push(entropy);
+        });
+        (Tensor::cat(&logprobs, 1), Tensor::cat(&entropies, 1))
+    })
+}
+
+/// Per-token log-probs of `targets` (B, T-1) given the trunk's `hidden` (B, T, C).
+fn logprobs_of_hidden(llama: &Llama, hidden: &Tensor, targets: &Tensor, chunk: i64) -> Tensor {
+    let t = targets.size()[1];
+    let mut parts = Vec::new();
+    for_chunks(t, chunk, |start, len| {
+        parts.push(chunk_logprobs(
+            llama,
+            &hidden.narrow(1, start, len),
+            &targets.narrow(1, start, len),
+        ));
+    });
+    Tensor::cat(&parts, 1)
+}
+
+/// Per-token log-probs with a gradient path back to the policy's parameters.
+///
+/// `values` is a leaf: build the loss from it, call `backward()` on the loss, then
+/// [`TokenLogprobs::backward`] to carry the gradient into the LM head and the trunk.
+#[derive(Debug)]
+pub struct TokenLogprobs {
+    /// (B, T-1) fp32 log π(target | prefix), requiring grad.
+    pub values: Tensor,
+    /// (B, T, C) the trunk's output, with its graph.
+    hidden: Tensor,
+    /// (B, T-1, C) a leaf copy of `hidden` without the last position, collecting its gradient.
+    detached: Tensor,
+    /// (B, T-1)
+    targets: Tensor,
+    /// Positions per chunk.
+    chunk: i64,
+}
+
+impl TokenLogprobs {
+    pub fn forward(llama: &Llama, batch: &TokenBatch) -> Self {
+        let b = batch.input_ids.size()[0];
+        Self::forward_in_chunks(llama, batch, chunk_len(b, llama.config().vocab_size as i64))
+    }
+
+    /// As [`TokenLogprobs::forward`], `chunk` positions at a time.
+    pub(crate) fn forward_in_chunks(llama: &Llama, batch: &TokenBatch, chunk: i64) -> Self {
+        let hidden = batch.hidden(llama);
+        let t = hidden.size()[1] - 1;
+        let detached = hidden.narrow(1, 0, t).detach().set_requires_grad(true);
+        let targets = batch.targets();
+        let values = tch::no_grad(|| logprobs_of_hidden(llama, &detached, &targets, chunk))
+            .set_requires_grad(true);
+        Self {
+            values,
+            hidden,
+            detached,
+            targets,
+            chunk,
+        }
+    }
+
+    /// Back-propagates the gradient the loss left on `values` through the LM head and the
+    /// trunk, accumulating into the parameters' `.grad`.
+    pub fn backward(self, llama: &Llama) {
+        let grad = self.values.grad();
+        if !grad.defined() {
+            return;
+        }
+        let t = self.targets.size()[1];
+        for_chunks(t, self.chunk, |start, len| {
+            let logprobs = chunk_logprobs(
+                llama,
+                &self.detached.narrow(1, start, len),
+                &self.targets.narrow(1, start, len),
+            );
+            (logprobs * grad.narrow(1, start, len))
+                .sum(Kind::Float)
+                .backward();
+        });
+        let hidden_grad = self.detached.grad();
+        let trunk = self.hidden.narrow(1, 0, t);
+        (trunk * hidden_grad.to_kind(self.hidden.kind()))
+            .sum(Kind::Float)
+            .backward();
+    }
+}
+
+/// Sums per-token values over the completion: (B, T-1) → (B,).
+pub fn sequence_sum(per_token: &Tensor, loss_mask: &Tensor) -> Tensor {
+    (per_token * loss_mask).sum_dim_intlist([1].as_slice(), false, Kind::Float)
+}
+
+/// `log π(y|x) − log π_ref(y|x)` of each (prompt, answer), summed over the answer's tokens,
+/// `batch_size` sequences at a time. Averaged over answers sampled from π it is the k1
+/// estimate of KL(π ‖ π_ref), which is how the pipeline measures how far a DPO-Iter round
+/// moved the policy.
+pub fn log_ratios(
+    policy: &prefloop_model::Model,
+    reference: &prefloop_model::Model,
+    encoder: &crate::Encoder,
+    texts: &[(&str, &str)],
+    batch_size: usize,
+) -> crate::Result<Vec<f32>> {
+    let mut ratios = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let sequences: Vec<crate::Sequence> = chunk
+            .iter()
+            .map(|(prompt, answer)| encoder.sequence(&encoder.prompt(prompt)?, answer))
+            .collect::<crate::Result<_>>()?;
+        let parts: Vec<(&[u32], &[u32])> = sequences.iter().map(|s| s.parts()).collect();
+        let logps = |model: &prefloop_model::Model| -> crate::Result<Vec<f32>> {
+            let batch = TokenBatch::new(&parts, model.tokenizer.pad_id(), model.vs.device());
+            let sums = sequence_sum(&token_logprobs(&model.llama, &batch), &batch.loss_mask);
+            Ok(Vec::try_from(&sums.to_device(Device::Cpu))?)
+        };
+        let (ours, theirs) = (logps(policy)?, logps(reference)?);
+        ratios.extend(ours.iter().zip(&theirs).map(|(a, b)| a - b));
+    }
+    Ok(ratios)
+}
+
+#[cfg(test)]
+mod tests {
+    use prefloop_model::Config;
+    use tch::nn::VarStore;
+
+    use super::*;
+
+    fn tiny_llama() -> (VarStore, Llama) {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 50, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 32,
+            "tie_word_embeddings": true,
+        }))
+        .unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let llama = Llama::new(&vs, &config).unwrap();
+        tch::manual_seed(7);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                v.copy_(&(v.randn_like() * 0.3));
+            }
+        });
+        (vs, llama)
+    }
+
+    fn batch() -> TokenBatch {
+        let sequences: [(&[u32], &[u32]); 3] = [
+            (&[3, 4, 5], &[6, 7, 8, 9, 10]),
+            (&[11], &[12, 13]),
+            (&[14, 15, 16, 17], &[18, 19, 20, 21, 22, 23]),
+        ];
+        TokenBatch::new(&sequences, 0, Device::Cpu)
+    }
+
+    /// Gradients of Σ w·logπ through the chunked path, for every parameter, by name.
+    fn chunked_grads(
+        vs: &VarStore,
+        llama: &Llama,
+        chunk: i64,
+        w: &Tensor,
+    ) -> (Tensor, Vec<(String, Tensor)>) {
+        let batch = batch();
+        let logprobs = TokenLogprobs::forward_in_chunks(llama, &batch, chunk);
+        (&logprobs.values * &batch.loss_mask * w)
+            .sum(Kind::Float)
+            .backward();
+        let values = logprobs.values.detach();
+        logprobs.backward(llama);
+        let mut grads: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, v)| (n, v.grad().copy()))
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, mut v) in vs.variables() {
+            v.zero_grad();
+        }
+        (values, grads)
+    }
+
+    #[test]
+    fn chunked_log_probs_and_gradients_equal_the_whole_log_softmax() {
+        let (vs, llama) = tiny_llama();
+        let batch = batch();
+        assert_eq!(batch.tokens, 8 + 3 + 10);
+        // Completion targets: row 1 has prompt [11] and answer [12, 13], targets 12 and 13.
+        let mask: Vec<f32> = Vec::try_from(batch.loss_mask.get(1)).unwrap();
+        assert_eq!(mask, [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).view([3, 1]);
+
+        // Direct: the whole (B, T-1, V) log-softmax with autograd.
+        let logits = llama.forward(&batch.input_ids);
+        let t = logits.size()[1] - 1;
+        let direct = logits
+            .narrow(1, 0, t)
+            .log_softmax(-1, Kind::Float)
+            .gather(-1, &batch.targets().unsqueeze(-1), false)
+            .squeeze_dim(-1);
+        (&direct * &batch.loss_mask * &w)
+            .sum(Kind::Float)
+            .backward();
+        let mut expected: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, v)| (n, v.grad().copy()))
+            .collect();
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, mut v) in vs.variables() {
+            v.zero_grad();
+        }
+
+        for chunk in [1, 3, 100] {
+            let (values, grads) = chunked_grads(&vs, &llama, chunk, &w);
+            let masked = |x: &Tensor| x * &batch.loss_mask;
+            let diff = (masked(&values) - masked(&direct.detach()))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-5, "chunk {chunk}: log-probs differ by {diff}");
+            for ((name, g), (_, e)) in grads.iter().zip(&expected) {
+                let diff = (g - e).abs().max().double_value(&[]);
+                assert!(
+                    diff < 1e-5,
+                    "chunk {chunk}: gradient of {name} differs by {diff}"
+                );
+            }
+        }
+        // The no-graph path agrees too.
+        let plain = token_logprobs(&llama, &batch);
+        let diff = ((plain - direct.detach()) * &batch.loss_mask)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-5);
+    }
+}

@@ -1,0 +1,680 @@
+//! PPO with an actor, a critic, a reference and a reward (DESIGN §4), laid out as OpenRLHF's
+//! `fit()`: generate rollouts → make experience → train actor and critic over minibatches for
+//! several PPO epochs → update the reference (EMA) → log. Each of the paper's tricks
+//! (advantage normalisation, large batch, EMA reference; value normalisation too) is a config
+//! switch, so the paper's ablation is four configs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use prefloop_model::{Model, Request, SamplingParams, generate};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::advantage::{
+    RunningMoments, ema_update, gae, kl_penalised_rewards, normalise_advantages,
+};
+use crate::checkpoint::{self, Part, TrainerState};
+use crate::error::{Result, TrainError};
+use crate::examples::{EncodeConfig, Encoder};
+use crate::fit::open_metrics;
+use crate::logprobs::{TokenBatch, TokenLogprobs, token_logprobs, token_logprobs_and_entropy};
+use crate::losses::{masked_mean, policy_loss, value_loss};
+use crate::optim::{AdamW, OptimConfig};
+use crate::reward::RewardModel;
+
+/// Where the critic is saved under the output directory (the actor goes to `policy`).
+pub const CRITIC_DIR: &str = "critic";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoConfig {
+    /// Rollout → train iterations. Default 10.
+    pub iterations: u64,
+    /// Rollouts per iteration, one per prompt (the paper's large batch: 512). Default 512.
+    pub rollout_batch_size: usize,
+    /// Minibatches each rollout batch is cut into per PPO epoch (one optimiser step each).
+    /// Default 4.
+    pub num_minibatches: usize,
+    /// Passes over each rollout batch: 5 for dialogue, 16 for code in the paper. Default 5.
+    pub ppo_epochs: usize,
+    /// Rows per forward pass inside a minibatch (gradients accumulate): a memory knob that
+    /// does not change the result. Default 8.
+    pub micro_batch_size: usize,
+    /// Rows generated together. Default 64.
+    pub generation_batch_size: usize,
+    /// Default 256.
+    pub max_new_tokens: usize,
+    /// Default 1.0.
+    pub temperature: f64,
+    /// Default 200.
+    pub top_k: i64,
+    /// β_KL of the per-token penalty `-β_KL (log π - log π_ref)`. Default 0.1.
+    pub kl_coef: f64,
+    /// The score is clipped to ±this. Default 20.
+    pub reward_clip: f64,
+    /// GAE discount γ. Default 1.
+    pub gamma: f64,
+    /// GAE λ. Default 1.
+    pub lambda: f64,
+    /// Clip ε of the surrogate. Default 0.2.
+    pub clip_eps: f64,
+    /// Clip of the value loss around the rollout's values. Default 0.2.
+    pub value_clip: f64,
+    /// Whiten advantages over each rollout batch. Default true.
+    pub advantage_normalisation: bool,
+    /// The critic learns normalised returns (running mean and std). Default true.
+    pub value_normalisation: bool,
+    /// `π_ref ← (1-η) π_ref + η π_actor` after every iteration; off keeps the starting policy.
+    /// Default true.
+    pub ema_reference: bool,
+    /// η of the EMA. Default 0.001 (ReaLHF).
+    pub ema_eta: f64,
+    /// Actor optimiser; lr defaults to 1e-5.
+    pub actor: OptimConfig,
+    /// Critic optimiser; lr defaults to 5e-6.
+    pub critic: OptimConfig,
+    pub encode: EncodeConfig,
+    /// Seeds prompt order and sampling. Default 0.
+    pub seed: u64,
+    /// Iterations between checkpoints. Default 1.
+    pub checkpoint_every: u64,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        let optim = |lr| OptimConfig {
+            lr,
+            ..OptimConfig::default()
+        };
+        Self {
+            iterations: 10,
+            rollout_batch_size: 512,
+            num_minibatches: 4,
+            ppo_epochs: 5,
+            micro_batch_size: 8,
+            generation_batch_size: 64,
+            max_new_tokens: 256,
+            temperature: 1.0,
+            top_k: 200,
+            kl_coef: 0.1,
+            reward_clip: 20.0,
+            gamma: 1.0,
+            lambda: 1.0,
+            clip_eps: 0.2,
+            value_clip: 0.2,
+            advantage_normalisation: true,
+            value_normalisation: true,
+            ema_reference: true,
+            ema_eta: 0.001,
+            actor: optim(1e-5),
+            critic: optim(5e-6),
+            encode: EncodeConfig::default(),
+            seed: 0,
+            checkpoint_every: 1,
+        }
+    }
+}
+
+impl PpoConfig {
+    /// Every setting checked before any work starts; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let check = crate::error::ensure;
+        check(self.iterations > 0, "iterations", "must be at least 1")?;
+        check(
+            self.num_minibatches > 0 && self.rollout_batch_size >= self.num_minibatches,
+            "num_minibatches",
+            "must be between 1 and rollout_batch_size",
+        )?;
+        check(self.ppo_epochs > 0, "ppo_epochs", "must be at least 1")?;
+        check(
+            self.micro_batch_size > 0,
+            "micro_batch_size",
+            "must be at least 1",
+        )?;
+        check(
+            self.generation_batch_size > 0,
+            "generation_batch_size",
+            "must be at least 1",
+        )?;
+        check(
+            self.max_new_tokens > 0,
+            "max_new_tokens",
+            "must be at least 1",
+        )?;
+        check(
+            self.checkpoint_every > 0,
+            "checkpoint_every",
+            "must be at least 1",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.ema_eta),
+            "ema_eta",
+            "must be in [0, 1]",
+        )?;
+        self.encode.validate()?;
+        self.actor.validate()?;
+        self.critic.validate()
+    }
+}
+
+/// A prompt to roll out from.
+#[derive(Debug, Clone)]
+pub struct PromptExample {
+    pub problem_id: String,
+    pub prompt: String,
+}
+
+/// One sampled completion, for the reward function (and, with what sampled it, for whoever
+/// keeps rollouts as a samples stage).
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    pub problem_id: String,
+    pub prompt: String,
+    pub completion: String,
+    /// The sampling seed of this rollout.
+    pub seed: u64,
+    /// Completion tokens, the end-of-sequence token excluded.
+    pub num_tokens: u32,
+    /// Sum of the completion tokens' log-probs under the actor as it sampled them.
+    pub logprob_sum: f32,
+    pub finish: prefloop_core::Finish,
+}
+
+/// Everything PPO trains on from one rollout batch: B rollouts of prompt + completion,
+/// right-padded to T tokens. Per-token tensors are (B, T-1) and aligned with the next-token
+/// targets: position t is the action `input_ids[:, t+1]` taken in state `input_ids[:, ..=t]`.
+#[derive(Debug)]
+pub struct Experience {
+    /// Token ids, attention mask, and `loss_mask` (B, T-1): 1 on completion tokens (the
+    /// actions), 0 on prompt and padding.
+    pub batch: TokenBatch,
+    /// (B, T-1) log π_old(a_t | s_t): the actor that sampled, recomputed in one fp32 forward.
+    pub old_logprobs: Tensor,
+    /// (B, T-1) log π_ref(a_t | s_t).
+    pub reference_logprobs: Tensor,
+    /// (B, T-1) the critic's V(s_t) at sampling time, on the critic's (normalised) scale.
+    pub values: Tensor,
+    /// (B,) the reward function's score of each completion, before clipping.
+    pub scores: Tensor,
+    /// (B, T-1) per-token rewards: KL penalty everywhere, clipped score at the last action.
+    pub rewards: Tensor,
+    /// (B, T-1) GAE advantages (whitened when advantage normalisation is on).
+    pub advantages: Tensor,
+    /// (B, T-1) value targets A + V, on the critic's scale.
+    pub returns: Tensor,
+    /// (B, T-1) the actor's entropy at each position (a diagnostic).
+    pub entropy: Tensor,
+}
+
+/// The reward of each rollout of an iteration (0-based), in order. Called once per iteration;
+/// again for the same iteration only when a killed run resumes before its checkpoint.
+pub type RewardFn<'a> = dyn FnMut(u64, &[Rollout]) -> Result<Vec<f32>> + 'a;
+
+/// The three models PPO holds: the actor (the policy being trained), the critic (a trunk with a
+/// value head) and the reference.
+#[derive(Debug)]
+pub struct PpoModels {
+    pub actor: Model,
+    pub critic: RewardModel,
+    pub reference: Model,
+}
+
+impl PpoModels {
+    /// Actor, critic trunk and reference all start from the weights at `path` (the embedded
+    /// default when None); the critic's value head starts at zero.
+    pub fn load(path: Option<&Path>, device: tch::Device) -> Result<Self> {
+        let mut reference = Model::load(path, device)?;
+        reference.vs.freeze();
+        Ok(Self {
+            actor: Model::load(path, device)?,
+            critic: RewardModel::new(Model::load(path, device)?)?,
+            reference,
+        })
+    }
+}
+
+impl PpoModels {
+    /// What a checkpoint holds: the actor and critic with their optimisers, the reference
+    /// (which the EMA moves).
+    fn parts<'a>(&'a self, actor: &'a mut AdamW, critic: &'a mut AdamW) -> [Part<'a>; 3] {
+        [
+            Part {
+                name: "policy",
+                vs: &self.actor.vs,
+                optimizer: Some(actor),
+            },
+            Part {
+                name: "critic",
+                vs: &self.critic.model.vs,
+                optimizer: Some(critic),
+            },
+            Part {
+                name: "reference",
+                vs: &self.reference.vs,
+                optimizer: None,
+            },
+        ]
+    }
+}
+
+/// Per-iteration metrics, one line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IterationRecord {
+    /// Iterations completed, this one included.
+    pub step: u64,
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Runs PPO from the prompts; saves `<out>/policy` and `<out>/critic`. Killed, the same call
+/// resumes from the last checkpoint (the actor, critic, reference, both optimisers and the
+/// value-normalisation moments).
+pub fn train_ppo(
+    models: &PpoModels,
+    prompts: &[PromptExample],
+    reward: &mut RewardFn,
+    config: &PpoConfig,
+    out: &Path,
+    mut on_iteration: impl FnMut(&IterationRecord, u64),
+) -> Result<Vec<IterationRecord>> {
+    config.validate()?;
+    if prompts.is_empty() {
+        return Err(TrainError::Config {
+            field: "prompts",
+            message: "there is nothing to roll out from".into(),
+        });
+    }
+    if out.join(crate::POLICY_DIR).exists() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
+    let (actor, critic, reference) = (&models.actor, &models.critic, &models.reference);
+    let encoder = Encoder::new(&actor.tokenizer, config.encode.clone())?;
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| encoder.prompt(&p.prompt))
+        .collect::<Result<_>>()?;
+
+    let mut actor_opt = AdamW::new(&actor.vs, config.actor.clone())?;
+    let mut critic_opt = AdamW::new(&critic.model.vs, config.critic.clone())?;
+    let mut moments = RunningMoments::default();
+    let mut start = 0;
+    if let Some(path) = checkpoint::latest(out)? {
+        let state = checkpoint::load(&path, &mut models.parts(&mut actor_opt, &mut critic_opt))?;
+        if state.seed != config.seed || state.examples != prompts.len() as u64 {
+            return Err(TrainError::Checkpoint {
+                path,
+                message: "saved for other prompts or another seed".into(),
+            });
+        }
+        moments = serde_json::from_value(state.extra).map_err(|e| TrainError::Checkpoint {
+            path: path.clone(),
+            message: format!("value-normalisation moments: {e}"),
+        })?;
+        start = state.step;
+        tracing::info!(checkpoint = %path.display(), iteration = start, "resuming PPO");
+    }
+    let (mut metrics_file, metrics_path) = open_metrics(out, start)?;
+
+    let mut records = Vec::new();
+    for iteration in start..config.iterations {
+        let mut metrics = BTreeMap::new();
+
+        // 1. Generate: one rollout per prompt of this iteration's share.
+        let began = Instant::now();
+        let chosen = iteration_prompts(prompts.len(), config, iteration);
+        let (batch, rollouts, generated) =
+            rollout(actor, &encoded, prompts, &chosen, config, iteration)?;
+        metrics.insert("time/generate".into(), began.elapsed().as_secs_f64());
+        metrics.insert(
+            "generate/tokens_per_s".into(),
+            generated as f64 / began.elapsed().as_secs_f64().max(1e-9),
+        );
+
+        // 2. Make experience: score, log-probs, values, rewards, advantages.
+        let began = Instant::now();
+        let scores = reward(iteration, &rollouts)?;
+        if scores.len() != rollouts.len() {
+            return Err(TrainError::Config {
+                field: "reward",
+                message: format!("{} scores for {} rollouts", scores.len(), rollouts.len()),
+            });
+        }
+        let experience = make_experience(models, batch, &scores, config, &mut moments);
+        let mask = &experience.batch.loss_mask;
+        let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
+        let kl = (&experience.old_logprobs - &experience.reference_logprobs) * mask;
+        metrics.insert("reward/mean".into(), mean(&experience.scores));
+        metrics.insert(
+            "reward/std".into(),
+            experience.scores.std(true).double_value(&[]),
+        );
+        metrics.insert("kl".into(), masked_mean(&kl, mask).double_value(&[]));
+        metrics.insert(
+            "kl/sequence".into(),
+            mean(&kl.sum_dim_intlist([1].as_slice(), false, Kind::Float)),
+        );
+        metrics.insert(
+            "entropy".into(),
+            masked_mean(&experience.entropy, mask).double_value(&[]),
+        );
+        metrics.insert(
+            "response_length".into(),
+            mean(&mask.sum_dim_intlist([1].as_slice(), false, Kind::Float)),
+        );
+        metrics.insert("explained_variance".into(), explained_variance(&experience));
+        metrics.insert("time/experience".into(), began.elapsed().as_secs_f64());
+
+        // 3. Train: PPO epochs over shuffled minibatches, actor then critic per minibatch.
+        let began = Instant::now();
+        let sums = train_on(
+            models,
+            &experience,
+            config,
+            iteration,
+            &mut actor_opt,
+            &mut critic_opt,
+        );
+        metrics.extend(sums);
+        metrics.insert("time/train".into(), began.elapsed().as_secs_f64());
+
+        // 4. Update the reference.
+        let began = Instant::now();
+        if config.ema_reference {
+            let (ref_vars, actor_vars) = paired_variables(reference, actor);
+            ema_update(&ref_vars, &actor_vars, config.ema_eta);
+        }
+        metrics.insert(
+            "time/reference_update".into(),
+            began.elapsed().as_secs_f64(),
+        );
+        metrics.insert("value_norm/mean".into(), moments.mean);
+        metrics.insert("value_norm/std".into(), moments.std());
+
+        let record = IterationRecord {
+            step: iteration + 1,
+            metrics,
+        };
+        let line = serde_json::to_string(&record).expect("serialises");
+        writeln!(metrics_file, "{line}").map_err(TrainError::io(&metrics_path))?;
+        on_iteration(&record, config.iterations);
+        records.push(record);
+
+        let done = iteration + 1;
+        if done % config.checkpoint_every == 0 || done == config.iterations {
+            metrics_file
+                .sync_data()
+                .map_err(TrainError::io(&metrics_path))?;
+            let state = TrainerState {
+                step: done,
+                total_steps: config.iterations,
+                seed: config.seed,
+                examples: prompts.len() as u64,
+                extra: serde_json::to_value(moments).expect("serialises"),
+            };
+            checkpoint::save(out, &models.parts(&mut actor_opt, &mut critic_opt), &state)?;
+        }
+    }
+    actor.save(&out.join(crate::POLICY_DIR))?;
+    critic.model.save(&out.join(CRITIC_DIR))?;
+    checkpoint::remove_all(out)?;
+    Ok(records)
+}
+
+/// Prompt indices of iteration `iteration`: a seeded shuffle per pass over the prompts.
+fn iteration_prompts(n: usize, config: &PpoConfig, iteration: u64) -> Vec<usize> {
+    let first = iteration as usize * config.rollout_batch_size;
+    (first..first + config.rollout_batch_size)
+        .map(|k| {
+            let pass = (k / n) as u64;
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut StdRng::seed_from_u64(
+                config.seed ^ pass.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
+            order[k % n]
+        })
+        .collect()
+}
+
+/// Samples one completion per chosen prompt; returns the packed batch, the rollouts as text and
+/// the number of tokens generated.
+fn rollout(
+    actor: &Model,
+    encoded: &[Vec<u32>],
+    prompts: &[PromptExample],
+    chosen: &[usize],
+    config: &PpoConfig,
+    iteration: u64,
+) -> Result<(TokenBatch, Vec<Rollout>, usize)> {
+    let params = SamplingParams {
+        temperature: config.temperature,
+        top_k: config.top_k,
+        top_p: 1.0,
+        max_new_tokens: config.max_new_tokens,
+        stop: Vec::new(),
+        ignore_eos: false,
+    };
+    let eos = actor.tokenizer.eos_ids().first().copied();
+    let mut completions = Vec::with_capacity(chosen.len());
+    let mut seeds = Vec::with_capacity(chosen.len());
+    for (block, rows) in chosen.chunks(config.generation_batch_size).enumerate() {
+        let requests: Vec<Request> = rows
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| Request {
+                prompt: encoded[i].clone(),
+                seed: config.seed
+                    ^ (iteration << 32)
+                    ^ (block * config.generation_batch_size + k) as u64,
+            })
+            .collect();
+        seeds.extend(requests.iter().map(|r| r.seed));
+        completions.extend(generate(actor, &requests, &params)?);
+    }
+    let generated = completions.iter().map(|g| g.tokens.len()).sum();
+    // The end-of-sequence token is an action too: the policy chose to stop.
+    let answers: Vec<Vec<u32>> = completions
+        .iter()
+        .map(|g| {
+            let mut tokens = g.tokens.clone();
+            if g.finish == prefloop_core::Finish::Stop {
+                tokens.extend(eos);
+            }
+            tokens
+        })
+        .collect();
+    let sequences: Vec<(&[u32], &[u32])> = chosen
+        .iter()
+        .zip(&answers)
+        .map(|(&i, a)| (encoded[i].as_slice(), a.as_slice()))
+        .collect();
+    let batch = TokenBatch::new(&sequences, actor.tokenizer.pad_id(), actor.vs.device());
+    let rollouts = chosen
+        .iter()
+        .zip(completions)
+        .zip(seeds)
+        .map(|((&i, g), seed)| Rollout {
+            problem_id: prompts[i].problem_id.clone(),
+            prompt: prompts[i].prompt.clone(),
+            completion: g.text,
+            seed,
+            num_tokens: g.tokens.len() as u32,
+            logprob_sum: g.logprobs.iter().sum(),
+            finish: g.finish,
+        })
+        .collect();
+    Ok((batch, rollouts, generated))
+}
+
+/// The critic's values, (B, T-1), without a graph.
+fn critic_values(critic: &RewardModel, batch: &TokenBatch) -> Tensor {
+    let hidden = batch.hidden(&critic.model.llama);
+    let t = hidden.size()[1] - 1;
+    critic
+        .head
+        .per_token(&hidden.narrow(1, 0, t))
+        .to_kind(Kind::Float)
+}
+
+fn make_experience(
+    models: &PpoModels,
+    batch: TokenBatch,
+    scores: &[f32],
+    config: &PpoConfig,
+    moments: &mut RunningMoments,
+) -> Experience {
+    let device = batch.input_ids.device();
+    let mask = batch.loss_mask.shallow_clone();
+    let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.llama, &batch);
+    let reference_logprobs = token_logprobs(&models.reference.llama, &batch);
+    let values = tch::no_grad(|| critic_values(&models.critic, &batch)) * &mask;
+    let scores = Tensor::from_slice(scores).to_device(device);
+    let rewards = kl_penalised_rewards(
+        &scores,
+        &old_logprobs,
+        &reference_logprobs,
+        &mask,
+        config.kl_coef,
+        config.reward_clip,
+    );
+    // GAE runs on the return scale; the critic's outputs are mapped back to it first.
+    let raw_values = if config.value_normalisation {
+        moments.denormalise(&values) * &mask
+    } else {
+        values.shallow_clone()
+    };
+    let (advantages, raw_returns) = gae(&rewards, &raw_values, &mask, config.gamma, config.lambda);
+    let returns = if config.value_normalisation {
+        moments.update(&raw_returns, &mask);
+        moments.normalise(&raw_returns) * &mask
+    } else {
+        raw_returns
+    };
+    let advantages = if config.advantage_normalisation {
+        normalise_advantages(&advantages, &mask)
+    } else {
+        advantages
+    };
+    Experience {
+        batch,
+        old_logprobs,
+        reference_logprobs,
+        values,
+        scores,
+        rewards,
+        advantages,
+        returns,
+        entropy,
+    }
+}
+
+/// `1 - Var(returns - values) / Var(returns)` over the completion tokens.
+fn explained_variance(e: &Experience) -> f64 {
+    let mask = &e.batch.loss_mask;
+    let var = |x: &Tensor| {
+        let mean = masked_mean(x, mask);
+        masked_mean(&(x - mean).square(), mask).double_value(&[])
+    };
+    let total = var(&e.returns);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    1.0 - var(&(&e.returns - &e.values)) / total
+}
+
+/// PPO epochs over the experience; returns the mean losses and diagnostics.
+fn train_on(
+    models: &PpoModels,
+    e: &Experience,
+    config: &PpoConfig,
+    iteration: u64,
+    actor_opt: &mut AdamW,
+    critic_opt: &mut AdamW,
+) -> BTreeMap<String, f64> {
+    let b = e.scores.size()[0] as usize;
+    let device = e.scores.device();
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let mut steps = 0.0;
+    let mut rng =
+        StdRng::seed_from_u64(config.seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    for _ in 0..config.ppo_epochs {
+        let mut order: Vec<i64> = (0..b as i64).collect();
+        order.shuffle(&mut rng);
+        for minibatch in order.chunks(b.div_ceil(config.num_minibatches)) {
+            let mut add = |name: &str, value: f64, weight: f64| {
+                *sums.entry(name.to_string()).or_default() += value * weight;
+            };
+            for micro in minibatch.chunks(config.micro_batch_size) {
+                let weight = micro.len() as f64 / minibatch.len() as f64;
+                let rows = Tensor::from_slice(micro).to_device(device);
+                let batch = e.batch.select(&rows);
+                let pick = |t: &Tensor| t.index_select(0, &rows);
+                let mask = &batch.loss_mask;
+
+                let logprobs = TokenLogprobs::forward(&models.actor.llama, &batch);
+                let out = policy_loss(
+                    &logprobs.values,
+                    &pick(&e.old_logprobs),
+                    &pick(&e.advantages),
+                    mask,
+                    config.clip_eps,
+                );
+                (&out.loss * weight).backward();
+                logprobs.backward(&models.actor.llama);
+                add("policy_loss", out.loss.double_value(&[]), weight);
+                add("clip_fraction", out.clip_fraction.double_value(&[]), weight);
+                add("approx_kl", out.approx_kl.double_value(&[]), weight);
+
+                let hidden = batch.hidden(&models.critic.model.llama);
+                let t = hidden.size()[1] - 1;
+                let values = models
+                    .critic
+                    .head
+                    .per_token(&hidden.narrow(1, 0, t))
+                    .to_kind(Kind::Float);
+                let loss = value_loss(
+                    &values,
+                    &pick(&e.values),
+                    &pick(&e.returns),
+                    mask,
+                    config.value_clip,
+                );
+                (&loss * weight).backward();
+                add("value_loss", loss.double_value(&[]), weight);
+            }
+            add("actor_grad_norm", actor_opt.clip_grad_norm(), 1.0);
+            add("critic_grad_norm", critic_opt.clip_grad_norm(), 1.0);
+            let lr = |o: &AdamW| o.config().lr;
+            let (actor_lr, critic_lr) = (lr(actor_opt), lr(critic_opt));
+            actor_opt.step(actor_lr);
+            critic_opt.step(critic_lr);
+            actor_opt.zero_grad();
+            critic_opt.zero_grad();
+            steps += 1.0;
+        }
+    }
+    sums.into_iter().map(|(k, v)| (k, v / steps)).collect()
+}
+
+/// The reference's and the actor's parameters, matched by name.
+fn paired_variables(reference: &Model, actor: &Model) -> (Vec<Tensor>, Vec<Tensor>) {
+    let actor_vars = actor.vs.variables();
+    let mut names: Vec<String> = reference.vs.variables().into_keys().collect();
+    names.sort();
+    let reference_vars = reference.vs.variables();
+    names
+        .iter()
+        .map(|n| {
+            (
+                reference_vars[n].shallow_clone(),
+                actor_vars[n].shallow_clone(),
+            )
+        })
+        .unzip()
+}

@@ -1,0 +1,72 @@
+//! Supervised fine-tuning: maximise the log-likelihood of answers (the chosen side of pairs, or
+//! reference solutions) given their prompts; prompt and padding tokens carry no loss.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use prefloop_model::Model;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::examples::{EncodeConfig, Encoder, sft_examples};
+use crate::fit::{LoopConfig, MicroBatch, StepRecord, fit};
+use crate::logprobs::{TokenBatch, TokenLogprobs};
+use crate::losses::sft_loss;
+use crate::{checkpoint, finish_policy};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    pub encode: EncodeConfig,
+    /// The loop; its learning rate defaults to 1e-5 here.
+    pub train: LoopConfig,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            encode: EncodeConfig::default(),
+            train: LoopConfig::with_lr(1e-5),
+        }
+    }
+}
+
+/// Fine-tunes `model` on the pairs or problems stage at `data`; saves `<out>/policy`.
+pub fn train_sft(
+    model: &Model,
+    data: &Path,
+    config: &SftConfig,
+    out: &Path,
+    on_step: impl FnMut(&StepRecord, u64),
+) -> Result<Vec<StepRecord>> {
+    if out.join(crate::POLICY_DIR).exists() {
+        return Ok(Vec::new());
+    }
+    let encoder = Encoder::new(&model.tokenizer, config.encode.clone())?;
+    let examples = sft_examples(data, &encoder)?;
+    let mut extra = serde_json::Value::Null;
+    let records = fit(
+        &model.vs,
+        examples.len(),
+        &config.train,
+        out,
+        &mut extra,
+        |indices, weight| {
+            let sequences: Vec<(&[u32], &[u32])> =
+                indices.iter().map(|&i| examples[i].parts()).collect();
+            let batch = TokenBatch::new(&sequences, model.tokenizer.pad_id(), model.vs.device());
+            let logprobs = TokenLogprobs::forward(&model.llama, &batch);
+            let loss = sft_loss(&logprobs.values, &batch.loss_mask);
+            (&loss * weight).backward();
+            logprobs.backward(&model.llama);
+            Ok(MicroBatch {
+                metrics: BTreeMap::from([("loss".to_string(), loss.double_value(&[]))]),
+                tokens: batch.tokens,
+            })
+        },
+        on_step,
+    )?;
+    finish_policy(model, out)?;
+    checkpoint::remove_all(out)?;
+    Ok(records)
+}
