@@ -12,3 +12,4 @@ export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PREFLOOP_PYTHON=$VIRTUAL_ENV/bin/python
 export PREFLOOP_MODEL_DIR=$cache/models
 export PREFLOOP_SANDBOX_DIR=$cache/sandbox
+export PREFLOOP_DATA_DIR=$cache/data

@@ -1,6 +1,10 @@
 //! Helpers shared by the end-to-end tests: run the binary, read its output.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use prefloop_model::Model;
+use tch::Device;
 
 /// Runs the `prefloop` binary built for this test run.
 pub fn prefloop(args: &[&str]) -> Output {
@@ -12,4 +16,37 @@ pub fn prefloop(args: &[&str]) -> Output {
 
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A 2-layer, 64-wide Llama with random weights and the embedded model's tokenizer, saved as
+/// a Hugging Face directory: small enough to train for real in seconds on the CPU.
+#[allow(dead_code)] // only the binaries that train build one
+pub fn tiny_model(dir: &Path) {
+    let base = Model::load(None, Device::Cpu).unwrap();
+    let mut config = base.llama.config().clone();
+    config.hidden_size = 64;
+    config.intermediate_size = 128;
+    config.num_hidden_layers = 2;
+    config.num_attention_heads = 4;
+    config.num_key_value_heads = Some(2);
+    config.head_dim = None;
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let llama = prefloop_model::Llama::new(&vs, &config).unwrap();
+    tch::manual_seed(0);
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            if name.ends_with("norm.weight") {
+                let _ = var.fill_(1.0);
+            } else {
+                var.copy_(&(var.randn_like() * 0.05));
+            }
+        }
+    });
+    let model = Model {
+        vs,
+        llama,
+        tokenizer: base.tokenizer,
+        source: PathBuf::from("tiny"),
+    };
+    model.save(dir).unwrap();
 }

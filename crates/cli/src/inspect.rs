@@ -7,7 +7,7 @@ use anyhow::Result;
 use arrow_array::RecordBatch;
 use arrow_cast::display::{ArrayFormatter, FormatOptions};
 use arrow_schema::Schema;
-use prefloop_core::{Pair, Problem, Record, Sample, Score, check_schema};
+use prefloop_core::{Pair, Problem, Record, ReferenceLogps, Sample, Score, check_schema};
 use prefloop_data::ShardReader;
 
 /// Show a Parquet file's schema, row count and first rows.
@@ -64,6 +64,7 @@ fn dataset_kind(schema: &Schema) -> String {
         (Score::KIND, Score::schema()),
         (Pair::KIND, Pair::schema()),
         (Problem::KIND, Problem::schema()),
+        (ReferenceLogps::KIND, ReferenceLogps::schema()),
     ];
     let matching: Vec<&str> = kinds
         .iter()
@@ -71,7 +72,7 @@ fn dataset_kind(schema: &Schema) -> String {
         .map(|(k, _)| *k)
         .collect();
     if matching.is_empty() {
-        "none of prefloop's (samples, scores, pairs, problems)".into()
+        "none of prefloop's (samples, scores, pairs, problems, reference_logps)".into()
     } else {
         matching.join(", ")
     }

@@ -6,7 +6,9 @@ mod generate;
 mod import;
 mod inspect;
 mod jobs;
+mod run;
 mod sandbox;
+mod train;
 
 use std::process::ExitCode;
 
@@ -40,7 +42,14 @@ enum Command {
     #[command(subcommand)]
     Sandbox(sandbox::Command),
     #[command(subcommand)]
+    Train(train::Command),
+    #[command(subcommand)]
     Bench(bench::Command),
+    Run(run::RunArgs),
+    Resume(run::ResumeArgs),
+    Status(run::StatusArgs),
+    Report(run::ReportArgs),
+    Merge(run::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,13 +71,23 @@ fn main() -> ExitCode {
         Command::Export(args) => jobs::export(&args),
         Command::ScoreTests(args) => sandbox::score_tests(&args),
         Command::Sandbox(command) => sandbox::run(&command),
+        Command::Train(command) => train::run(&command),
         Command::Bench(command) => bench::run(command),
+        Command::Run(args) => run::run(&args),
+        Command::Resume(args) => run::resume(&args),
+        Command::Status(args) => run::status(&args),
+        Command::Report(args) => run::report(&args),
+        Command::Merge(args) => run::merge(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // The pipeline's exit codes tell a scheduler what to do (see `prefloop run`).
+            let code = e
+                .downcast_ref::<prefloop_pipeline::PipelineError>()
+                .map_or(1, |e| e.exit_code());
+            ExitCode::from(code as u8)
         }
     }
 }

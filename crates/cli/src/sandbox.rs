@@ -7,12 +7,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use prefloop_core::{Problem, Sample, TestCase};
-use prefloop_data::{StageReader, StageWriter, WriterOptions};
+use prefloop_core::{Problem, TestCase};
+use prefloop_pipeline::{Shard, read_problems, score_tests_stage};
 use prefloop_sandbox::{
     Calibration, JudgeOptions, Language, Limits, Program, Sandbox, ScoreOptions, TestStyle,
-    TimePolicy, default_runtime_dir, score_samples,
+    TimePolicy, default_runtime_dir,
 };
 
 /// Commands of the sandbox.
@@ -154,17 +153,17 @@ pub struct ScoreTestsArgs {
     /// Samples scored per batch (a batch's scores are written together).
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Score only slice i of n of the samples' rows (contiguous), into
+    /// OUT/shard-IIIII-of-NNNNN; `prefloop merge OUT` joins the slices once all are done.
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
 }
 
 pub fn score_tests(args: &ScoreTestsArgs) -> Result<()> {
-    let mut problems: HashMap<String, Problem> = HashMap::new();
-    for rows in StageReader::<Problem>::open(&args.problems)? {
-        problems.extend(rows?.into_iter().map(|p| (p.problem_id.clone(), p)));
-    }
-    let reader = StageReader::<Sample>::open(&args.samples)?;
-    let total = reader.manifest().rows();
-    let mut writer = StageWriter::open(&args.out, WriterOptions::default())?;
-    let done = writer.committed_rows();
+    let problems: HashMap<String, Problem> = read_problems(&args.problems)?
+        .into_iter()
+        .map(|p| (p.problem_id.clone(), p))
+        .collect();
     let sandbox = open_sandbox()?;
     let options = ScoreOptions {
         judge: JudgeOptions {
@@ -181,48 +180,24 @@ pub fn score_tests(args: &ScoreTestsArgs) -> Result<()> {
         partial_credit: args.partial_credit,
         calibrate: args.calibrate,
     };
-
-    let calibration = Calibration::default();
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} samples, {per_sec}, {msg}",
-        )?
-        .progress_chars("=> "),
-    );
-    bar.set_position(done);
-    let (mut seen, mut passed, mut batch) = (0u64, 0u64, Vec::with_capacity(args.batch));
-    let started = Instant::now();
-    let mut flush = |batch: &mut Vec<Sample>, bar: &ProgressBar| -> Result<()> {
-        let scores = score_samples(&sandbox, &problems, batch, &options, &calibration)?;
-        passed += scores.iter().filter(|s| s.reward >= 10.0).count() as u64;
-        writer.write(&scores)?;
-        bar.inc(batch.len() as u64);
-        bar.set_message(format!("{passed} passed"));
-        batch.clear();
-        Ok(())
-    };
-    for rows in reader {
-        for sample in rows? {
-            seen += 1;
-            if seen <= done {
-                continue;
-            }
-            batch.push(sample);
-            if batch.len() == args.batch {
-                flush(&mut batch, &bar)?;
-            }
-        }
-    }
-    flush(&mut batch, &bar)?;
-    bar.finish_and_clear();
-    let manifest = writer.finish()?;
+    anyhow::ensure!(args.batch > 0, "--batch must be positive");
+    let report = score_tests_stage(
+        &sandbox,
+        &problems,
+        &args.samples,
+        &options,
+        &Calibration::default(),
+        args.batch,
+        args.shard,
+        &args.out,
+    )?;
     println!(
-        "scored {} samples ({} this run) in {:.1} s: {passed} passed every test; wrote {}",
-        manifest.rows(),
-        total - done,
-        started.elapsed().as_secs_f64(),
-        args.out.display()
+        "scored {} samples ({} this run) in {:.1} s: {} passed every test; wrote {}",
+        report.rows,
+        report.new_rows,
+        report.seconds,
+        report.passed,
+        args.shard.dir(&args.out).display()
     );
     Ok(())
 }

@@ -14,4 +14,4 @@ pub use column::Column;
 pub use error::RecordError;
 pub use labels::{Finish, PairSource, ProblemSource, Scorer, Verdict};
 pub use record::{Record, check_schema, conform};
-pub use records::{Pair, Problem, Sample, Score, TestCase};
+pub use records::{Pair, Problem, ReferenceLogps, Sample, Score, TestCase};

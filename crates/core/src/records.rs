@@ -85,6 +85,18 @@ record! {
     }
 }
 
+record! {
+    /// The reference model's sequence log-probs of one pair, computed once before DPO trains
+    /// (TRL's `ref_chosen_logps` / `ref_rejected_logps`), so the reference is never in memory
+    /// while the policy trains. `pair` is the row's position in its pairs stage.
+    pub struct ReferenceLogps as "reference_logps" {
+        pub pair: u64,
+        pub problem_id: String,
+        pub ref_chosen_logps: f32,
+        pub ref_rejected_logps: f32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

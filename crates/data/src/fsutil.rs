@@ -38,7 +38,7 @@ pub(crate) fn commit(temp: &Path, target: &Path) -> Result<()> {
 }
 
 /// Replaces `target` with `bytes` atomically.
-pub(crate) fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
     let temp = temp_path(target);
     let written = File::create(&temp)
         .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))

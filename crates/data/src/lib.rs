@@ -13,6 +13,7 @@ mod shard;
 mod stage;
 
 pub use error::DataError;
+pub use fsutil::write_atomic;
 pub use import::{DatasetKind, ImportOptions, ImportReport, SafePreference, import};
 pub use jobs::{
     FilterReport, PairsOptions, RoundStats, build_pairs, export_pairs, filter_stage, pass_at_k,

@@ -3,13 +3,12 @@
 //! same shapes in the same run.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use prefloop_model::{Model, Request, SamplingParams, best_device, generate};
 
-use super::{mib, peak_rss, reset_peak_rss};
+use super::{mib, peak_rss, python_baseline, reset_peak_rss};
 
 /// Tokens per second of batched sampling, per batch size.
 #[derive(Debug, clap::Args)]
@@ -129,29 +128,14 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn hf_tokens_per_second(
-    python: &PathBuf,
+    python: &std::path::Path,
     dir: &std::path::Path,
     batch: usize,
     args: &Args,
 ) -> Result<f64> {
-    let output = Command::new(python)
-        .args(["-c", HF_BASELINE])
-        .arg(dir)
-        .args([batch, args.prompt_len, args.new_tokens].map(|n| n.to_string()))
-        .arg(args.top_k.to_string())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "transformers baseline failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.trim()
-        .lines()
-        .last()
-        .unwrap_or("")
-        .parse()
-        .with_context(|| format!("baseline printed {text:?}"))
+    let mut values: Vec<String> = [batch, args.prompt_len, args.new_tokens]
+        .map(|n| n.to_string())
+        .into();
+    values.push(args.top_k.to_string());
+    python_baseline(python, HF_BASELINE, dir, &values, "transformers")
 }

@@ -5,6 +5,7 @@ mod generate;
 mod jobs;
 mod sandbox;
 mod shards;
+mod train;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -19,6 +20,8 @@ pub enum Command {
     Generate(generate::Args),
     Jobs(jobs::Args),
     Sandbox(sandbox::Args),
+    Train(train::Args),
+    Ppo(train::PpoArgs),
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -27,6 +30,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Generate(args) => generate::run(&args),
         Command::Jobs(args) => jobs::run(&args),
         Command::Sandbox(args) => sandbox::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Ppo(args) => train::run_ppo(&args),
     }
 }
 
@@ -121,4 +126,35 @@ impl TextGen {
         }
         s
     }
+}
+
+/// Runs a Python baseline `script` (the venv's python) on the model saved at `dir` with
+/// `args`; returns the number it prints last (tokens/s).
+fn python_baseline(
+    python: &std::path::Path,
+    script: &str,
+    dir: &std::path::Path,
+    args: &[String],
+    what: &str,
+) -> Result<f64> {
+    use anyhow::Context;
+    let output = std::process::Command::new(python)
+        .args(["-c", script])
+        .arg(dir)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{what} baseline failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("{what} baseline printed {text:?}"))
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use polars::prelude::*;
 use polars::sql::sql_expr;
-use prefloop_core::{Pair, Problem, Record, Sample, Score};
+use prefloop_core::{Pair, Problem, Record, ReferenceLogps, Sample, Score};
 
 use super::{polars_error, streaming};
 use crate::shard::{RecordReader, WriterOptions};
@@ -56,6 +56,7 @@ pub fn filter_stage(input: &Path, predicate: &str, out: &Path) -> Result<FilterR
         Sample::KIND => copy_matching::<Sample>(&shards, &expr, out)?,
         Score::KIND => copy_matching::<Score>(&shards, &expr, out)?,
         Pair::KIND => copy_matching::<Pair>(&shards, &expr, out)?,
+        ReferenceLogps::KIND => copy_matching::<ReferenceLogps>(&shards, &expr, out)?,
         other => {
             return Err(DataError::Manifest {
                 path: input.to_owned(),

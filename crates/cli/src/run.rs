@@ -1,0 +1,187 @@
+//! `prefloop run | resume | status`: rounds over a run directory (crates/pipeline).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use prefloop_pipeline::{
+    CONFIG_FILE, METRICS_FILE, RoundMetrics, RunConfig, RunDir, Stage, merge_shards, read_state,
+    run_rounds, write_report,
+};
+
+/// Start a run from a config, or continue it: the same command again after a kill (or
+/// nightly) carries on where the run stands, with no duplicated or missing rows.
+///
+/// Exit codes: 0 done, 1 a stage failed (fix it and resume), 3 another process holds the
+/// run, 4 the config is bad or differs from the one the run was started with.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The run config (TOML; see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// The run directory. Default: runs/<config file name without .toml>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The problems the config names, replaced by this path (a problems stage, or the
+    /// dataset file `data.import` reads).
+    #[arg(long)]
+    problems: Option<PathBuf>,
+    /// Continue a run whose frozen config differs from this one; later stages follow this.
+    #[arg(long)]
+    allow_config_change: bool,
+}
+
+/// Continue a run with the config it was started with.
+#[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    /// The run directory.
+    run: PathBuf,
+}
+
+/// Write RUN/report.html: charts of reward, pass@k, KL and loss per round, and every round's
+/// metrics (also written at the end of `prefloop run`).
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The run directory.
+    run: PathBuf,
+}
+
+/// Join the slices a stage was written in (`--shard i/n` of generate or score-tests) into one
+/// stage: every slice present and complete, checksums verified, no row twice. The slices'
+/// files stay where they are; the stage's MANIFEST.json lists them.
+#[derive(Debug, clap::Args)]
+pub struct MergeArgs {
+    /// The stage directory that holds shard-IIIII-of-NNNNN/ slices.
+    stage: PathBuf,
+}
+
+pub fn merge(args: &MergeArgs) -> Result<()> {
+    let manifest = merge_shards(&args.stage)?;
+    println!(
+        "merged {} {} rows from {} files into {}",
+        manifest.rows(),
+        manifest.kind,
+        manifest.shards.len(),
+        args.stage.display()
+    );
+    Ok(())
+}
+
+/// Where a run stands: each round's stages, its metrics, whether it is finished.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The run directory.
+    run: PathBuf,
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let mut config = RunConfig::load(&args.config)?;
+    if let Some(problems) = &args.problems {
+        config.data.problems = std::path::absolute(problems)?;
+    }
+    let out = match &args.out {
+        Some(out) => out.clone(),
+        None => {
+            let name = args.config.file_stem().unwrap_or_default();
+            PathBuf::from("runs").join(name)
+        }
+    };
+    let (dir, config) = RunDir::start(&out, &config, args.allow_config_change)?;
+    rounds(&dir, &config)
+}
+
+pub fn resume(args: &ResumeArgs) -> Result<()> {
+    let (dir, config) = RunDir::resume(&args.run)?;
+    rounds(&dir, &config)
+}
+
+fn rounds(dir: &RunDir, config: &RunConfig) -> Result<()> {
+    println!("run {} ({} rounds)", dir.root().display(), config.rounds);
+    run_rounds(dir, config, |round, metrics| {
+        println!("round {round}: {}", summary(metrics));
+    })?;
+    println!(
+        "done: metrics per round in {}, report in {}",
+        dir.root().join(METRICS_FILE).display(),
+        write_report(dir.root())?.display()
+    );
+    Ok(())
+}
+
+pub fn report(args: &ReportArgs) -> Result<()> {
+    println!("{}", write_report(&args.run)?.display());
+    Ok(())
+}
+
+/// One line of what a round measured.
+fn summary(metrics: &RoundMetrics) -> String {
+    let mut parts = Vec::new();
+    let get = |key: &str| metrics.get(key).copied();
+    if let (Some(mean), Some(std)) = (get("reward/mean"), get("reward/std")) {
+        parts.push(format!("reward {mean:.2} ± {std:.2}"));
+    }
+    for (key, value) in metrics.iter().filter(|(k, _)| k.starts_with("pass@")) {
+        parts.push(format!("{key} {value:.3}"));
+    }
+    if let Some(pairs) = get("pairs") {
+        parts.push(format!("{pairs} pairs"));
+    }
+    if let Some(kl) = get("kl") {
+        parts.push(format!("KL {kl:.3}"));
+    }
+    if let Some(loss) = get("policy_loss") {
+        parts.push(format!("policy loss {loss:.4}"));
+    }
+    if let Some(loss) = get("train/loss") {
+        parts.push(format!("DPO loss {loss:.4}"));
+    }
+    if let Some(accuracy) = get("train/rewards/accuracies") {
+        parts.push(format!("rewards/accuracies {accuracy:.2}"));
+    }
+    let times: Vec<String> = [Stage::Generate, Stage::Score, Stage::Pairs, Stage::Train]
+        .into_iter()
+        .filter_map(|s| get(&format!("time/{}", s.name())).map(|t| format!("{} {t:.0}s", s.name())))
+        .collect();
+    if !times.is_empty() {
+        parts.push(format!("({})", times.join(", ")));
+    }
+    parts.join(", ")
+}
+
+pub fn status(args: &StatusArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.run.join(CONFIG_FILE).exists(),
+        "{}: not a run directory (no {CONFIG_FILE})",
+        args.run.display()
+    );
+    let config = RunConfig::load(&args.run.join(CONFIG_FILE))?;
+    let state = read_state(&args.run)?;
+    println!(
+        "{}: {}",
+        args.run.display(),
+        if state.finished {
+            "finished"
+        } else {
+            "not finished (prefloop resume continues it)"
+        }
+    );
+    let last = config.rounds + u32::from(config.final_generation);
+    for round in 0..last {
+        let stages: &[Stage] = if round < config.rounds {
+            &[Stage::Generate, Stage::Score, Stage::Pairs, Stage::Train]
+        } else {
+            &[Stage::Generate, Stage::Score]
+        };
+        let done = |stage: &Stage| state.is_complete(round, *stage);
+        let marks: Vec<String> = stages
+            .iter()
+            .map(|s| format!("{} {}", s.name(), if done(s) { "✓" } else { "·" }))
+            .collect();
+        let metrics = state
+            .round(round)
+            .filter(|r| !r.metrics.is_empty())
+            .map(|r| format!(" — {}", summary(&r.metrics)))
+            .unwrap_or_default();
+        println!("round {round}: {}{metrics}", marks.join("  "));
+    }
+    Ok(())
+}

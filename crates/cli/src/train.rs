@@ -1,0 +1,325 @@
+//! `prefloop train sft|rm|dpo`: the trainers of prefloop-train behind flags. Settings come from
+//! an optional TOML file (the trainer's config struct, every field defaulted) with flags on top.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use prefloop_model::{Model, best_device};
+use prefloop_train::{
+    DpoConfig, Encoder, LoopConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss,
+    PromptExample, REWARD_MODEL_DIR, RewardConfig, RewardModel, Rollout, SftConfig, StepRecord,
+    train_dpo, train_ppo, train_reward_model, train_sft,
+};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Supervised fine-tuning on the chosen answers of a pairs stage or the reference
+    /// solutions of a problems stage; saves OUT/policy.
+    Sft {
+        /// A pairs or problems stage directory.
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// A Bradley–Terry reward model on a pairs stage; saves OUT/reward_model and OUT/eval.json.
+    Rm {
+        #[arg(long)]
+        pairs: PathBuf,
+        /// Share of pairs held out for evaluation.
+        #[arg(long)]
+        eval_fraction: Option<f64>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// PPO from prompts with a reward model: actor, critic and reference start from --model;
+    /// saves OUT/policy and OUT/critic. The paper's tricks are config switches
+    /// (advantage_normalisation, rollout_batch_size, ema_reference, value_normalisation).
+    Ppo {
+        /// JSONL or Parquet prompts (a problems shard works).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// A reward model `prefloop train rm` saved (its OUT/reward_model).
+        #[arg(long)]
+        reward_model: PathBuf,
+        /// TOML file with every PpoConfig field (see crates/train).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        iterations: Option<u64>,
+        #[arg(long)]
+        rollout_batch_size: Option<usize>,
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Use prompts as they are, without the chat template.
+        #[arg(long)]
+        raw_prompts: bool,
+    },
+    /// DPO or IPO on a pairs stage, the starting policy as reference; saves OUT/policy.
+    Dpo {
+        #[arg(long)]
+        pairs: PathBuf,
+        /// β (default 0.1).
+        #[arg(long)]
+        beta: Option<f64>,
+        /// sigmoid (DPO) or ipo.
+        #[arg(long, value_parser = parse_loss)]
+        loss: Option<PreferenceLoss>,
+        /// Weight of an SFT term on the chosen answers.
+        #[arg(long)]
+        sft_weight: Option<f64>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn parse_loss(s: &str) -> Result<PreferenceLoss, String> {
+    match s {
+        "sigmoid" | "dpo" => Ok(PreferenceLoss::Sigmoid),
+        "ipo" => Ok(PreferenceLoss::Ipo),
+        other => Err(format!("unknown loss {other:?} (sigmoid, ipo)")),
+    }
+}
+
+/// Flags every trainer takes. Each one left out keeps the config file's value, or the default.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// Starting model: a .gguf file or a Hugging Face directory; the embedded default if omitted.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output directory: checkpoints, metrics.jsonl, the trained model. Run the same command
+    /// again to resume a killed run.
+    #[arg(long)]
+    out: PathBuf,
+    /// TOML file with the trainer's settings (see configs/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Examples (pairs) per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    accumulation_steps: Option<usize>,
+    /// Stop after this many optimiser steps.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Prompt plus answer tokens kept.
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Use prompts as they are, without the chat template.
+    #[arg(long)]
+    raw_prompts: bool,
+}
+
+impl Common {
+    fn apply(&self, train: &mut LoopConfig, encode: &mut prefloop_train::EncodeConfig) {
+        set(&mut train.optim.lr, self.lr);
+        set(&mut train.epochs, self.epochs);
+        set(&mut train.batch_size, self.batch_size);
+        set(&mut train.accumulation_steps, self.accumulation_steps);
+        set(&mut train.seed, self.seed);
+        set(&mut train.checkpoint_every, self.checkpoint_every);
+        if self.max_steps.is_some() {
+            train.max_steps = self.max_steps;
+        }
+        set(&mut encode.max_length, self.max_length);
+        set(&mut encode.max_prompt_tokens, self.max_prompt_tokens);
+        encode.raw_prompts |= self.raw_prompts;
+    }
+
+    fn load_model(&self) -> Result<Model> {
+        let model = Model::load(self.model.as_deref(), best_device())?;
+        tracing::info!(model = %model.source.display(), device = ?model.vs.device(), "training");
+        Ok(model)
+    }
+}
+
+fn set<T: Copy>(target: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *target = v;
+    }
+}
+
+fn read_config<C: DeserializeOwned + Default>(path: Option<&Path>) -> Result<C> {
+    let Some(path) = path else {
+        return Ok(C::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{}: invalid trainer config", path.display()))
+}
+
+/// A progress bar over optimiser steps showing the loss and throughput.
+fn progress() -> (ProgressBar, impl FnMut(&StepRecord, u64)) {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let handle = bar.clone();
+    let on_step = move |record: &StepRecord, total: u64| {
+        handle.set_length(total);
+        handle.set_position(record.step);
+        let loss = record.metrics.get("loss").copied().unwrap_or(f64::NAN);
+        handle.set_message(format!("loss {loss:.4} · {:.0} tok/s", record.tokens_per_s));
+    };
+    (bar, on_step)
+}
+
+/// One line per metric of the last step, for the terminal.
+fn summarise(records: &[StepRecord], saved: &Path) {
+    if let Some(last) = records.last() {
+        let metrics: Vec<String> = last
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        println!("step {}: {}", last.step, metrics.join(", "));
+    } else {
+        println!("nothing to do: already trained");
+    }
+    println!("saved {}", saved.display());
+}
+
+pub fn run(command: &Command) -> Result<()> {
+    match command {
+        Command::Sft { data, common } => {
+            let mut config: SftConfig = read_config(common.config.as_deref())?;
+            common.apply(&mut config.train, &mut config.encode);
+            let model = common.load_model()?;
+            let (bar, on_step) = progress();
+            let records = train_sft(&model, data, &config, &common.out, on_step)?;
+            bar.finish();
+            summarise(&records, &common.out.join(POLICY_DIR));
+        }
+        Command::Rm {
+            pairs,
+            eval_fraction,
+            common,
+        } => {
+            let mut config: RewardConfig = read_config(common.config.as_deref())?;
+            common.apply(&mut config.train, &mut config.encode);
+            if let Some(f) = eval_fraction {
+                config.eval_fraction = *f;
+            }
+            let rm = RewardModel::new(common.load_model()?)?;
+            let (bar, on_step) = progress();
+            let (records, report) = train_reward_model(&rm, pairs, &config, &common.out, on_step)?;
+            bar.finish();
+            if let Some(report) = report {
+                println!(
+                    "held-out pairs: {}; accuracy {:.3} → {:.3}, margin {:.3} → {:.3}",
+                    report.after.pairs,
+                    report.before.accuracy,
+                    report.after.accuracy,
+                    report.before.margin,
+                    report.after.margin
+                );
+            }
+            summarise(&records, &common.out.join(REWARD_MODEL_DIR));
+        }
+        Command::Dpo {
+            pairs,
+            beta,
+            loss,
+            sft_weight,
+            common,
+        } => {
+            let mut config: DpoConfig = read_config(common.config.as_deref())?;
+            common.apply(&mut config.train, &mut config.encode);
+            if let Some(b) = beta {
+                config.beta = *b;
+            }
+            if let Some(l) = loss {
+                config.loss = *l;
+            }
+            if let Some(w) = sft_weight {
+                config.sft_weight = *w;
+            }
+            let model = common.load_model()?;
+            let (bar, on_step) = progress();
+            let records = train_dpo(&model, pairs, &config, &common.out, on_step)?;
+            bar.finish();
+            summarise(&records, &common.out.join(POLICY_DIR));
+        }
+        Command::Ppo {
+            prompts,
+            reward_model,
+            config,
+            model,
+            out,
+            iterations,
+            rollout_batch_size,
+            max_new_tokens,
+            seed,
+            raw_prompts,
+        } => {
+            let mut config: PpoConfig = read_config(config.as_deref())?;
+            set(&mut config.iterations, *iterations);
+            set(&mut config.rollout_batch_size, *rollout_batch_size);
+            set(&mut config.max_new_tokens, *max_new_tokens);
+            set(&mut config.seed, *seed);
+            config.encode.raw_prompts |= raw_prompts;
+            let prompts: Vec<PromptExample> = prefloop_pipeline::read_prompts(prompts)?
+                .into_iter()
+                .map(|p| PromptExample {
+                    problem_id: p.problem_id,
+                    prompt: p.prompt,
+                })
+                .collect();
+            let device = best_device();
+            let models = PpoModels::load(model.as_deref(), device)?;
+            let rm = RewardModel::new(Model::load(Some(reward_model), device)?)?;
+            let encoder = Encoder::new(&rm.model.tokenizer, config.encode.clone())?;
+            let batch = config.micro_batch_size;
+            let mut reward = |_: u64, rollouts: &[Rollout]| {
+                let texts: Vec<(&str, &str)> = rollouts
+                    .iter()
+                    .map(|r| (r.prompt.as_str(), r.completion.as_str()))
+                    .collect();
+                rm.score(&encoder, &texts, batch)
+            };
+            let bar = ProgressBar::new(config.iterations);
+            let records = train_ppo(&models, &prompts, &mut reward, &config, out, |r, _| {
+                bar.set_position(r.step);
+                bar.set_message(format!(
+                    "reward {:.3} · KL {:.4}",
+                    r.metrics["reward/mean"], r.metrics["kl"]
+                ));
+            })?;
+            bar.finish();
+            match records.last() {
+                Some(last) => println!(
+                    "iteration {}: reward/mean {:.4}, kl {:.4}, policy_loss {:.4}, value_loss {:.4}",
+                    last.step,
+                    last.metrics["reward/mean"],
+                    last.metrics["kl"],
+                    last.metrics["policy_loss"],
+                    last.metrics["value_loss"]
+                ),
+                None => println!("nothing to do: already trained"),
+            }
+            println!("saved {}", out.join(POLICY_DIR).display());
+        }
+    }
+    Ok(())
+}

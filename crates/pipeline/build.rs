@@ -1,0 +1,5 @@
+//! Keeps libtorch_cuda linked into this crate's tests (see prefloop-torch-link).
+
+fn main() {
+    prefloop_torch_link::link_torch_cuda();
+}

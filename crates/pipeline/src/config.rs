@@ -1,0 +1,401 @@
+//! The run config (TOML): every field has a documented default, unknown fields are errors,
+//! and relative paths are taken from the config file's directory, so a config works from any
+//! working directory and its frozen copy in the run directory stands on its own.
+
+use std::path::{Path, PathBuf};
+
+use prefloop_train::{DpoConfig, EncodeConfig, PpoConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{PipelineError, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// How the next policy is trained. Default `dpo_iter`.
+    pub algorithm: Algorithm,
+    /// Training rounds; for PPO, iterations (one rollout batch and its update each).
+    /// Default 2.
+    pub rounds: u32,
+    /// After the last round, generate and score once more with the final policy, so its
+    /// reward and pass@k are measured like every earlier policy's. Default true.
+    pub final_generation: bool,
+    /// The starting policy: a GGUF file or a Hugging Face directory. Default: the embedded
+    /// SmolLM2-135M-Instruct.
+    pub model: Option<PathBuf>,
+    pub data: DataConfig,
+    pub generate: GenerateConfig,
+    pub score: ScoreConfig,
+    pub pairs: PairsConfig,
+    /// The DPO update of each round (β, loss, optimiser, epochs…), as `prefloop train dpo`
+    /// takes it. Defaults: the paper's (β 0.1, lr 1e-6, 1 epoch).
+    pub dpo: DpoConfig,
+    /// PPO (`algorithm = "ppo"`), as `prefloop train ppo` takes it, with the paper's tricks
+    /// as switches. `rounds` sets the iterations; rollouts are sampled with `ppo`'s own
+    /// settings (rollout_batch_size, max_new_tokens, top_k…), not `generate`'s, which only
+    /// the final generation uses.
+    pub ppo: PpoConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::DpoIter,
+            rounds: 2,
+            final_generation: true,
+            model: None,
+            data: DataConfig::default(),
+            generate: GenerateConfig::default(),
+            score: ScoreConfig::default(),
+            pairs: PairsConfig::default(),
+            dpo: DpoConfig::default(),
+            ppo: PpoConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// DPO-Iter (DESIGN §4): each round samples from the current policy, scores, pairs best
+    /// against worst, and trains with DPO against the policy the round started from.
+    DpoIter,
+    /// PPO (DESIGN §4): each round is one PPO iteration — rollouts from the actor, written
+    /// as the round's samples and scored into its scores, then the PPO epochs over them.
+    Ppo,
+}
+
+/// The problems (or prompts) every round samples from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A problems stage (`prefloop import …`), or with `import` a dataset file. Required
+    /// unless `prompts` is given.
+    pub problems: PathBuf,
+    /// Prompts without tests, for reward-model scoring: a JSONL or Parquet file, or any
+    /// stage with a `prompt` column (a pairs stage: HH-RLHF's prompts). Prompts sharing a
+    /// `problem_id` are sampled once. Default: none, the problems' prompts.
+    pub prompts: Option<PathBuf>,
+    /// Import `problems` first, as this dataset kind (`apps`, `codecontests`, `humaneval`,
+    /// `mbpp`), into `<run>/problems`. Default: none, `problems` is a stage.
+    pub import: Option<String>,
+    /// Only the first this many problems. Default: all.
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateConfig {
+    /// Samples per problem and round. Default 4.
+    pub n: u32,
+    /// Default 256.
+    pub max_new_tokens: usize,
+    /// Default 1.0 (the paper's).
+    pub temperature: f64,
+    /// 0 for no limit. Default 200 (the paper's).
+    pub top_k: i64,
+    /// Default 1.0.
+    pub top_p: f64,
+    /// The completion is cut before the first of these. Default none.
+    pub stop: Vec<String>,
+    /// Rows generated together. Default 32.
+    pub batch_size: usize,
+    /// Rows per shard: a killed run loses at most one shard's worth of samples. Default 4096.
+    pub shard_rows: u64,
+    /// Mixed with the round number into every sample's seed. Default 0.
+    pub seed: u64,
+    /// Feed prompts as they are, without the chat template. Default false.
+    pub raw_prompts: bool,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            n: 4,
+            max_new_tokens: 256,
+            temperature: 1.0,
+            top_k: 200,
+            top_p: 1.0,
+            stop: Vec::new(),
+            batch_size: 32,
+            shard_rows: 4096,
+            seed: 0,
+            raw_prompts: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoreConfig {
+    /// `tests` runs each completion against its problem's unit tests in the sandbox; `rm`
+    /// scores it with `reward_model`. Default tests.
+    pub scorer: ScorerKind,
+    /// A reward model directory (`prefloop train rm`), for `scorer = "rm"`.
+    pub reward_model: Option<PathBuf>,
+    /// Sequences per reward-model forward pass. Default 16.
+    pub rm_batch_size: usize,
+    /// Tests: reward 10 × passed / total instead of 10 only when all pass. Default false.
+    pub partial_credit: bool,
+    /// Tests: no test gets less time than this. Default 2000.
+    pub time_floor_ms: u64,
+    /// Tests: multiplies a problem's own time limit. Default 6.
+    pub time_scale: f64,
+    /// Tests: time problems without a limit from their reference solution. Default false.
+    pub calibrate: bool,
+    /// Tests: samples scored per batch (written together). Default 256.
+    pub batch_size: usize,
+}
+
+impl Default for ScoreConfig {
+    fn default() -> Self {
+        let time = prefloop_sandbox::TimePolicy::default();
+        Self {
+            scorer: ScorerKind::Tests,
+            reward_model: None,
+            rm_batch_size: 16,
+            partial_credit: false,
+            time_floor_ms: time.floor.as_millis() as u64,
+            time_scale: time.problem_scale,
+            calibrate: false,
+            batch_size: 256,
+        }
+    }
+}
+
+/// The dataset kinds `data.import` takes: those that import to a problems stage.
+const PROBLEM_DATASETS: &[&str] = &["apps", "codecontests", "humaneval", "mbpp"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScorerKind {
+    Tests,
+    Rm,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PairsConfig {
+    /// Keep a pair only if its margin is at least this (ties are always dropped). Default 0.
+    pub min_margin: f32,
+    /// Where tests scored every sample of a problem and none passed, its reference solution
+    /// is the chosen answer (the paper's fix for code). Default true.
+    pub reference_fallback: bool,
+}
+
+impl Default for PairsConfig {
+    fn default() -> Self {
+        Self {
+            min_margin: 0.0,
+            reference_fallback: true,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads `path`, resolving relative paths against its directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(PipelineError::io(path))?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| PipelineError::Config {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).map_err(PipelineError::io(base))?;
+        config.resolve_paths(&base);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data.problems);
+        if let Some(prompts) = &mut self.data.prompts {
+            resolve(prompts);
+        }
+        if let Some(model) = &mut self.model {
+            resolve(model);
+        }
+        if let Some(rm) = &mut self.score.reward_model {
+            resolve(rm);
+        }
+    }
+
+    /// Checks what serde cannot: required fields and ranges. Errors name the field.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let fail = |field: &str, message: &str| PipelineError::Config {
+            path: path.to_owned(),
+            message: format!("`{field}`: {message}"),
+        };
+        match (
+            &self.data.prompts,
+            self.data.problems.as_os_str().is_empty(),
+        ) {
+            (None, true) => {
+                return Err(fail(
+                    "data.problems",
+                    "required: a problems stage or dataset (or data.prompts)",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(fail("data.prompts", "give either problems or prompts"));
+            }
+            (Some(_), true) if self.score.scorer == ScorerKind::Tests => {
+                return Err(fail(
+                    "data.prompts",
+                    "prompts have no tests: score them with scorer = \"rm\"",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(kind) = &self.data.import
+            && !PROBLEM_DATASETS.contains(&kind.as_str())
+        {
+            let message = format!("unknown; one of {}", PROBLEM_DATASETS.join(", "));
+            return Err(fail("data.import", &message));
+        }
+        if self.data.limit == Some(0) {
+            return Err(fail("data.limit", "must be at least 1"));
+        }
+        if self.generate.n == 0 || self.generate.batch_size == 0 || self.generate.shard_rows == 0 {
+            return Err(fail(
+                "generate",
+                "n, batch_size and shard_rows must be at least 1",
+            ));
+        }
+        if self.score.scorer == ScorerKind::Rm && self.score.reward_model.is_none() {
+            return Err(fail("score.reward_model", "required when scorer = \"rm\""));
+        }
+        if self.score.batch_size == 0 || self.score.rm_batch_size == 0 {
+            return Err(fail("score", "batch sizes must be at least 1"));
+        }
+        // Checked now, not after hours of generation and scoring.
+        match self.algorithm {
+            Algorithm::DpoIter => self.dpo.validate().map_err(|e| fail("dpo", &e.to_string())),
+            Algorithm::Ppo => {
+                let iterations = self.ppo.iterations;
+                if iterations != u64::from(self.rounds)
+                    && iterations != PpoConfig::default().iterations
+                {
+                    return Err(fail(
+                        "ppo.iterations",
+                        "a PPO run does one iteration per round: set `rounds` instead",
+                    ));
+                }
+                self.ppo_config()
+                    .validate()
+                    .map_err(|e| fail("ppo", &e.to_string()))
+            }
+        }
+    }
+
+    /// The PPO settings with `rounds` as the iterations.
+    pub fn ppo_config(&self) -> PpoConfig {
+        PpoConfig {
+            iterations: u64::from(self.rounds),
+            ..self.ppo.clone()
+        }
+    }
+
+    /// How a reward model sees a prompt and answer: as the trainer encodes them.
+    pub fn score_encoding(&self) -> EncodeConfig {
+        match self.algorithm {
+            Algorithm::DpoIter => self.dpo.encode.clone(),
+            Algorithm::Ppo => self.ppo.encode.clone(),
+        }
+    }
+
+    /// The config as frozen into a run directory: TOML with every field spelled out.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config serialises")
+    }
+
+    /// Hex SHA-256 of the frozen TOML: what a resumed run must still match.
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(self.to_toml().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "rounds = 1\n[data]\nproblems = \"data/humaneval\"\n",
+        );
+        let config = RunConfig::load(&path).unwrap();
+        assert_eq!(config.data.problems, dir.path().join("data/humaneval"));
+        assert_eq!(config.generate, GenerateConfig::default());
+        assert_eq!(config.dpo.beta, 0.1);
+    }
+
+    #[test]
+    fn the_frozen_toml_reads_back_to_the_same_config_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[data]\nproblems = \"/p\"\nlimit = 3\n[dpo]\nbeta = 0.2\n",
+        );
+        let config = RunConfig::load(&path).unwrap();
+        let frozen = write(dir.path(), &config.to_toml());
+        let again = RunConfig::load(&frozen).unwrap();
+        assert_eq!(again, config);
+        assert_eq!(again.hash(), config.hash());
+    }
+
+    #[test]
+    fn every_shipped_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                RunConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "configs/ holds the demo and the code config");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[data]\nproblems = \"/p\"\nlimt = 3\n");
+        let err = RunConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("run.toml") && err.contains("limt"), "{err}");
+        let path = write(dir.path(), "[generate]\nn = 4\n");
+        let err = RunConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("data.problems"), "{err}");
+        let path = write(dir.path(), "[data]\nproblems = \"/p\"\nimport = \"imdb\"\n");
+        let err = RunConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("data.import"), "{err}");
+        let path = write(
+            dir.path(),
+            "[data]\nproblems = \"/p\"\n[score]\nscorer = \"rm\"\n",
+        );
+        let err = RunConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("score.reward_model"), "{err}");
+        let path = write(
+            dir.path(),
+            "[data]\nproblems = \"/p\"\n[dpo.encode]\nmax_length = 100\n",
+        );
+        let err = RunConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("`dpo`") && err.contains("max_length"), "{err}");
+    }
+}

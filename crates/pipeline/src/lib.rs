@@ -1,0 +1,30 @@
+//! prefloop-pipeline: rounds over a run directory. Each round generates from the current
+//! policy, scores (sandboxed tests or a reward model), pairs best against worst and trains the
+//! next policy; every stage writes durably and records its completion, so a run killed at
+//! any point continues with `prefloop resume`. The generate and score stages are also what
+//! `prefloop generate` and `prefloop score-tests` run on their own.
+
+mod config;
+mod error;
+mod generate;
+mod ppo_rounds;
+mod report;
+mod rounds;
+mod run_dir;
+mod score;
+mod shard;
+
+pub use config::{
+    Algorithm, DataConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig, ScorerKind,
+};
+pub use error::{PipelineError, Result};
+pub use generate::{GenerateReport, PromptRow, generate_stage, read_prompts, row_seed};
+pub use ppo_rounds::PPO_DIR;
+pub use report::{REPORT_FILE, write_report};
+pub use rounds::{PROBLEMS_DIR, RoundMetrics, run_rounds};
+pub use run_dir::{
+    CONFIG_FILE, LOCK_FILE, METRICS_FILE, RoundState, RunDir, RunState, STATE_FILE, Stage,
+    read_state,
+};
+pub use score::{ScoreReport, read_problems, score_options, score_rm_stage, score_tests_stage};
+pub use shard::{Shard, merge_shards};

@@ -1,0 +1,247 @@
+//! PPO as rounds: one PPO iteration per round. The trainer (prefloop-train) samples the
+//! iteration's rollouts from the actor; its reward function here writes them as the round's
+//! samples stage, scores them (sandboxed tests or a reward model) into the round's scores
+//! stage, and hands the rewards back; the trainer's record of the iteration becomes the
+//! round's metrics. The trainer's checkpoints (actor, critic, reference, optimisers) make a
+//! killed run continue where it stood: an iteration it redoes samples the same rollouts.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use prefloop_core::{Sample, Score};
+use prefloop_data::{Manifest, StageReader, StageWriter, WriterOptions};
+use prefloop_model::best_device;
+use prefloop_sandbox::score_samples;
+use prefloop_train::{
+    Encoder, IterationRecord, PpoModels, PromptExample, Rollout, TrainError, train_ppo,
+};
+
+use crate::config::{RunConfig, ScorerKind};
+use crate::error::Result;
+use crate::rounds::{
+    Inputs, RoundMetrics, Scorers, begin_round, complete, finish_round, policy_name,
+};
+use crate::run_dir::{RunDir, RunState, Stage};
+use crate::score::{rm_scores, score_options};
+
+/// Where the PPO trainer keeps its checkpoints, metrics, and finally `policy/` and `critic/`.
+pub const PPO_DIR: &str = "ppo";
+
+/// Runs the PPO rounds; returns the trained policy's directory.
+pub(crate) fn ppo_rounds(
+    dir: &RunDir,
+    config: &RunConfig,
+    inputs: &Inputs,
+    scorer: &mut Scorers,
+    state: &mut RunState,
+    on_round: &mut impl FnMut(u32, &RoundMetrics),
+) -> Result<PathBuf> {
+    let out = dir.root().join(PPO_DIR);
+    let policy = out.join(prefloop_train::POLICY_DIR);
+    if (0..config.rounds).all(|r| state.is_complete(r, Stage::Train)) && policy.exists() {
+        for round in 0..config.rounds {
+            finish_round(dir, config, state, round, on_round)?;
+        }
+        return Ok(policy);
+    }
+    let models = PpoModels::load(config.model.as_deref(), best_device())?;
+    let prompts: Vec<PromptExample> = inputs
+        .prompts
+        .iter()
+        .map(|p| PromptExample {
+            problem_id: p.problem_id.clone(),
+            prompt: p.prompt.clone(),
+        })
+        .collect();
+    let shared = RefCell::new((state, scorer));
+    let failure: RefCell<Option<crate::PipelineError>> = RefCell::new(None);
+    let mut reward = |iteration: u64, rollouts: &[Rollout]| -> prefloop_train::Result<Vec<f32>> {
+        let (state, scorer) = &mut *shared.borrow_mut();
+        record_rollouts(
+            dir,
+            config,
+            inputs,
+            scorer,
+            state,
+            iteration as u32,
+            rollouts,
+        )
+        .map_err(|e| {
+            let message = e.to_string();
+            *failure.borrow_mut() = Some(e);
+            TrainError::Data {
+                path: dir.root().to_owned(),
+                message,
+            }
+        })
+    };
+    let bar = ProgressBar::new(u64::from(config.rounds));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "ppo {bar:40} {pos}/{len} iterations {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("a valid template"),
+    );
+    let on_iteration = |record: &IterationRecord, _: u64| {
+        let (state, _) = &mut *shared.borrow_mut();
+        let round = (record.step - 1) as u32;
+        bar.set_position(record.step);
+        let metric = |key: &str| record.metrics.get(key).copied().unwrap_or(f64::NAN);
+        bar.set_message(format!(
+            "reward {:.3} · KL {:.4}",
+            metric("reward/mean"),
+            metric("kl")
+        ));
+        let result = bar.suspend(|| finish_iteration(dir, config, state, round, record, on_round));
+        if let Err(e) = result {
+            tracing::error!(round, error = %e, "recording the round failed");
+            failure.borrow_mut().get_or_insert(e);
+        }
+    };
+    let trained = train_ppo(
+        &models,
+        &prompts,
+        &mut reward,
+        &config.ppo_config(),
+        &out,
+        on_iteration,
+    );
+    bar.finish_and_clear();
+    if let Some(e) = failure.borrow_mut().take() {
+        return Err(e);
+    }
+    trained?;
+    Ok(policy)
+}
+
+/// The reward function's work for one iteration: the rollouts as the round's samples, their
+/// scores as its scores; returns the rewards in rollout order.
+fn record_rollouts(
+    dir: &RunDir,
+    config: &RunConfig,
+    inputs: &Inputs,
+    scorer: &mut Scorers,
+    state: &mut RunState,
+    round: u32,
+    rollouts: &[Rollout],
+) -> Result<Vec<f32>> {
+    begin_round(dir, state, round, &dir.root().join(PPO_DIR))?;
+    let samples = as_samples(config, round, rollouts);
+    let samples_dir = dir.stage_dir(round, Stage::Generate);
+    if !state.is_complete(round, Stage::Generate) {
+        write_stage(&samples_dir, &samples)?;
+        complete(dir, state, round, Stage::Generate, 0.0, &[])?;
+    }
+    let scores_dir = dir.stage_dir(round, Stage::Score);
+    if state.is_complete(round, Stage::Score) {
+        // A resumed run redoing an iteration whose scores were written before the kill.
+        let mut by_key: HashMap<(String, u32), f32> = HashMap::new();
+        for rows in StageReader::<Score>::open(&scores_dir)? {
+            by_key.extend(
+                rows?
+                    .into_iter()
+                    .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
+            );
+        }
+        return Ok(samples
+            .iter()
+            .map(|s| by_key[&(s.problem_id.clone(), s.sample_idx)])
+            .collect());
+    }
+    let began = Instant::now();
+    let scores = score(config, inputs, scorer, &samples)?;
+    write_stage(&scores_dir, &scores)?;
+    let seconds = began.elapsed().as_secs_f64();
+    complete(dir, state, round, Stage::Score, seconds, &[])?;
+    Ok(scores.iter().map(|s| s.reward).collect())
+}
+
+/// Rollouts as sample rows: `sample_idx` counts a problem's rollouts within the iteration.
+fn as_samples(config: &RunConfig, round: u32, rollouts: &[Rollout]) -> Vec<Sample> {
+    let mut seen: HashMap<&str, u32> = HashMap::new();
+    rollouts
+        .iter()
+        .map(|r| {
+            let idx = seen.entry(r.problem_id.as_str()).or_default();
+            let sample_idx = *idx;
+            *idx += 1;
+            Sample {
+                problem_id: r.problem_id.clone(),
+                prompt: r.prompt.clone(),
+                completion: r.completion.clone(),
+                sample_idx,
+                round,
+                policy: policy_name(config, round),
+                seed: r.seed,
+                num_tokens: r.num_tokens,
+                logprob_sum: r.logprob_sum,
+                finish: r.finish,
+            }
+        })
+        .collect()
+}
+
+fn score(
+    config: &RunConfig,
+    inputs: &Inputs,
+    scorer: &mut Scorers,
+    samples: &[Sample],
+) -> Result<Vec<Score>> {
+    Ok(match config.score.scorer {
+        ScorerKind::Tests => {
+            let (sandbox, calibration) = scorer.tests()?;
+            let options = score_options(&config.score);
+            score_samples(sandbox, &inputs.by_id, samples, &options, calibration)?
+        }
+        ScorerKind::Rm => {
+            let rm = scorer.reward_model(config)?;
+            let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
+            rm_scores(rm, &encoder, samples, config.score.rm_batch_size)?
+        }
+    })
+}
+
+/// Writes `rows` as the whole stage at `dir`, discarding an unfinished earlier attempt.
+fn write_stage<R: prefloop_core::Record>(dir: &Path, rows: &[R]) -> Result<()> {
+    if Manifest::load(dir)?.is_some_and(|m| m.complete) {
+        std::fs::remove_dir_all(dir).map_err(crate::PipelineError::io(dir))?;
+    }
+    let mut writer = StageWriter::<R>::restart(dir, WriterOptions::default())?;
+    writer.write(rows)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// The trainer's record of iteration `round` becomes the round's metrics.
+fn finish_iteration(
+    dir: &RunDir,
+    config: &RunConfig,
+    state: &mut RunState,
+    round: u32,
+    record: &IterationRecord,
+    on_round: &mut impl FnMut(u32, &RoundMetrics),
+) -> Result<()> {
+    let entry = &mut state.rounds[round as usize];
+    entry.measured.extend(
+        record
+            .metrics
+            .iter()
+            .filter(|(k, _)| !k.starts_with("time/"))
+            .map(|(k, v)| (k.clone(), *v)),
+    );
+    // The trainer timed the phases; generation and the update are its to report.
+    let time = |key: &str| record.metrics.get(key).copied().unwrap_or_default();
+    entry
+        .completed
+        .insert(Stage::Generate, time("time/generate"));
+    let train = time("time/train") + time("time/reference_update");
+    complete(dir, state, round, Stage::Train, train, &[])?;
+    if round + 1 == config.rounds {
+        let policy = dir.root().join(PPO_DIR).join(prefloop_train::POLICY_DIR);
+        state.rounds[round as usize].trained = Some(policy);
+    }
+    finish_round(dir, config, state, round, on_round)
+}

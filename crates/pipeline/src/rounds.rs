@@ -1,0 +1,604 @@
+//! The round loop (DESIGN §4). DPO-Iter: generate from the current policy → score → pairs
+//! (best against worst, the reference solution where nothing passed) → DPO against the
+//! policy the round started from → the next round samples from the trained policy. PPO runs
+//! one iteration per round (ppo_rounds.rs). Either way an optional last round generates and
+//! scores with the final policy.
+//!
+//! Every stage writes durably and is marked complete in `state.json` only after its output is
+//! whole, so the same call after a kill at any point continues where the run stood.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use prefloop_core::{Problem, Sample};
+use prefloop_data::{
+    DatasetKind, ImportOptions, Manifest, PairsOptions, StageReader, build_pairs, stage_stats,
+};
+use prefloop_model::{Model, best_device};
+use prefloop_sandbox::{Calibration, Sandbox, default_runtime_dir};
+use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo};
+
+use crate::config::{Algorithm, RunConfig, ScorerKind};
+use crate::error::{PipelineError, Result};
+use crate::generate::{PromptRow, generate_stage, row_seed};
+use crate::run_dir::{METRICS_FILE, RoundState, RunDir, RunState, Stage};
+use crate::score::{read_problems, score_options, score_rm_stage, score_tests_stage};
+use crate::shard::Shard;
+
+/// Where an imported dataset's problems stage lives in the run directory.
+pub const PROBLEMS_DIR: &str = "problems";
+
+/// What one round measured: one line of the run's `metrics.jsonl`.
+pub type RoundMetrics = BTreeMap<String, f64>;
+
+/// What every round samples from and scores against.
+#[derive(Debug)]
+pub(crate) struct Inputs {
+    /// The problems stage (for the reference fallback of pairs); none for bare prompts.
+    pub problems_dir: Option<PathBuf>,
+    pub prompts: Vec<PromptRow>,
+    pub by_id: HashMap<String, Problem>,
+}
+
+impl Inputs {
+    fn load(dir: &RunDir, config: &RunConfig) -> Result<Self> {
+        if let Some(path) = &config.data.prompts {
+            let mut prompts = read_prompt_source(path)?;
+            let mut seen = std::collections::HashSet::new();
+            prompts.retain(|p| seen.insert(p.problem_id.clone()));
+            if let Some(limit) = config.data.limit {
+                prompts.truncate(limit);
+            }
+            return Ok(Self {
+                problems_dir: None,
+                prompts,
+                by_id: HashMap::new(),
+            });
+        }
+        let problems_dir = problems_stage(dir, config)?;
+        let problems = select_problems(read_problems(&problems_dir)?, config, &problems_dir)?;
+        let prompts = problems
+            .iter()
+            .map(|p| PromptRow {
+                problem_id: p.problem_id.clone(),
+                prompt: p.prompt.clone(),
+            })
+            .collect();
+        let by_id = problems
+            .into_iter()
+            .map(|p| (p.problem_id.clone(), p))
+            .collect();
+        Ok(Self {
+            problems_dir: Some(problems_dir),
+            prompts,
+            by_id,
+        })
+    }
+}
+
+/// Runs (or continues) every round of the run at `dir` under `config`. `on_round` sees each
+/// round's metrics as the round completes.
+pub fn run_rounds(
+    dir: &RunDir,
+    config: &RunConfig,
+    mut on_round: impl FnMut(u32, &RoundMetrics),
+) -> Result<RunState> {
+    let mut state = dir.state()?;
+    let inputs = Inputs::load(dir, config)?;
+    let mut scorer = Scorers::default();
+    let start = config.model.clone().unwrap_or_default();
+    let last_policy = match config.algorithm {
+        Algorithm::DpoIter => {
+            let mut policy = start;
+            for round in 0..config.rounds {
+                let mut model = sample_round(
+                    dir,
+                    config,
+                    &inputs,
+                    &mut scorer,
+                    &mut state,
+                    round,
+                    &policy,
+                )?;
+                policy = dpo_update(dir, config, &inputs, &mut state, round, &mut model)?;
+                finish_round(dir, config, &mut state, round, &mut on_round)?;
+            }
+            policy
+        }
+        Algorithm::Ppo => crate::ppo_rounds::ppo_rounds(
+            dir,
+            config,
+            &inputs,
+            &mut scorer,
+            &mut state,
+            &mut on_round,
+        )?,
+    };
+    if config.final_generation {
+        let round = config.rounds;
+        sample_round(
+            dir,
+            config,
+            &inputs,
+            &mut scorer,
+            &mut state,
+            round,
+            &last_policy,
+        )?;
+        finish_round(dir, config, &mut state, round, &mut on_round)?;
+    }
+    if !state.finished {
+        state.finished = true;
+        dir.save_state(&state)?;
+    }
+    Ok(state)
+}
+
+/// Adds round `round` to the state, sampling from `policy` (empty: the embedded default).
+pub(crate) fn begin_round(
+    dir: &RunDir,
+    state: &mut RunState,
+    round: u32,
+    policy: &Path,
+) -> Result<()> {
+    if state.round(round).is_none() {
+        state.rounds.push(RoundState {
+            round,
+            policy: policy.to_owned(),
+            completed: BTreeMap::new(),
+            trained: None,
+            measured: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+        });
+        dir.save_state(state)?;
+    }
+    Ok(())
+}
+
+/// Begins round `round` from `policy`, then its generate and score stages and (DPO-Iter)
+/// its KL to the previous policy. Returns the policy if a stage loaded it, for the update.
+fn sample_round(
+    dir: &RunDir,
+    config: &RunConfig,
+    inputs: &Inputs,
+    scorer: &mut Scorers,
+    state: &mut RunState,
+    round: u32,
+    policy: &Path,
+) -> Result<Option<Model>> {
+    begin_round(dir, state, round, policy)?;
+    let mut model = None;
+    generate_and_score(dir, config, inputs, scorer, state, round, &mut model)?;
+    measure_kl(dir, config, state, round, &mut model)?;
+    Ok(model)
+}
+
+/// Loads the round's policy into `model` unless it is there already.
+fn load_policy(state: &RunState, round: u32, model: &mut Option<Model>) -> Result<()> {
+    if model.is_none() {
+        let policy = &state.round(round).expect("begun").policy;
+        let path = (!policy.as_os_str().is_empty()).then_some(policy.as_path());
+        *model = Some(Model::load(path, best_device())?);
+    }
+    Ok(())
+}
+
+/// The generate and score stages of a round, each unless already complete. Stage times
+/// include loading what the stage needs (the policy, the sandbox, the reward model): that is
+/// what a round costs.
+fn generate_and_score(
+    dir: &RunDir,
+    config: &RunConfig,
+    inputs: &Inputs,
+    scorer: &mut Scorers,
+    state: &mut RunState,
+    round: u32,
+    model: &mut Option<Model>,
+) -> Result<()> {
+    if !state.is_complete(round, Stage::Generate) && written(dir, round, Stage::Generate)? {
+        complete(dir, state, round, Stage::Generate, 0.0, &[])?;
+    }
+    if !state.is_complete(round, Stage::Generate) {
+        let began = Instant::now();
+        load_policy(state, round, model)?;
+        let seed = row_seed(config.generate.seed, u64::from(round));
+        let report = generate_stage(
+            model.as_ref().expect("loaded"),
+            &inputs.prompts,
+            &config.generate,
+            &policy_name(config, round),
+            round,
+            seed,
+            Shard::WHOLE,
+            &dir.stage_dir(round, Stage::Generate),
+        )?;
+        let detail = [("generate/tokens_per_s", report.tokens_per_s())];
+        let seconds = began.elapsed().as_secs_f64();
+        complete(dir, state, round, Stage::Generate, seconds, &detail)?;
+    }
+    if !state.is_complete(round, Stage::Score) && written(dir, round, Stage::Score)? {
+        complete(dir, state, round, Stage::Score, 0.0, &[])?;
+    }
+    if !state.is_complete(round, Stage::Score) {
+        let began = Instant::now();
+        let samples = dir.stage_dir(round, Stage::Generate);
+        let out = dir.stage_dir(round, Stage::Score);
+        let report = match config.score.scorer {
+            ScorerKind::Tests => {
+                let (sandbox, calibration) = scorer.tests()?;
+                score_tests_stage(
+                    sandbox,
+                    &inputs.by_id,
+                    &samples,
+                    &score_options(&config.score),
+                    calibration,
+                    config.score.batch_size,
+                    Shard::WHOLE,
+                    &out,
+                )?
+            }
+            ScorerKind::Rm => {
+                let rm = scorer.reward_model(config)?;
+                let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
+                let batch = config.score.rm_batch_size;
+                score_rm_stage(rm, &encoder, &samples, batch, &out)?
+            }
+        };
+        tracing::debug!(scored = report.new_rows, passed = report.passed, "scored");
+        let seconds = began.elapsed().as_secs_f64();
+        complete(dir, state, round, Stage::Score, seconds, &[])?;
+    }
+    Ok(())
+}
+
+/// DPO-Iter: KL(π_k ‖ π_{k-1}) on round k's own samples (drawn from π_k), the k1 estimate:
+/// how far round k-1's update moved the policy. Round 0 has nothing to compare with.
+fn measure_kl(
+    dir: &RunDir,
+    config: &RunConfig,
+    state: &mut RunState,
+    round: u32,
+    model: &mut Option<Model>,
+) -> Result<()> {
+    let measured = |state: &RunState| state.rounds[round as usize].measured.contains_key("kl");
+    if round == 0 || config.algorithm != Algorithm::DpoIter || measured(state) {
+        return Ok(());
+    }
+    let began = Instant::now();
+    let reference_path = state
+        .round(round - 1)
+        .expect("earlier round")
+        .policy
+        .clone();
+    let kl = if reference_path == state.round(round).expect("begun").policy {
+        0.0 // the previous round had nothing to train on
+    } else {
+        load_policy(state, round, model)?;
+        let policy = model.as_ref().expect("loaded");
+        let path = (!reference_path.as_os_str().is_empty()).then_some(reference_path.as_path());
+        let reference = Model::load(path, best_device())?;
+        let mut samples = Vec::new();
+        for rows in StageReader::<Sample>::open(dir.stage_dir(round, Stage::Generate))? {
+            samples.extend(rows?);
+        }
+        let texts: Vec<(&str, &str)> = samples
+            .iter()
+            .map(|s| (s.prompt.as_str(), s.completion.as_str()))
+            .collect();
+        // Prompts templated as generation templated them.
+        let encode = EncodeConfig {
+            raw_prompts: config.generate.raw_prompts,
+            ..config.dpo.encode.clone()
+        };
+        let encoder = Encoder::new(&policy.tokenizer, encode)?;
+        let batch = config.dpo.train.batch_size;
+        let ratios = log_ratios(policy, &reference, &encoder, &texts, batch)?;
+        ratios.iter().map(|&r| f64::from(r)).sum::<f64>() / ratios.len().max(1) as f64
+    };
+    let entry = &mut state.rounds[round as usize];
+    entry.measured.insert("kl".into(), kl);
+    entry
+        .measured
+        .insert("time/kl".into(), began.elapsed().as_secs_f64());
+    dir.save_state(state)
+}
+
+/// Pairs and the DPO update of a round; returns the next round's policy.
+fn dpo_update(
+    dir: &RunDir,
+    config: &RunConfig,
+    inputs: &Inputs,
+    state: &mut RunState,
+    round: u32,
+    model: &mut Option<Model>,
+) -> Result<PathBuf> {
+    if !state.is_complete(round, Stage::Pairs) && written(dir, round, Stage::Pairs)? {
+        let pairs = Manifest::load(&dir.stage_dir(round, Stage::Pairs))?.map_or(0, |m| m.rows());
+        complete(
+            dir,
+            state,
+            round,
+            Stage::Pairs,
+            0.0,
+            &[("pairs", pairs as f64)],
+        )?;
+    }
+    if !state.is_complete(round, Stage::Pairs) {
+        let began = Instant::now();
+        let fallback = inputs
+            .problems_dir
+            .as_deref()
+            .filter(|_| config.pairs.reference_fallback);
+        let options = PairsOptions {
+            min_margin: config.pairs.min_margin,
+            ..PairsOptions::default()
+        };
+        let manifest = build_pairs(
+            &dir.stage_dir(round, Stage::Generate),
+            &dir.stage_dir(round, Stage::Score),
+            fallback,
+            &dir.stage_dir(round, Stage::Pairs),
+            &options,
+        )?;
+        let detail = [("pairs", manifest.rows() as f64)];
+        let seconds = began.elapsed().as_secs_f64();
+        complete(dir, state, round, Stage::Pairs, seconds, &detail)?;
+    }
+    if !state.is_complete(round, Stage::Train) {
+        let began = Instant::now();
+        let trained = dir.policy_dir(round);
+        let pairs_dir = dir.stage_dir(round, Stage::Pairs);
+        let pairs = Manifest::load(&pairs_dir)?.map_or(0, |m| m.rows());
+        let next = if pairs == 0 {
+            // Every problem tied: nothing to learn from, the policy carries over.
+            tracing::warn!(
+                round,
+                "no preference pairs: the next round keeps this policy"
+            );
+            state.round(round).expect("begun").policy.clone()
+        } else {
+            if !trained.exists() {
+                load_policy(state, round, model)?;
+                let train_dir = dir.stage_dir(round, Stage::Train);
+                let model = model.as_ref().expect("loaded");
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "train {bar:40} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+                    )
+                    .expect("a valid template"),
+                );
+                train_dpo(model, &pairs_dir, &config.dpo, &train_dir, |step, total| {
+                    bar.set_length(total);
+                    bar.set_position(step.step);
+                    if let Some(loss) = step.metrics.get("loss") {
+                        bar.set_message(format!("loss {loss:.4}"));
+                    }
+                })?;
+                bar.finish_and_clear();
+                let saved = train_dir.join(prefloop_train::POLICY_DIR);
+                std::fs::rename(&saved, &trained).map_err(PipelineError::io(&saved))?;
+            }
+            trained
+        };
+        state.rounds[round as usize].trained = Some(next);
+        let detail = train_summary(&dir.stage_dir(round, Stage::Train))?;
+        let seconds = began.elapsed().as_secs_f64();
+        complete(dir, state, round, Stage::Train, seconds, &detail)?;
+    }
+    Ok(state.rounds[round as usize]
+        .trained
+        .clone()
+        .expect("set when train completed"))
+}
+
+/// Records the round's metrics once its stages are complete, rewrites `metrics.jsonl`, and
+/// tells `on_round`.
+pub(crate) fn finish_round(
+    dir: &RunDir,
+    config: &RunConfig,
+    state: &mut RunState,
+    round: u32,
+    on_round: &mut impl FnMut(u32, &RoundMetrics),
+) -> Result<()> {
+    if state.rounds[round as usize].metrics.is_empty() {
+        let metrics = round_metrics(dir, config, &state.rounds[round as usize])?;
+        state.rounds[round as usize].metrics = metrics;
+        dir.save_state(state)?;
+        write_metrics(dir, state)?;
+    }
+    on_round(round, &state.rounds[round as usize].metrics);
+    Ok(())
+}
+
+/// The `policy` column of round `round`'s samples.
+pub(crate) fn policy_name(config: &RunConfig, round: u32) -> String {
+    match (config.algorithm, round) {
+        (_, 0) => "base".into(),
+        (Algorithm::DpoIter, _) => format!("round-{:04}", round - 1),
+        (Algorithm::Ppo, _) => format!("ppo-iteration-{round:04}"),
+    }
+}
+
+/// Prompts from a file, or from every shard of a stage directory.
+fn read_prompt_source(path: &Path) -> Result<Vec<PromptRow>> {
+    let Some(manifest) = Manifest::load(path)?.filter(|_| path.is_dir()) else {
+        return crate::generate::read_prompts(path);
+    };
+    let mut prompts = Vec::new();
+    for shard in &manifest.shards {
+        prompts.extend(crate::generate::read_prompts(&path.join(&shard.path))?);
+    }
+    Ok(prompts)
+}
+
+/// The problems stage: the configured one, or the configured dataset imported into the run.
+fn problems_stage(dir: &RunDir, config: &RunConfig) -> Result<PathBuf> {
+    let Some(kind) = &config.data.import else {
+        return Ok(config.data.problems.clone());
+    };
+    let out = dir.root().join(PROBLEMS_DIR);
+    if !Manifest::load(&out)?.is_some_and(|m| m.complete) {
+        let kind = DatasetKind::parse(kind).expect("validated with the config");
+        let report =
+            prefloop_data::import(kind, &config.data.problems, &out, &ImportOptions::default())?;
+        tracing::info!(rows = report.rows, problems = %out.display(), "imported");
+    }
+    Ok(out)
+}
+
+/// The first `data.limit` problems, or all; at least one.
+fn select_problems(
+    mut problems: Vec<Problem>,
+    config: &RunConfig,
+    from: &Path,
+) -> Result<Vec<Problem>> {
+    if let Some(limit) = config.data.limit {
+        problems.truncate(limit);
+    }
+    if problems.is_empty() {
+        return Err(PipelineError::Data {
+            path: from.to_owned(),
+            message: "no problems to sample from".into(),
+        });
+    }
+    Ok(problems)
+}
+
+/// Scorers, opened once per process and only when a stage needs them.
+#[derive(Default)]
+pub(crate) struct Scorers {
+    sandbox: Option<Sandbox>,
+    /// Reference solutions' times, measured once per problem for the whole run.
+    calibration: Calibration,
+    reward_model: Option<RewardModel>,
+}
+
+impl Scorers {
+    /// The sandbox and the run's calibration, for the tests scorer.
+    pub(crate) fn tests(&mut self) -> Result<(&Sandbox, &Calibration)> {
+        if self.sandbox.is_none() {
+            self.sandbox = Some(Sandbox::open(&default_runtime_dir())?);
+        }
+        Ok((self.sandbox.as_ref().expect("opened"), &self.calibration))
+    }
+
+    pub(crate) fn reward_model(&mut self, config: &RunConfig) -> Result<&RewardModel> {
+        if self.reward_model.is_none() {
+            let path = config.score.reward_model.as_deref();
+            let rm = RewardModel::new(Model::load(path, best_device())?)?;
+            self.reward_model = Some(rm);
+        }
+        Ok(self.reward_model.as_ref().expect("loaded"))
+    }
+}
+
+impl std::fmt::Debug for Scorers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scorers")
+            .field("sandbox", &self.sandbox.is_some())
+            .field("reward_model", &self.reward_model.is_some())
+            .finish()
+    }
+}
+
+/// Whether a stage's shards are all written and its manifest says so. A run killed after that
+/// but before `state.json` recorded it finds the stage done: writing it again would be refused
+/// (and would waste the work), so it is only marked complete, with a wall time of 0: what it
+/// took went with the killed process.
+fn written(dir: &RunDir, round: u32, stage: Stage) -> Result<bool> {
+    Ok(Manifest::load(&dir.stage_dir(round, stage))?.is_some_and(|m| m.complete))
+}
+
+/// Marks `stage` of `round` complete, with its wall time and what it measured.
+pub(crate) fn complete(
+    dir: &RunDir,
+    state: &mut RunState,
+    round: u32,
+    stage: Stage,
+    seconds: f64,
+    detail: &[(&str, f64)],
+) -> Result<()> {
+    let entry = &mut state.rounds[round as usize];
+    entry.completed.insert(stage, seconds);
+    for (key, value) in detail {
+        entry.measured.insert((*key).to_owned(), *value);
+    }
+    tracing::info!(round, stage = stage.name(), seconds, "stage complete");
+    dir.save_state(state)
+}
+
+/// The DPO update's summary from its `metrics.jsonl`: steps, and the last step's loss and
+/// TRL metrics. Empty when the round had no pairs to train on.
+fn train_summary(train_dir: &Path) -> Result<Vec<(&'static str, f64)>> {
+    let path = train_dir.join(prefloop_train::METRICS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(PipelineError::io(path)(e)),
+    };
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| PipelineError::Data {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let Some(last) = steps.last() else {
+        return Ok(Vec::new());
+    };
+    let mut summary = vec![("train/steps", steps.len() as f64)];
+    for (key, name) in [
+        ("loss", "train/loss"),
+        ("rewards/accuracies", "train/rewards/accuracies"),
+        ("rewards/margins", "train/rewards/margins"),
+        ("tokens_per_s", "train/tokens_per_s"),
+    ] {
+        if let Some(value) = last.get(key).and_then(|v| v.as_f64()) {
+            summary.push((name, value));
+        }
+    }
+    Ok(summary)
+}
+
+/// Reward and pass@k of the round's samples, with what its stages recorded.
+fn round_metrics(dir: &RunDir, config: &RunConfig, round: &RoundState) -> Result<RoundMetrics> {
+    let n = config.generate.n;
+    let ks: Vec<u32> = [1, 4, 10, n].into_iter().filter(|&k| k <= n).collect();
+    let stats = stage_stats(
+        &dir.stage_dir(round.round, Stage::Generate),
+        &dir.stage_dir(round.round, Stage::Score),
+        &ks,
+    )?;
+    let mut metrics = round.measured.clone();
+    metrics.insert("round".into(), f64::from(round.round));
+    if let Some(stats) = stats.first() {
+        metrics.insert("reward/mean".into(), stats.reward_mean);
+        metrics.insert("reward/std".into(), stats.reward_std);
+        metrics.insert("completion_tokens".into(), stats.mean_tokens);
+        if config.score.scorer == ScorerKind::Tests {
+            for (k, value) in &stats.pass_at {
+                metrics.insert(format!("pass@{k}"), *value);
+            }
+        }
+    }
+    for (stage, seconds) in &round.completed {
+        metrics.insert(format!("time/{}", stage.name()), *seconds);
+    }
+    Ok(metrics)
+}
+
+/// Rewrites the run's `metrics.jsonl` from the state: one line per finished round, never a
+/// duplicate however often the run was resumed.
+fn write_metrics(dir: &RunDir, state: &RunState) -> Result<()> {
+    let mut text = String::new();
+    for round in state.rounds.iter().filter(|r| !r.metrics.is_empty()) {
+        text.push_str(&serde_json::to_string(&round.metrics).expect("serialises"));
+        text.push('\n');
+    }
+    prefloop_data::write_atomic(&dir.root().join(METRICS_FILE), text.as_bytes())?;
+    Ok(())
+}

