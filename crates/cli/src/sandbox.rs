@@ -24,7 +24,7 @@ pub enum Command {
 /// the verdict-relevant facts (exit, time) on stderr. The program never runs outside wasm.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The program's language: python.
+    /// The program's language: python or cpp.
     #[arg(long, default_value = "python")]
     lang: String,
     /// The program's source file.

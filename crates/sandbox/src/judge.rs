@@ -7,20 +7,24 @@ use std::time::Duration;
 use prefloop_core::{TestCase, Verdict};
 use serde_json::Value;
 
-use crate::runtime::{Exit, Limits, RunOutput, Sandbox};
+use crate::runtime::{CppProgram, Exit, Limits, RunOutput, Sandbox};
 use crate::{Result, SandboxError};
 
 /// The languages a program can be in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Language {
     Python,
+    /// C++ (GNU C++20), judged on stdin/stdout tests.
+    Cpp,
 }
 
 impl Language {
-    /// `python`, `python3` or `py`; anything else is an unsupported-language error.
+    /// `python`, `python3` or `py`; `cpp`, `c++`, `cxx` or `cc`; anything else is an
+    /// unsupported-language error.
     pub fn parse(name: &str) -> Result<Self> {
         match name.to_ascii_lowercase().as_str() {
             "python" | "python3" | "py" => Ok(Self::Python),
+            "cpp" | "c++" | "cxx" | "cc" => Ok(Self::Cpp),
             _ => Err(SandboxError::UnsupportedLanguage(name.to_owned())),
         }
     }
@@ -103,8 +107,16 @@ impl Sandbox {
         options: &JudgeOptions,
     ) -> Judgement {
         let mut results = Vec::with_capacity(tests.len());
+        let ready = self.ready(program);
         for test in tests {
-            let result = self.run_test(program, test, options);
+            let result = match &ready {
+                Ok(ready) => self.run_test(ready, program, test, options),
+                Err(e) => TestResult {
+                    verdict: Verdict::SandboxError,
+                    wall: Duration::ZERO,
+                    detail: e.to_string(),
+                },
+            };
             let failed = result.verdict != Verdict::Ok;
             // A program that does not compile fails every test the same way.
             let stop = failed && (!options.all_tests || result.verdict == Verdict::CompileError);
@@ -134,7 +146,49 @@ impl Sandbox {
         test: &TestCase,
         options: &JudgeOptions,
     ) -> Result<RunOutput> {
-        let Language::Python = program.language;
+        self.run_ready(&self.ready(program)?, program, test, options)
+    }
+
+    /// What `program` needs before its first test: for C++, compiling and linking.
+    fn ready(&self, program: &Program) -> Result<Ready> {
+        Ok(match (program.language, &program.style) {
+            (Language::Python, _) => Ready::Python,
+            (Language::Cpp, TestStyle::Stdio) => Ready::Cpp(self.prepare_cpp(&program.source)?),
+            (Language::Cpp, _) => Ready::Cpp(CppProgram::CompileError(
+                "C++ programs are judged on stdin/stdout tests; this problem calls a function"
+                    .into(),
+            )),
+        })
+    }
+
+    fn run_ready(
+        &self,
+        ready: &Ready,
+        program: &Program,
+        test: &TestCase,
+        options: &JudgeOptions,
+    ) -> Result<RunOutput> {
+        match ready {
+            Ready::Python => self.run_python_program(program, test, options),
+            Ready::Cpp(CppProgram::Ready(module)) => {
+                self.run_cpp(module, test.input.as_bytes(), &options.limits)
+            }
+            Ready::Cpp(CppProgram::CompileError(message)) => Ok(RunOutput {
+                exit: Exit::CompileError(message.clone()),
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                wall: Duration::ZERO,
+                memory_refused: false,
+            }),
+        }
+    }
+
+    fn run_python_program(
+        &self,
+        program: &Program,
+        test: &TestCase,
+        options: &JudgeOptions,
+    ) -> Result<RunOutput> {
         let (mode, function, check) = match &program.style {
             TestStyle::Stdio => ("stdio", "", ""),
             TestStyle::Call { fn_name } => ("call", fn_name.as_str(), ""),
@@ -157,9 +211,15 @@ impl Sandbox {
         self.run_python(&env, stdin.as_bytes(), &options.limits)
     }
 
-    fn run_test(&self, program: &Program, test: &TestCase, options: &JudgeOptions) -> TestResult {
-        match self.run_program(program, test, options) {
-            Ok(run) => verdict_of(&run, &program.style, &test.output, options.compare),
+    fn run_test(
+        &self,
+        ready: &Ready,
+        program: &Program,
+        test: &TestCase,
+        options: &JudgeOptions,
+    ) -> TestResult {
+        match self.run_ready(ready, program, test, options) {
+            Ok(run) => verdict_of(&run, program, &test.output, options.compare),
             Err(e) => TestResult {
                 verdict: Verdict::SandboxError,
                 wall: Duration::ZERO,
@@ -169,6 +229,12 @@ impl Sandbox {
     }
 }
 
+/// A program made ready for its tests.
+enum Ready {
+    Python,
+    Cpp(CppProgram),
+}
+
 /// The runner's report: the last stderr line that starts with a NUL.
 fn runner_status(stderr: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(stderr);
@@ -176,14 +242,20 @@ fn runner_status(stderr: &[u8]) -> Option<String> {
     Some(text[start + 1..].trim_end().to_owned())
 }
 
-fn verdict_of(run: &RunOutput, style: &TestStyle, expected: &str, compare: Compare) -> TestResult {
-    let status = runner_status(&run.stderr);
+fn verdict_of(run: &RunOutput, program: &Program, expected: &str, compare: Compare) -> TestResult {
+    let style = &program.style;
+    // Only the Python runner reports; a C++ program's stderr is its own.
+    let status = match program.language {
+        Language::Python => runner_status(&run.stderr),
+        Language::Cpp => None,
+    };
     let (verdict, detail) = match &run.exit {
         Exit::TimedOut => (Verdict::TimeLimit, String::new()),
         Exit::OutOfMemory => (Verdict::MemoryLimit, String::new()),
         Exit::OutputLimit => (Verdict::OutputLimit, String::new()),
         Exit::Trap(trap) if run.memory_refused => (Verdict::MemoryLimit, trap.clone()),
         Exit::Trap(trap) => (Verdict::RuntimeError, trap.clone()),
+        Exit::CompileError(message) => (Verdict::CompileError, message.clone()),
         Exit::Code(code) => match status.as_deref() {
             Some(s) if s.starts_with("syntax ") => (Verdict::CompileError, s[7..].to_owned()),
             Some("error MemoryError") => (Verdict::MemoryLimit, "MemoryError".into()),

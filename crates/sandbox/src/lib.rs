@@ -2,11 +2,13 @@
 //!
 //! Python programs run in CPython compiled to a WASI component (scripts/setup builds it with
 //! componentize-py from `sandbox/python/app.py`, with the interpreter initialised and the
-//! common standard library imported ahead of time). Each test gets a fresh instance, its
+//! common standard library imported ahead of time). C++ programs are compiled by clang-19 to
+//! wasm32-wasi modules, once per source. Each test gets a fresh instance, its
 //! input on stdin and nothing else: no files, no network, no threads or processes, bounded
 //! time, memory and output. What the program does becomes a [`Verdict`](prefloop_core::Verdict);
 //! only a failure of the sandbox itself is an error.
 
+mod cpp;
 mod error;
 mod judge;
 mod runtime;

@@ -1,6 +1,7 @@
-//! The wasmtime side: one engine, the Python runner compiled once (cached on disk by
-//! wasmtime's own cache, keyed by the module's hash and the engine's flags) and pre-linked, and a
-//! fresh store per run, so that nothing a program does survives into the next run.
+//! The wasmtime side: an engine per language, the Python runner compiled once (cached on disk
+//! by wasmtime's own cache, keyed by the module's hash and the engine's flags) and pre-linked,
+//! C++ programs compiled and linked once per program (crate::cpp), and a fresh store per run,
+//! so that nothing a program does survives into the next run.
 //!
 //! A run gets stdin from memory, stdout and stderr into capped memory pipes, the WASI
 //! environment as its only other input, no preopened directories, no sockets, no threads or
@@ -12,11 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, StoreContextMut, Trap};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstancePre, Module, ResourceLimiter, Store,
+    StoreContextMut, Trap,
+};
 use wasmtime_wasi::p2::bindings::sync::CommandPre;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtx, WasiCtxView, WasiView};
 
+use crate::cpp::{self, Compiled, Compiler, CppLinker, CppState};
 use crate::{Result, SandboxError};
 
 /// The WASI clock interface whose sleeps [`cap_sleeps`] bounds (the version wasmtime-wasi
@@ -67,6 +72,8 @@ pub enum Exit {
     OutputLimit,
     /// A wasm trap: stack overflow, unreachable, out-of-bounds access.
     Trap(String),
+    /// The program did not compile (C++), with the compiler's diagnostics; it never ran.
+    CompileError(String),
 }
 
 /// What one run produced.
@@ -85,20 +92,36 @@ struct RunState {
     ctx: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
-    /// When the run's time limit is up: no sleep of the guest's outlasts it.
+    sleep: SleepCap,
+}
+
+/// No sleep of the guest's outlasts the run's deadline.
+pub(crate) struct SleepCap {
     deadline: Instant,
     /// The guest asked to sleep past the deadline and was woken early: a TLE by definition,
     /// whatever it does next (the epoch ticker may lag the wall clock by a tick or two).
-    sleep_cut: bool,
+    cut: bool,
 }
 
-impl RunState {
-    /// `nanos` of sleep, cut to what is left before the deadline plus two epoch ticks, so the
-    /// guest wakes after its epoch deadline has passed and traps on its next instructions.
-    fn capped_sleep(&mut self, nanos: u64) -> u64 {
+impl SleepCap {
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self {
+            deadline: Instant::now() + limit,
+            cut: false,
+        }
+    }
+
+    /// What is left before the deadline plus two epoch ticks, in nanoseconds: a guest woken
+    /// then is past its epoch deadline and traps on its next instructions.
+    pub(crate) fn left_nanos(&self) -> u64 {
         let left = self.deadline.saturating_duration_since(Instant::now()) + 2 * TICK;
-        let left = left.as_nanos().try_into().unwrap_or(u64::MAX);
-        self.sleep_cut |= nanos > left;
+        left.as_nanos().try_into().unwrap_or(u64::MAX)
+    }
+
+    /// `nanos` of sleep, cut to [`left_nanos`](Self::left_nanos).
+    pub(crate) fn cap(&mut self, nanos: u64) -> u64 {
+        let left = self.left_nanos();
+        self.cut |= nanos > left;
         nanos.min(left)
     }
 }
@@ -113,9 +136,18 @@ impl WasiView for RunState {
 }
 
 /// Refuses memory growth past the limit and remembers that it did.
-struct MemoryLimiter {
+pub(crate) struct MemoryLimiter {
     limit: usize,
     refused: bool,
+}
+
+impl MemoryLimiter {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            refused: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -140,12 +172,28 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// The engine and the pre-linked runners. Cheap to share across threads (`&Sandbox` is `Sync`);
-/// every run makes its own store.
+/// The engines and the pre-linked runners. Cheap to share across threads (`&Sandbox` is
+/// `Sync`); every run makes its own store.
 pub struct Sandbox {
     engine: Engine,
     python: CommandPre<RunState>,
+    /// C++, or why this machine cannot run it (the toolchain is not installed).
+    cpp: std::result::Result<CppRuntime, String>,
     _ticker: Ticker,
+}
+
+/// Its own engine: C++ recursion needs a deeper machine stack than CPython's interpreter
+/// loop, and every C++ run gets a thread with that stack.
+struct CppRuntime {
+    engine: Engine,
+    linker: CppLinker,
+    compiler: Compiler,
+}
+
+/// A C++ program compiled and linked, ready for a store per test; or why it is not.
+pub(crate) enum CppProgram {
+    Ready(InstancePre<CppState>),
+    CompileError(String),
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -164,12 +212,7 @@ impl Sandbox {
             return Err(SandboxError::MissingRuntime(runner));
         }
         let wasm = |e: wasmtime::Error| SandboxError::Wasmtime(format!("{e:#}"));
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        let mut cache = CacheConfig::new();
-        cache.with_directory(runtime_dir.join("cache"));
-        config.cache(Some(Cache::new(cache).map_err(wasm)?));
-        let engine = Engine::new(&config).map_err(wasm)?;
+        let engine = new_engine(runtime_dir, None)?;
 
         let started = Instant::now();
         let component = Component::from_file(&engine, &runner)
@@ -180,10 +223,74 @@ impl Sandbox {
         cap_sleeps(&mut linker).map_err(wasm)?;
         let python =
             CommandPre::new(linker.instantiate_pre(&component).map_err(wasm)?).map_err(wasm)?;
+        let cpp = match Compiler::find(runtime_dir) {
+            Ok(compiler) => {
+                let engine = new_engine(runtime_dir, Some(cpp::WASM_STACK_BYTES))?;
+                let linker = CppLinker::new(&engine).map_err(wasm)?;
+                Ok(CppRuntime {
+                    engine,
+                    linker,
+                    compiler,
+                })
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let mut engines = vec![engine.clone()];
+        engines.extend(cpp.as_ref().ok().map(|c| c.engine.clone()));
         Ok(Self {
-            _ticker: Ticker::start(&engine),
+            _ticker: Ticker::start(engines),
             engine,
             python,
+            cpp,
+        })
+    }
+
+    /// Whether this sandbox can run `language`: C++ needs the toolchain scripts/setup installs.
+    pub fn check_language(&self, language: crate::Language) -> Result<()> {
+        match (language, &self.cpp) {
+            (crate::Language::Cpp, Err(why)) => Err(SandboxError::MissingToolchain(why.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Compiles and links a C++ program (compiles are cached on disk by source).
+    pub(crate) fn prepare_cpp(&self, source: &str) -> Result<CppProgram> {
+        let cpp = self
+            .cpp
+            .as_ref()
+            .map_err(|why| SandboxError::MissingToolchain(why.clone()))?;
+        let path = match cpp.compiler.compile(source)? {
+            Compiled::Module(path) => path,
+            Compiled::Error(message) => return Ok(CppProgram::CompileError(message)),
+        };
+        let wasm =
+            |e: wasmtime::Error| SandboxError::Wasmtime(format!("{}: {e:#}", path.display()));
+        let module = Module::from_file(&cpp.engine, &path).map_err(wasm)?;
+        Ok(CppProgram::Ready(
+            cpp.linker.instantiate_pre(&module).map_err(wasm)?,
+        ))
+    }
+
+    /// Runs a linked C++ program once on `stdin`, on a thread of its own with the deep
+    /// stack C++ recursion needs.
+    pub(crate) fn run_cpp(
+        &self,
+        program: &InstancePre<CppState>,
+        stdin: &[u8],
+        limits: &Limits,
+    ) -> Result<RunOutput> {
+        let cpp = self
+            .cpp
+            .as_ref()
+            .map_err(|why| SandboxError::MissingToolchain(why.clone()))?;
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("sandbox-cpp".into())
+                .stack_size(cpp::RUN_THREAD_STACK_BYTES)
+                .spawn_scoped(scope, || cpp.run(program, stdin, limits))
+                .map_err(|e| SandboxError::Io(format!("starting a C++ run's thread: {e}")))?
+                .join()
+                .map_err(|_| SandboxError::Wasmtime("a C++ run's thread panicked".into()))?
         })
     }
 
@@ -209,47 +316,118 @@ impl Sandbox {
         let state = RunState {
             ctx,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                limit: limits.memory_bytes,
-                refused: false,
-            },
-            deadline: Instant::now() + limits.time,
-            sleep_cut: false,
+            limiter: MemoryLimiter::new(limits.memory_bytes),
+            sleep: SleepCap::new(limits.time),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let ticks = limits.time.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        set_deadline(&mut store, limits);
 
         let started = Instant::now();
         let result = self
             .python
             .instantiate(&mut store)
-            .and_then(|command| command.wasi_cli_run().call_run(&mut store));
+            .and_then(|command| command.wasi_cli_run().call_run(&mut store))
+            .map(|run| match run {
+                Ok(()) => 0,
+                Err(()) => 1,
+            });
         let wall = started.elapsed();
-        let memory_refused = store.data().limiter.refused;
-        let sleep_cut = store.data().sleep_cut;
+        let (refused, cut) = (store.data().limiter.refused, store.data().sleep.cut);
         drop(store);
         let (stdout, stderr) = (stdout.contents().to_vec(), stderr.contents().to_vec());
-        // A full pipe refuses further writes (the guest sees a broken pipe, and usually dies
-        // of it): filled to the byte, it was the output limit whatever happened next.
-        let full = stdout.len() >= limits.output_bytes || stderr.len() >= limits.output_bytes;
-        let exit = match result {
-            _ if full => Exit::OutputLimit,
-            _ if sleep_cut => Exit::TimedOut,
-            Ok(Ok(())) => Exit::Code(0),
-            Ok(Err(())) => Exit::Code(1),
-            Err(e) => classify(&e, memory_refused)?,
-        };
-        Ok(RunOutput {
-            exit,
-            stdout,
-            stderr,
-            wall,
-            memory_refused,
-        })
+        run_output(result, stdout, stderr, wall, refused, cut, limits)
     }
+}
+
+impl CppRuntime {
+    fn run(
+        &self,
+        program: &InstancePre<CppState>,
+        stdin: &[u8],
+        limits: &Limits,
+    ) -> Result<RunOutput> {
+        let stdout = MemoryOutputPipe::new(limits.output_bytes);
+        let stderr = MemoryOutputPipe::new(limits.output_bytes);
+        let wasi = WasiCtx::builder()
+            .stdin(MemoryInputPipe::new(stdin.to_vec()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .arg("main")
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build_p1();
+        let state = CppState::new(
+            wasi,
+            MemoryLimiter::new(limits.memory_bytes),
+            SleepCap::new(limits.time),
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        set_deadline(&mut store, limits);
+
+        let started = Instant::now();
+        let result = cpp::run_module(program, &self.linker, &mut store).map(|()| 0);
+        let wall = started.elapsed();
+        let (refused, cut) = (store.data().limiter.refused, store.data().sleep.cut);
+        drop(store);
+        let (stdout, stderr) = (stdout.contents().to_vec(), stderr.contents().to_vec());
+        run_output(result, stdout, stderr, wall, refused, cut, limits)
+    }
+}
+
+/// An engine with epoch interruption and the on-disk cache of compiled code; `max_stack`
+/// raises the machine stack wasm may use (its runs must then be on threads that have it).
+fn new_engine(runtime_dir: &Path, max_stack: Option<usize>) -> Result<Engine> {
+    let wasm = |e: wasmtime::Error| SandboxError::Wasmtime(format!("{e:#}"));
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    if let Some(bytes) = max_stack {
+        // wasmtime-wasi's p2 enables async support, which checks its (unused) fiber stacks
+        // can hold the wasm stack.
+        config.async_stack_size(bytes + (1 << 20));
+        config.max_wasm_stack(bytes);
+    }
+    let mut cache = CacheConfig::new();
+    cache.with_directory(runtime_dir.join("cache"));
+    config.cache(Some(Cache::new(cache).map_err(wasm)?));
+    Engine::new(&config).map_err(wasm)
+}
+
+/// Traps the run once its time limit's worth of epoch ticks have passed.
+fn set_deadline<T>(store: &mut Store<T>, limits: &Limits) {
+    let ticks = limits.time.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
+    store.set_epoch_deadline(ticks);
+    store.epoch_deadline_trap();
+}
+
+/// How a run ended, from its result (the exit code, or wasmtime's error) and what it wrote.
+fn run_output(
+    result: wasmtime::Result<i32>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    wall: Duration,
+    memory_refused: bool,
+    sleep_cut: bool,
+    limits: &Limits,
+) -> Result<RunOutput> {
+    // A full pipe refuses further writes (the guest sees a broken pipe, and usually dies of
+    // it): filled to the byte, it was the output limit whatever happened next.
+    let full = stdout.len() >= limits.output_bytes || stderr.len() >= limits.output_bytes;
+    let exit = match result {
+        _ if full => Exit::OutputLimit,
+        _ if sleep_cut => Exit::TimedOut,
+        Ok(code) => Exit::Code(code),
+        Err(e) => classify(&e, memory_refused)?,
+    };
+    Ok(RunOutput {
+        exit,
+        stdout,
+        stderr,
+        wall,
+        memory_refused,
+    })
 }
 
 /// The WASI monotonic clock's sleeps, cut short at the run's deadline. Epoch interruption stops
@@ -266,7 +444,7 @@ fn cap_sleeps(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
         "subscribe-duration",
         |mut store: StoreContextMut<'_, RunState>, (nanos,): (u64,)| {
             let state = store.data_mut();
-            let capped = state.capped_sleep(nanos);
+            let capped = state.sleep.cap(nanos);
             Ok((state.clocks().subscribe_duration(capped)?,))
         },
     )?;
@@ -275,7 +453,7 @@ fn cap_sleeps(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
         |mut store: StoreContextMut<'_, RunState>, (when,): (u64,)| {
             let state = store.data_mut();
             let now = state.clocks().now()?;
-            let capped = now.saturating_add(state.capped_sleep(when.saturating_sub(now)));
+            let capped = now.saturating_add(state.sleep.cap(when.saturating_sub(now)));
             Ok((state.clocks().subscribe_instant(capped)?,))
         },
     )?;
@@ -303,22 +481,22 @@ fn classify(error: &wasmtime::Error, memory_refused: bool) -> Result<Exit> {
     Err(SandboxError::Wasmtime(message))
 }
 
-/// Advances the engine's epoch every tick until the sandbox is dropped.
+/// Advances the engines' epochs every tick until the sandbox is dropped.
 struct Ticker {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Ticker {
-    fn start(engine: &Engine) -> Self {
+    fn start(engines: Vec<Engine>) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (engine, flag) = (engine.clone(), Arc::clone(&stop));
+        let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("sandbox-epoch".into())
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(TICK);
-                    engine.increment_epoch();
+                    engines.iter().for_each(Engine::increment_epoch);
                 }
             })
             .expect("spawning the epoch thread");

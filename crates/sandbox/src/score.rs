@@ -9,7 +9,7 @@ use std::time::Duration;
 use prefloop_core::{Problem, ProblemSource, Sample, Score, Scorer, Verdict};
 use rayon::prelude::*;
 
-use crate::judge::{Compare, JudgeOptions, Language, Program, TestStyle};
+use crate::judge::{Compare, JudgeOptions, Judgement, Language, Program, TestStyle};
 use crate::runtime::Sandbox;
 use crate::{Result, SandboxError};
 
@@ -74,20 +74,24 @@ from math import sqrt, sin, cos, tan, ceil, fabs, floor, gcd, exp, log, log2\n\
 import fractions\nfrom typing import List, Tuple\nimport random\nimport heapq\n\
 from heapq import *\n";
 
-/// The code in a completion: the first fenced block (```python or bare ```), else all of it.
-pub fn extract_program(completion: &str) -> String {
+/// The code in a completion and the language its fence names: the first fenced block
+/// (```python, ```cpp, bare ```), else all of it. The language is None where no fence names
+/// one (the caller's default, Python, applies).
+pub fn extract_program(completion: &str) -> (Option<&str>, String) {
     let Some(open) = completion.find("```") else {
-        return completion.to_owned();
+        return (None, completion.to_owned());
     };
     let after = &completion[open + 3..];
     let body_start = after.find('\n').map_or(after.len(), |i| i + 1);
+    let tag = after[..body_start].trim();
     let body = &after[body_start..];
     let end = body.find("```").unwrap_or(body.len());
-    body[..end].to_owned()
+    ((!tag.is_empty()).then_some(tag), body[..end].to_owned())
 }
 
-/// The program to run for `code` written for `problem`, and how its tests are run.
-pub fn program_for(problem: &Problem, code: &str) -> Program {
+/// The program to run for `code` written for `problem` in `language`, and how its tests are
+/// run.
+pub fn program_for(problem: &Problem, language: Language, code: &str) -> Program {
     let style = match (&problem.fn_name, problem.source) {
         (Some(entry_point), ProblemSource::HumanEval | ProblemSource::Mbpp) => TestStyle::Check {
             entry_point: entry_point.clone(),
@@ -99,6 +103,7 @@ pub fn program_for(problem: &Problem, code: &str) -> Program {
     };
     // A HumanEval completion often continues the prompt's signature instead of repeating it.
     let source = match &style {
+        _ if language != Language::Python => code.to_owned(),
         TestStyle::Check { entry_point } if !code.contains(&format!("def {entry_point}")) => {
             format!("{}{code}", problem.starter_code)
         }
@@ -106,7 +111,7 @@ pub fn program_for(problem: &Problem, code: &str) -> Program {
         _ => code.to_owned(),
     };
     Program {
-        language: Language::Python,
+        language,
         source,
         style,
     }
@@ -209,7 +214,8 @@ fn reference_time(
     // Timed under the configured per-test limit, not the default it may be about to replace.
     judge.limits.time = options.judge.limits.time;
     judge.all_tests = true;
-    let judgement = sandbox.judge(&program_for(problem, reference), &problem.tests, &judge);
+    let program = program_for(problem, Language::Python, reference);
+    let judgement = sandbox.judge(&program, &problem.tests, &judge);
     (judgement.verdict == Verdict::Ok).then(|| {
         judgement
             .tests
@@ -227,12 +233,21 @@ fn score_one(
     reference: Option<Duration>,
     options: &ScoreOptions,
 ) -> Score {
-    let program = program_for(problem, &extract_program(&sample.completion));
-    let judgement = sandbox.judge(
-        &program,
-        &problem.tests,
-        &judge_options(problem, reference, options),
-    );
+    let (tag, code) = extract_program(&sample.completion);
+    let judgement = match tag.map_or(Ok(Language::Python), Language::parse) {
+        Ok(language) => sandbox.judge(
+            &program_for(problem, language, &code),
+            &problem.tests,
+            &judge_options(problem, reference, options),
+        ),
+        // A completion in a language the sandbox does not run cannot compile here.
+        Err(_) => Judgement {
+            verdict: Verdict::CompileError,
+            passed: 0,
+            total: problem.tests.len() as u32,
+            tests: Vec::new(),
+        },
+    };
     let reward = if judgement.total == 0 {
         0.0
     } else if options.partial_credit {
@@ -260,11 +275,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn extract_takes_the_first_fenced_block_or_everything() {
-        assert_eq!(extract_program("print(1)\n"), "print(1)\n");
+    fn extract_takes_the_first_fenced_block_or_everything_with_its_language() {
+        assert_eq!(extract_program("print(1)\n"), (None, "print(1)\n".into()));
         let reply = "Here:\n```python\nprint(2)\n```\nand\n```\nprint(3)\n```";
-        assert_eq!(extract_program(reply), "print(2)\n");
-        assert_eq!(extract_program("```py\nx = 1"), "x = 1");
+        assert_eq!(
+            extract_program(reply),
+            (Some("python"), "print(2)\n".into())
+        );
+        assert_eq!(
+            extract_program("```py\nx = 1"),
+            (Some("py"), "x = 1".into())
+        );
+        assert_eq!(extract_program("```\nx = 1\n```"), (None, "x = 1\n".into()));
+        let cpp = "```cpp\nint main() {}\n```";
+        assert_eq!(
+            extract_program(cpp),
+            (Some("cpp"), "int main() {}\n".into())
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use prefloop_core::{Problem, Verdict};
 use prefloop_data::{DatasetKind, ImportOptions, StageReader, import};
-use prefloop_sandbox::{JudgeOptions, Limits, TimePolicy, compare_for, program_for};
+use prefloop_sandbox::{JudgeOptions, Language, Limits, TimePolicy, compare_for, program_for};
 
 use common::sandbox;
 
@@ -55,7 +55,7 @@ fn reference_failures(problems: &[Problem]) -> Vec<(String, Verdict, String)> {
     for problem in problems {
         let reference = problem.reference_solution.as_deref().unwrap();
         let judgement = sandbox.judge(
-            &program_for(problem, reference),
+            &program_for(problem, Language::Python, reference),
             &problem.tests,
             &options(problem),
         );
@@ -124,7 +124,7 @@ fn apps_solutions_pass_and_generated_programs_get_apps_own_labels() {
             };
             let code = program["code"].as_str().unwrap();
             let judgement = sandbox.judge(
-                &program_for(problem, code),
+                &program_for(problem, Language::Python, code),
                 &problem.tests,
                 &options(problem),
             );

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prefloop_core::{Finish, Problem, ProblemSource, Sample, TestCase, Verdict};
-use prefloop_sandbox::{Calibration, ScoreOptions, TimePolicy, score_samples};
+use prefloop_sandbox::{Calibration, Language, ScoreOptions, TimePolicy, score_samples};
 
 use common::sandbox;
 
@@ -85,4 +85,58 @@ fn calibration_times_limits_from_the_reference_once_per_problem() {
         Some(true)
     );
     assert_eq!(verdicts(&options, &calibration), [Verdict::Ok, Verdict::Ok]);
+}
+
+#[test]
+fn completions_run_in_the_language_their_fence_names() {
+    let Some(sandbox) = sandbox() else {
+        return;
+    };
+    let problem = Problem {
+        problem_id: "slow".into(),
+        source: ProblemSource::CodeContests,
+        prompt: String::new(),
+        tests: vec![TestCase {
+            input: "2 3\n".into(),
+            output: "5".into(),
+        }],
+        fn_name: None,
+        starter_code: String::new(),
+        reference_solution: None,
+        difficulty: String::new(),
+        time_limit_ms: None,
+        memory_limit_bytes: None,
+    };
+    let problems = HashMap::from([(problem.problem_id.clone(), problem)]);
+    let python = "a, b = map(int, input().split())\nprint(a + b)\n";
+    let cpp = "#include <bits/stdc++.h>\nint main() { int a, b; std::cin >> a >> b; \
+               std::cout << a + b; }\n";
+    let mut samples = vec![
+        sample(format!("Here:\n```python\n{python}```\n"), 0),
+        sample(python.into(), 1),
+        sample(format!("```java\n{python}```"), 2),
+    ];
+    let mut expected = vec![Verdict::Ok, Verdict::Ok, Verdict::CompileError];
+    if sandbox.check_language(Language::Cpp).is_ok() {
+        samples.push(sample(format!("```cpp\n{cpp}```"), 3));
+        // C++ read as Python does not compile.
+        samples.push(sample(format!("```python\n{cpp}```"), 4));
+        expected.extend([Verdict::Ok, Verdict::CompileError]);
+    } else {
+        eprintln!("C++ part skipped: the toolchain is not installed (scripts/setup)");
+    }
+    let scores = score_samples(
+        sandbox,
+        &problems,
+        &samples,
+        &ScoreOptions::default(),
+        &Calibration::default(),
+    )
+    .unwrap();
+    let verdicts: Vec<Verdict> = scores.iter().map(|s| s.verdict).collect();
+    assert_eq!(verdicts, expected);
+    assert_eq!(
+        scores[2].total, 1,
+        "an unsupported language still counts its tests"
+    );
 }

@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use prefloop_core::{Problem, TestCase, Verdict};
 use prefloop_data::StageReader;
 use prefloop_sandbox::{
-    Compare, JudgeOptions, Limits, Sandbox, TestStyle, TimePolicy, apps_match, compare_for,
-    default_runtime_dir, program_for, tokens_match,
+    Compare, JudgeOptions, Language, Limits, Sandbox, TestStyle, TimePolicy, apps_match,
+    compare_for, default_runtime_dir, program_for, tokens_match,
 };
 use rayon::prelude::*;
 
@@ -120,8 +120,11 @@ pub fn run(args: &Args) -> Result<()> {
                 all_tests: true,
             };
             let reference = problem.reference_solution.as_deref().unwrap_or_default();
-            let judgement =
-                sandbox.judge(&program_for(problem, reference), &problem.tests, &options);
+            let judgement = sandbox.judge(
+                &program_for(problem, Language::Python, reference),
+                &problem.tests,
+                &options,
+            );
             let detail = judgement
                 .tests
                 .iter()
@@ -184,6 +187,7 @@ fn report(runner: &str, problems: &[Problem], outcomes: &[Outcome], wall: Durati
 fn native_outcome(python: &str, problem: &Problem, time: &TimePolicy) -> Result<Outcome> {
     let source = program_for(
         problem,
+        Language::Python,
         problem.reference_solution.as_deref().unwrap_or_default(),
     )
     .source;
