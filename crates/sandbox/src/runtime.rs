@@ -302,17 +302,8 @@ impl Sandbox {
         stdin: &[u8],
         limits: &Limits,
     ) -> Result<RunOutput> {
-        let stdout = MemoryOutputPipe::new(limits.output_bytes);
-        let stderr = MemoryOutputPipe::new(limits.output_bytes);
-        let ctx = WasiCtx::builder()
-            .stdin(MemoryInputPipe::new(stdin.to_vec()))
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .envs(env)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+        let io = Io::new(stdin, limits);
+        let ctx = io.wasi().envs(env).build();
         let state = RunState {
             ctx,
             table: ResourceTable::new(),
@@ -335,8 +326,7 @@ impl Sandbox {
         let wall = started.elapsed();
         let (refused, cut) = (store.data().limiter.refused, store.data().sleep.cut);
         drop(store);
-        let (stdout, stderr) = (stdout.contents().to_vec(), stderr.contents().to_vec());
-        run_output(result, stdout, stderr, wall, refused, cut, limits)
+        io.output(result, wall, refused, cut, limits)
     }
 }
 
@@ -347,17 +337,8 @@ impl CppRuntime {
         stdin: &[u8],
         limits: &Limits,
     ) -> Result<RunOutput> {
-        let stdout = MemoryOutputPipe::new(limits.output_bytes);
-        let stderr = MemoryOutputPipe::new(limits.output_bytes);
-        let wasi = WasiCtx::builder()
-            .stdin(MemoryInputPipe::new(stdin.to_vec()))
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .arg("main")
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build_p1();
+        let io = Io::new(stdin, limits);
+        let wasi = io.wasi().arg("main").build_p1();
         let state = CppState::new(
             wasi,
             MemoryLimiter::new(limits.memory_bytes),
@@ -372,8 +353,61 @@ impl CppRuntime {
         let wall = started.elapsed();
         let (refused, cut) = (store.data().limiter.refused, store.data().sleep.cut);
         drop(store);
-        let (stdout, stderr) = (stdout.contents().to_vec(), stderr.contents().to_vec());
-        run_output(result, stdout, stderr, wall, refused, cut, limits)
+        io.output(result, wall, refused, cut, limits)
+    }
+}
+
+/// A run's stdin from memory and its stdout and stderr into capped memory pipes.
+struct Io {
+    stdin: MemoryInputPipe,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl Io {
+    fn new(stdin: &[u8], limits: &Limits) -> Self {
+        Self {
+            stdin: MemoryInputPipe::new(stdin.to_vec()),
+            stdout: MemoryOutputPipe::new(limits.output_bytes),
+            stderr: MemoryOutputPipe::new(limits.output_bytes),
+        }
+    }
+
+    /// A WASI context with these pipes and no network.
+    fn wasi(&self) -> wasmtime_wasi::WasiCtxBuilder {
+        let mut builder = WasiCtx::builder();
+        builder
+            .stdin(self.stdin.clone())
+            .stdout(self.stdout.clone())
+            .stderr(self.stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        builder
+    }
+
+    /// How the run ended (see [`run_output`]), with what it wrote.
+    fn output(
+        self,
+        result: wasmtime::Result<i32>,
+        wall: Duration,
+        memory_refused: bool,
+        sleep_cut: bool,
+        limits: &Limits,
+    ) -> Result<RunOutput> {
+        let (stdout, stderr) = (
+            self.stdout.contents().to_vec(),
+            self.stderr.contents().to_vec(),
+        );
+        run_output(
+            result,
+            stdout,
+            stderr,
+            wall,
+            memory_refused,
+            sleep_cut,
+            limits,
+        )
     }
 }
 

@@ -31,26 +31,31 @@ fn sample(completion: String, sample_idx: u32) -> Sample {
     }
 }
 
+/// A stdin/stdout problem "slow" with one test and no stated time limit.
+fn problem(input: &str, output: &str, reference_solution: Option<String>) -> Problem {
+    Problem {
+        problem_id: "slow".into(),
+        source: ProblemSource::CodeContests,
+        prompt: String::new(),
+        tests: vec![TestCase {
+            input: input.into(),
+            output: output.into(),
+        }],
+        fn_name: None,
+        starter_code: String::new(),
+        reference_solution,
+        difficulty: String::new(),
+        time_limit_ms: None,
+        memory_limit_bytes: None,
+    }
+}
+
 #[test]
 fn calibration_times_limits_from_the_reference_once_per_problem() {
     let Some(sandbox) = sandbox() else {
         return;
     };
-    let problem = Problem {
-        problem_id: "slow".into(),
-        source: ProblemSource::CodeContests,
-        prompt: String::new(),
-        tests: vec![TestCase {
-            input: String::new(),
-            output: "done".into(),
-        }],
-        fn_name: None,
-        starter_code: String::new(),
-        reference_solution: Some(busy(3_000_000)),
-        difficulty: String::new(),
-        time_limit_ms: None,
-        memory_limit_bytes: None,
-    };
+    let problem = problem("", "done", Some(busy(3_000_000)));
     let problems = HashMap::from([(problem.problem_id.clone(), problem)]);
     // Twice the reference's work: too slow for a 50 ms default, well within 4× the reference.
     let samples = [
@@ -92,21 +97,7 @@ fn completions_run_in_the_language_their_fence_names() {
     let Some(sandbox) = sandbox() else {
         return;
     };
-    let problem = Problem {
-        problem_id: "slow".into(),
-        source: ProblemSource::CodeContests,
-        prompt: String::new(),
-        tests: vec![TestCase {
-            input: "2 3\n".into(),
-            output: "5".into(),
-        }],
-        fn_name: None,
-        starter_code: String::new(),
-        reference_solution: None,
-        difficulty: String::new(),
-        time_limit_ms: None,
-        memory_limit_bytes: None,
-    };
+    let problem = problem("2 3\n", "5", None);
     let problems = HashMap::from([(problem.problem_id.clone(), problem)]);
     let python = "a, b = map(int, input().split())\nprint(a + b)\n";
     let cpp = "#include <bits/stdc++.h>\nint main() { int a, b; std::cin >> a >> b; \
