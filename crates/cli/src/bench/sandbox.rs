@@ -106,6 +106,10 @@ pub fn run(args: &Args) -> Result<()> {
         ))
     );
 
+    if sandbox.check_language(Language::Cpp).is_ok() {
+        cpp_overhead(&sandbox, &trivial, args.trivial_runs)?;
+    }
+
     let time = TimePolicy::default();
     let started = Instant::now();
     let in_sandbox: Vec<Outcome> = problems
@@ -181,6 +185,50 @@ fn report(runner: &str, problems: &[Problem], outcomes: &[Outcome], wall: Durati
             );
         }
     }
+}
+
+/// C++'s costs on a trivial program: a compile (the first sight of a source), a program's
+/// preparation once compiled (the cached module loaded and linked), and a test.
+fn cpp_overhead(sandbox: &Sandbox, trivial: &TestCase, runs: u32) -> Result<()> {
+    // A source no earlier run compiled, so that the first judge pays the compile.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let echo = prefloop_sandbox::Program {
+        language: Language::Cpp,
+        source: format!(
+            "// {nonce}\n#include <cstdio>\nint main() {{ int x; scanf(\"%d\", &x); printf(\"%d\\n\", x); }}\n"
+        ),
+        style: TestStyle::Stdio,
+    };
+    let options = JudgeOptions {
+        all_tests: true,
+        ..JudgeOptions::default()
+    };
+    let judge = |tests: &[TestCase]| -> Result<Duration> {
+        let started = Instant::now();
+        let judgement = sandbox.judge(&echo, tests, &options);
+        anyhow::ensure!(
+            judgement.verdict == Verdict::Ok,
+            "trivial C++ program: {judgement:?}"
+        );
+        Ok(started.elapsed())
+    };
+    let compile = judge(std::slice::from_ref(trivial))?;
+    let prepared = (0..runs)
+        .map(|_| judge(std::slice::from_ref(trivial)))
+        .sum::<Result<Duration>>()?
+        / runs;
+    let tests = vec![trivial.clone(); runs as usize];
+    let per_test = judge(&tests)? / runs;
+    println!(
+        "trivial C++ program (scanf/printf): compile {:.2} s once; then per program {:.2} ms \
+         (cached module loaded, linked, one test); per test {:.2} ms",
+        compile.as_secs_f64(),
+        prepared.as_secs_f64() * 1e3,
+        per_test.as_secs_f64() * 1e3
+    );
+    Ok(())
 }
 
 /// The reference run natively, one process per test, stopping at nothing (all tests).
