@@ -197,9 +197,7 @@ fn generate_and_score(
     round: u32,
     model: &mut Option<Model>,
 ) -> Result<()> {
-    if !state.is_complete(round, Stage::Generate) && written(dir, round, Stage::Generate)? {
-        complete(dir, state, round, Stage::Generate, 0.0, &[])?;
-    }
+    adopt_written(dir, state, round, Stage::Generate)?;
     if !state.is_complete(round, Stage::Generate) {
         let began = Instant::now();
         load_policy(state, round, model)?;
@@ -218,9 +216,7 @@ fn generate_and_score(
         let seconds = began.elapsed().as_secs_f64();
         complete(dir, state, round, Stage::Generate, seconds, &detail)?;
     }
-    if !state.is_complete(round, Stage::Score) && written(dir, round, Stage::Score)? {
-        complete(dir, state, round, Stage::Score, 0.0, &[])?;
-    }
+    adopt_written(dir, state, round, Stage::Score)?;
     if !state.is_complete(round, Stage::Score) {
         let began = Instant::now();
         let samples = dir.stage_dir(round, Stage::Generate);
@@ -314,17 +310,7 @@ fn dpo_update(
     round: u32,
     model: &mut Option<Model>,
 ) -> Result<PathBuf> {
-    if !state.is_complete(round, Stage::Pairs) && written(dir, round, Stage::Pairs)? {
-        let pairs = Manifest::load(&dir.stage_dir(round, Stage::Pairs))?.map_or(0, |m| m.rows());
-        complete(
-            dir,
-            state,
-            round,
-            Stage::Pairs,
-            0.0,
-            &[("pairs", pairs as f64)],
-        )?;
-    }
+    adopt_written(dir, state, round, Stage::Pairs)?;
     if !state.is_complete(round, Stage::Pairs) {
         let began = Instant::now();
         let fallback = inputs
@@ -504,12 +490,23 @@ impl std::fmt::Debug for Scorers {
     }
 }
 
-/// Whether a stage's shards are all written and its manifest says so. A run killed after that
-/// but before `state.json` recorded it finds the stage done: writing it again would be refused
-/// (and would waste the work), so it is only marked complete, with a wall time of 0: what it
-/// took went with the killed process.
-fn written(dir: &RunDir, round: u32, stage: Stage) -> Result<bool> {
-    Ok(Manifest::load(&dir.stage_dir(round, stage))?.is_some_and(|m| m.complete))
+/// Marks a stage complete if its shards are all written and its manifest says so. A run
+/// killed after that but before `state.json` recorded it finds the stage done: writing it
+/// again would be refused (and would waste the work). Its wall time went with the killed
+/// process and is recorded as 0; the pairs stage's row count comes from its manifest.
+fn adopt_written(dir: &RunDir, state: &mut RunState, round: u32, stage: Stage) -> Result<()> {
+    if state.is_complete(round, stage) {
+        return Ok(());
+    }
+    let Some(manifest) = Manifest::load(&dir.stage_dir(round, stage))?.filter(|m| m.complete)
+    else {
+        return Ok(());
+    };
+    let detail = match stage {
+        Stage::Pairs => vec![("pairs", manifest.rows() as f64)],
+        _ => Vec::new(),
+    };
+    complete(dir, state, round, stage, 0.0, &detail)
 }
 
 /// Marks `stage` of `round` complete, with its wall time and what it measured.

@@ -247,18 +247,21 @@ impl Sandbox {
 
     /// Whether this sandbox can run `language`: C++ needs the toolchain scripts/setup installs.
     pub fn check_language(&self, language: crate::Language) -> Result<()> {
-        match (language, &self.cpp) {
-            (crate::Language::Cpp, Err(why)) => Err(SandboxError::MissingToolchain(why.clone())),
-            _ => Ok(()),
+        match language {
+            crate::Language::Cpp => self.cpp().map(|_| ()),
+            crate::Language::Python => Ok(()),
         }
+    }
+
+    fn cpp(&self) -> Result<&CppRuntime> {
+        self.cpp
+            .as_ref()
+            .map_err(|why| SandboxError::MissingToolchain(why.clone()))
     }
 
     /// Compiles and links a C++ program (compiles are cached on disk by source).
     pub(crate) fn prepare_cpp(&self, source: &str) -> Result<CppProgram> {
-        let cpp = self
-            .cpp
-            .as_ref()
-            .map_err(|why| SandboxError::MissingToolchain(why.clone()))?;
+        let cpp = self.cpp()?;
         let path = match cpp.compiler.compile(source)? {
             Compiled::Module(path) => path,
             Compiled::Error(message) => return Ok(CppProgram::CompileError(message)),
@@ -279,10 +282,7 @@ impl Sandbox {
         stdin: &[u8],
         limits: &Limits,
     ) -> Result<RunOutput> {
-        let cpp = self
-            .cpp
-            .as_ref()
-            .map_err(|why| SandboxError::MissingToolchain(why.clone()))?;
+        let cpp = self.cpp()?;
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("sandbox-cpp".into())
