@@ -45,6 +45,11 @@ struct LimitArgs {
     /// Output limit per test, in MiB.
     #[arg(long, default_value_t = Limits::default().output_bytes >> 20)]
     output_mb: usize,
+    /// Fuel per test (about one unit per wasm instruction): a run that uses it up is TLE
+    /// however loaded the machine is, so verdicts are reproducible; the time limit stays as
+    /// a backstop. `sandbox run` prints what a program used. Default: time alone.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    fuel: Option<u64>,
 }
 
 impl LimitArgs {
@@ -53,6 +58,7 @@ impl LimitArgs {
             time: Duration::from_millis(self.time_limit_ms),
             memory_bytes: self.memory_mb << 20,
             output_bytes: self.output_mb << 20,
+            fuel: self.fuel,
         }
     }
 }
@@ -103,9 +109,11 @@ fn run_one(args: &RunArgs) -> Result<()> {
         eprintln!("{}", stderr.trim_end_matches('\n'));
     }
     eprintln!(
-        "[sandbox] {:?} after {:.1} ms{}",
+        "[sandbox] {:?} after {:.1} ms{}{}",
         run.exit,
         run.wall.as_secs_f64() * 1e3,
+        run.fuel_used
+            .map_or(String::new(), |fuel| format!(", {fuel} fuel")),
         if run.memory_refused {
             " (a memory growth was refused)"
         } else {

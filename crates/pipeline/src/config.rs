@@ -144,6 +144,11 @@ pub struct ScoreConfig {
     pub time_scale: f64,
     /// Tests: time problems without a limit from their reference solution. Default false.
     pub calibrate: bool,
+    /// Tests: fuel per test (about one unit per wasm instruction). A run that uses it up is
+    /// TLE however loaded the machine is, so a round's scores are reproducible; the time
+    /// limit stays as a backstop. `prefloop sandbox run --fuel` prints what a program uses.
+    /// Default none (time limits alone).
+    pub fuel: Option<u64>,
     /// Tests: samples scored per batch (written together). Default 256.
     pub batch_size: usize,
 }
@@ -159,6 +164,7 @@ impl Default for ScoreConfig {
             time_floor_ms: time.floor.as_millis() as u64,
             time_scale: time.problem_scale,
             calibrate: false,
+            fuel: None,
             batch_size: 256,
         }
     }
@@ -273,6 +279,9 @@ impl RunConfig {
         }
         if self.score.batch_size == 0 || self.score.rm_batch_size == 0 {
             return Err(fail("score", "batch sizes must be at least 1"));
+        }
+        if self.score.fuel == Some(0) {
+            return Err(fail("score.fuel", "must be at least 1"));
         }
         // Checked now, not after hours of generation and scoring.
         match self.algorithm {

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_core::{Problem, Sample, Score, Scorer, Verdict};
 use prefloop_data::{StageReader, StageWriter, WriterOptions};
 use prefloop_sandbox::{
-    Calibration, JudgeOptions, Sandbox, ScoreOptions, TimePolicy, score_samples,
+    Calibration, JudgeOptions, Limits, Sandbox, ScoreOptions, TimePolicy, score_samples,
 };
 use prefloop_train::{Encoder, RewardModel};
 
@@ -33,7 +33,13 @@ pub struct ScoreReport {
 /// The sandbox options of a config's `[score]` section.
 pub fn score_options(config: &ScoreConfig) -> ScoreOptions {
     ScoreOptions {
-        judge: JudgeOptions::default(),
+        judge: JudgeOptions {
+            limits: Limits {
+                fuel: config.fuel,
+                ..Limits::default()
+            },
+            ..JudgeOptions::default()
+        },
         time: TimePolicy {
             floor: Duration::from_millis(config.time_floor_ms),
             problem_scale: config.time_scale,

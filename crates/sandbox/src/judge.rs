@@ -107,7 +107,7 @@ impl Sandbox {
         options: &JudgeOptions,
     ) -> Judgement {
         let mut results = Vec::with_capacity(tests.len());
-        let ready = self.ready(program);
+        let ready = self.ready(program, &options.limits);
         for test in tests {
             let result = match &ready {
                 Ok(ready) => self.run_test(ready, program, test, options),
@@ -146,14 +146,22 @@ impl Sandbox {
         test: &TestCase,
         options: &JudgeOptions,
     ) -> Result<RunOutput> {
-        self.run_ready(&self.ready(program)?, program, test, options)
+        self.run_ready(
+            &self.ready(program, &options.limits)?,
+            program,
+            test,
+            options,
+        )
     }
 
-    /// What `program` needs before its first test: for C++, compiling and linking.
-    fn ready(&self, program: &Program) -> Result<Ready> {
+    /// What `program` needs before its first test under `limits`: for C++, compiling and
+    /// linking.
+    fn ready(&self, program: &Program, limits: &Limits) -> Result<Ready> {
         Ok(match (program.language, &program.style) {
             (Language::Python, _) => Ready::Python,
-            (Language::Cpp, TestStyle::Stdio) => Ready::Cpp(self.prepare_cpp(&program.source)?),
+            (Language::Cpp, TestStyle::Stdio) => {
+                Ready::Cpp(self.prepare_cpp(&program.source, limits)?)
+            }
             (Language::Cpp, _) => Ready::Cpp(CppProgram::CompileError(
                 "C++ programs are judged on stdin/stdout tests; this problem calls a function"
                     .into(),
@@ -179,6 +187,7 @@ impl Sandbox {
                 stderr: Vec::new(),
                 wall: Duration::ZERO,
                 memory_refused: false,
+                fuel_used: None,
             }),
         }
     }
@@ -251,6 +260,7 @@ fn verdict_of(run: &RunOutput, program: &Program, expected: &str, compare: Compa
     };
     let (verdict, detail) = match &run.exit {
         Exit::TimedOut => (Verdict::TimeLimit, String::new()),
+        Exit::OutOfFuel => (Verdict::TimeLimit, "ran out of fuel".into()),
         Exit::OutOfMemory => (Verdict::MemoryLimit, String::new()),
         Exit::OutputLimit => (Verdict::OutputLimit, String::new()),
         Exit::Trap(trap) if run.memory_refused => (Verdict::MemoryLimit, trap.clone()),

@@ -7,9 +7,15 @@
 //! environment as its only other input, no preopened directories, no sockets, no threads or
 //! processes (WASI has none). Time is bounded by epoch interruption (a ticker thread advances
 //! the engine's epoch), memory by a resource limiter that refuses growth past the limit.
+//!
+//! Runs with a fuel limit go to a second set of engines that count fuel (wasmtime's
+//! `consume_fuel`, about one unit per wasm instruction): running out is TLE whatever the
+//! machine's load, so those verdicts are reproducible. Counting costs CPU, so those engines
+//! (and their compiled runner, cached apart since the flags differ) are built on the first run
+//! that asks for fuel.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -47,6 +53,11 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Bytes the program may write to stdout (and, separately, to stderr).
     pub output_bytes: usize,
+    /// Fuel (about one unit per wasm instruction the program, or the interpreter running it,
+    /// executes). When set, a run that uses it up is TLE however busy the machine is, so the
+    /// verdict is deterministic; the time limit stays as a backstop (sleeps use no fuel).
+    /// Default: none, time alone.
+    pub fuel: Option<u64>,
 }
 
 impl Default for Limits {
@@ -55,6 +66,7 @@ impl Default for Limits {
             time: Duration::from_secs(10),
             memory_bytes: 1 << 30,
             output_bytes: 16 << 20,
+            fuel: None,
         }
     }
 }
@@ -66,6 +78,8 @@ pub enum Exit {
     Code(i32),
     /// Stopped at the time limit.
     TimedOut,
+    /// Used up its fuel.
+    OutOfFuel,
     /// A memory growth was refused and the program trapped or failed because of it.
     OutOfMemory,
     /// Filled stdout or stderr up to the output limit.
@@ -85,6 +99,9 @@ pub struct RunOutput {
     pub wall: Duration,
     /// A memory growth was refused during the run (the program may have survived it).
     pub memory_refused: bool,
+    /// Fuel the run used, when it ran with a fuel limit: the same for every run of a program
+    /// on an input, which makes it the measure to set fuel limits from.
+    pub fuel_used: Option<u64>,
 }
 
 /// The store's data: WASI state and our limiter.
@@ -175,11 +192,22 @@ impl ResourceLimiter for MemoryLimiter {
 /// The engines and the pre-linked runners. Cheap to share across threads (`&Sandbox` is
 /// `Sync`); every run makes its own store.
 pub struct Sandbox {
+    runtime_dir: PathBuf,
+    /// Runs with no fuel limit.
+    timed: Runners,
+    /// Runs with a fuel limit, built on the first one (or why they could not be).
+    metered: OnceLock<std::result::Result<Runners, String>>,
+    /// The C++ compiler, or why this machine cannot run C++ (the toolchain is not installed).
+    compiler: std::result::Result<Compiler, String>,
+    ticker: Ticker,
+}
+
+/// Engines and pre-linked runners of one kind: counting fuel or not.
+struct Runners {
     engine: Engine,
     python: CommandPre<RunState>,
-    /// C++, or why this machine cannot run it (the toolchain is not installed).
-    cpp: std::result::Result<CppRuntime, String>,
-    _ticker: Ticker,
+    /// None when there is no C++ compiler.
+    cpp: Option<CppRuntime>,
 }
 
 /// Its own engine: C++ recursion needs a deeper machine stack than CPython's interpreter
@@ -187,7 +215,6 @@ pub struct Sandbox {
 struct CppRuntime {
     engine: Engine,
     linker: CppLinker,
-    compiler: Compiler,
 }
 
 /// A C++ program compiled and linked, ready for a store per test; or why it is not.
@@ -202,67 +229,107 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
-impl Sandbox {
-    /// Loads the runners from `runtime_dir` (scripts/setup builds them into
-    /// `.prefloop/sandbox`), compiling them on first use and caching the machine code in
-    /// `runtime_dir/cache`.
-    pub fn open(runtime_dir: &Path) -> Result<Self> {
+impl Runners {
+    /// Compiles (or loads from the cache) and links the runners for engines that count fuel
+    /// or not; C++ only when there is a compiler.
+    fn new(runtime_dir: &Path, fuel: bool, cpp: bool) -> Result<Self> {
         let runner = runtime_dir.join(PYTHON_RUNNER);
         if !runner.is_file() {
             return Err(SandboxError::MissingRuntime(runner));
         }
         let wasm = |e: wasmtime::Error| SandboxError::Wasmtime(format!("{e:#}"));
-        let engine = new_engine(runtime_dir, None)?;
+        let engine = new_engine(runtime_dir, None, fuel)?;
 
         let started = Instant::now();
         let component = Component::from_file(&engine, &runner)
             .map_err(|e| SandboxError::Wasmtime(format!("loading {}: {e:#}", runner.display())))?;
-        tracing::debug!(elapsed = ?started.elapsed(), runner = %runner.display(), "python runner ready");
+        tracing::debug!(elapsed = ?started.elapsed(), runner = %runner.display(), fuel, "python runner ready");
         let mut linker = Linker::<RunState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm)?;
         cap_sleeps(&mut linker).map_err(wasm)?;
         let python =
             CommandPre::new(linker.instantiate_pre(&component).map_err(wasm)?).map_err(wasm)?;
-        let cpp = match Compiler::find(runtime_dir) {
-            Ok(compiler) => {
-                let engine = new_engine(runtime_dir, Some(cpp::WASM_STACK_BYTES))?;
-                let linker = CppLinker::new(&engine).map_err(wasm)?;
-                Ok(CppRuntime {
-                    engine,
-                    linker,
-                    compiler,
-                })
-            }
-            Err(e) => Err(e.to_string()),
+        let cpp = if cpp {
+            let engine = new_engine(runtime_dir, Some(cpp::WASM_STACK_BYTES), fuel)?;
+            let linker = CppLinker::new(&engine).map_err(wasm)?;
+            Some(CppRuntime { engine, linker })
+        } else {
+            None
         };
-        let mut engines = vec![engine.clone()];
-        engines.extend(cpp.as_ref().ok().map(|c| c.engine.clone()));
         Ok(Self {
-            _ticker: Ticker::start(engines),
             engine,
             python,
             cpp,
         })
     }
 
+    fn engines(&self) -> Vec<Engine> {
+        let mut engines = vec![self.engine.clone()];
+        engines.extend(self.cpp.as_ref().map(|c| c.engine.clone()));
+        engines
+    }
+}
+
+impl Sandbox {
+    /// Loads the runners from `runtime_dir` (scripts/setup builds them into
+    /// `.prefloop/sandbox`), compiling them on first use and caching the machine code in
+    /// `runtime_dir/cache`.
+    pub fn open(runtime_dir: &Path) -> Result<Self> {
+        let compiler = Compiler::find(runtime_dir).map_err(|e| e.to_string());
+        let timed = Runners::new(runtime_dir, false, compiler.is_ok())?;
+        Ok(Self {
+            ticker: Ticker::start(timed.engines()),
+            runtime_dir: runtime_dir.to_owned(),
+            timed,
+            metered: OnceLock::new(),
+            compiler,
+        })
+    }
+
     /// Whether this sandbox can run `language`: C++ needs the toolchain scripts/setup installs.
     pub fn check_language(&self, language: crate::Language) -> Result<()> {
         match language {
-            crate::Language::Cpp => self.cpp().map(|_| ()),
+            crate::Language::Cpp => self.compiler().map(|_| ()),
             crate::Language::Python => Ok(()),
         }
     }
 
-    fn cpp(&self) -> Result<&CppRuntime> {
-        self.cpp
+    fn compiler(&self) -> Result<&Compiler> {
+        self.compiler
             .as_ref()
             .map_err(|why| SandboxError::MissingToolchain(why.clone()))
     }
 
-    /// Compiles and links a C++ program (compiles are cached on disk by source).
-    pub(crate) fn prepare_cpp(&self, source: &str) -> Result<CppProgram> {
-        let cpp = self.cpp()?;
-        let path = match cpp.compiler.compile(source)? {
+    /// The runners for runs under `limits`: those that count fuel when it sets a fuel limit.
+    fn runners(&self, limits: &Limits) -> Result<&Runners> {
+        if limits.fuel.is_none() {
+            return Ok(&self.timed);
+        }
+        self.metered
+            .get_or_init(|| {
+                let runners = Runners::new(&self.runtime_dir, true, self.compiler.is_ok())
+                    .map_err(|e| e.to_string())?;
+                self.ticker.add(runners.engines());
+                Ok(runners)
+            })
+            .as_ref()
+            .map_err(|why| SandboxError::Wasmtime(format!("the fuel-counting engines: {why}")))
+    }
+
+    fn cpp(&self, limits: &Limits) -> Result<&CppRuntime> {
+        self.compiler()?;
+        Ok(self
+            .runners(limits)?
+            .cpp
+            .as_ref()
+            .expect("C++ runners exist whenever the compiler does"))
+    }
+
+    /// Compiles and links a C++ program for runs under `limits` (compiles are cached on disk
+    /// by source).
+    pub(crate) fn prepare_cpp(&self, source: &str, limits: &Limits) -> Result<CppProgram> {
+        let cpp = self.cpp(limits)?;
+        let path = match self.compiler()?.compile(source)? {
             Compiled::Module(path) => path,
             Compiled::Error(message) => return Ok(CppProgram::CompileError(message)),
         };
@@ -282,7 +349,7 @@ impl Sandbox {
         stdin: &[u8],
         limits: &Limits,
     ) -> Result<RunOutput> {
-        let cpp = self.cpp()?;
+        let cpp = self.cpp(limits)?;
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("sandbox-cpp".into())
@@ -310,12 +377,13 @@ impl Sandbox {
             limiter: MemoryLimiter::new(limits.memory_bytes),
             sleep: SleepCap::new(limits.time),
         };
-        let mut store = Store::new(&self.engine, state);
+        let runners = self.runners(limits)?;
+        let mut store = Store::new(&runners.engine, state);
         store.limiter(|s| &mut s.limiter);
-        set_deadline(&mut store, limits);
+        set_limits(&mut store, limits)?;
 
         let started = Instant::now();
-        let result = self
+        let result = runners
             .python
             .instantiate(&mut store)
             .and_then(|command| command.wasi_cli_run().call_run(&mut store))
@@ -323,10 +391,9 @@ impl Sandbox {
                 Ok(()) => 0,
                 Err(()) => 1,
             });
-        let wall = started.elapsed();
-        let (refused, cut) = (store.data().limiter.refused, store.data().sleep.cut);
+        let ended = Ended::of(&store, started, limits);
         drop(store);
-        io.output(result, wall, refused, cut, limits)
+        io.output(result, ended, limits)
     }
 }
 
@@ -346,14 +413,13 @@ impl CppRuntime {
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        set_deadline(&mut store, limits);
+        set_limits(&mut store, limits)?;
 
         let started = Instant::now();
         let result = cpp::run_module(program, &self.linker, &mut store).map(|()| 0);
-        let wall = started.elapsed();
-        let (refused, cut) = (store.data().limiter.refused, store.data().sleep.cut);
+        let ended = Ended::of(&store, started, limits);
         drop(store);
-        io.output(result, wall, refused, cut, limits)
+        io.output(result, ended, limits)
     }
 }
 
@@ -390,33 +456,67 @@ impl Io {
     fn output(
         self,
         result: wasmtime::Result<i32>,
-        wall: Duration,
-        memory_refused: bool,
-        sleep_cut: bool,
+        ended: Ended,
         limits: &Limits,
     ) -> Result<RunOutput> {
         let (stdout, stderr) = (
             self.stdout.contents().to_vec(),
             self.stderr.contents().to_vec(),
         );
-        run_output(
-            result,
-            stdout,
-            stderr,
+        run_output(result, stdout, stderr, ended, limits)
+    }
+}
+
+/// What a store knows when its run has ended.
+struct Ended {
+    wall: Duration,
+    /// A memory growth was refused.
+    memory_refused: bool,
+    /// A sleep was cut at the deadline.
+    sleep_cut: bool,
+    fuel_used: Option<u64>,
+}
+
+impl Ended {
+    fn of<T: Limited>(store: &Store<T>, started: Instant, limits: &Limits) -> Self {
+        let wall = started.elapsed();
+        let (limiter, sleep) = store.data().limits();
+        Self {
             wall,
-            memory_refused,
-            sleep_cut,
-            limits,
-        )
+            memory_refused: limiter.refused,
+            sleep_cut: sleep.cut,
+            fuel_used: limits
+                .fuel
+                .map(|fuel| fuel - store.get_fuel().unwrap_or(0).min(fuel)),
+        }
+    }
+}
+
+/// A store's data that carries the run's limiter and sleep cap.
+trait Limited {
+    fn limits(&self) -> (&MemoryLimiter, &SleepCap);
+}
+
+impl Limited for RunState {
+    fn limits(&self) -> (&MemoryLimiter, &SleepCap) {
+        (&self.limiter, &self.sleep)
+    }
+}
+
+impl Limited for CppState {
+    fn limits(&self) -> (&MemoryLimiter, &SleepCap) {
+        (&self.limiter, &self.sleep)
     }
 }
 
 /// An engine with epoch interruption and the on-disk cache of compiled code; `max_stack`
-/// raises the machine stack wasm may use (its runs must then be on threads that have it).
-fn new_engine(runtime_dir: &Path, max_stack: Option<usize>) -> Result<Engine> {
+/// raises the machine stack wasm may use (its runs must then be on threads that have it);
+/// `fuel` makes it count fuel.
+fn new_engine(runtime_dir: &Path, max_stack: Option<usize>, fuel: bool) -> Result<Engine> {
     let wasm = |e: wasmtime::Error| SandboxError::Wasmtime(format!("{e:#}"));
     let mut config = Config::new();
     config.epoch_interruption(true);
+    config.consume_fuel(fuel);
     if let Some(bytes) = max_stack {
         // wasmtime-wasi's p2 enables async support, which checks its (unused) fiber stacks
         // can hold the wasm stack.
@@ -429,11 +529,17 @@ fn new_engine(runtime_dir: &Path, max_stack: Option<usize>) -> Result<Engine> {
     Engine::new(&config).map_err(wasm)
 }
 
-/// Traps the run once its time limit's worth of epoch ticks have passed.
-fn set_deadline<T>(store: &mut Store<T>, limits: &Limits) {
+/// Traps the run once its time limit's worth of epoch ticks have passed, or its fuel is used.
+fn set_limits<T>(store: &mut Store<T>, limits: &Limits) -> Result<()> {
     let ticks = limits.time.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
     store.set_epoch_deadline(ticks);
     store.epoch_deadline_trap();
+    if let Some(fuel) = limits.fuel {
+        store
+            .set_fuel(fuel)
+            .map_err(|e| SandboxError::Wasmtime(format!("setting the fuel: {e:#}")))?;
+    }
+    Ok(())
 }
 
 /// How a run ended, from its result (the exit code, or wasmtime's error) and what it wrote.
@@ -441,9 +547,7 @@ fn run_output(
     result: wasmtime::Result<i32>,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
-    wall: Duration,
-    memory_refused: bool,
-    sleep_cut: bool,
+    ended: Ended,
     limits: &Limits,
 ) -> Result<RunOutput> {
     // A full pipe refuses further writes (the guest sees a broken pipe, and usually dies of
@@ -451,16 +555,17 @@ fn run_output(
     let full = stdout.len() >= limits.output_bytes || stderr.len() >= limits.output_bytes;
     let exit = match result {
         _ if full => Exit::OutputLimit,
-        _ if sleep_cut => Exit::TimedOut,
+        _ if ended.sleep_cut => Exit::TimedOut,
         Ok(code) => Exit::Code(code),
-        Err(e) => classify(&e, memory_refused)?,
+        Err(e) => classify(&e, ended.memory_refused)?,
     };
     Ok(RunOutput {
         exit,
         stdout,
         stderr,
-        wall,
-        memory_refused,
+        wall: ended.wall,
+        memory_refused: ended.memory_refused,
+        fuel_used: ended.fuel_used,
     })
 }
 
@@ -504,6 +609,7 @@ fn classify(error: &wasmtime::Error, memory_refused: bool) -> Result<Exit> {
     if let Some(trap) = error.downcast_ref::<Trap>() {
         return Ok(match trap {
             Trap::Interrupt => Exit::TimedOut,
+            Trap::OutOfFuel => Exit::OutOfFuel,
             _ if memory_refused => Exit::OutOfMemory,
             other => Exit::Trap(other.to_string()),
         });
@@ -517,27 +623,39 @@ fn classify(error: &wasmtime::Error, memory_refused: bool) -> Result<Exit> {
 
 /// Advances the engines' epochs every tick until the sandbox is dropped.
 struct Ticker {
+    engines: Arc<Mutex<Vec<Engine>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Ticker {
     fn start(engines: Vec<Engine>) -> Self {
+        let engines = Arc::new(Mutex::new(engines));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let (flag, ticked) = (Arc::clone(&stop), Arc::clone(&engines));
         let thread = std::thread::Builder::new()
             .name("sandbox-epoch".into())
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(TICK);
+                    let engines = ticked.lock().unwrap_or_else(|e| e.into_inner());
                     engines.iter().for_each(Engine::increment_epoch);
                 }
             })
             .expect("spawning the epoch thread");
         Self {
+            engines,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Ticks these engines too from now on.
+    fn add(&self, engines: Vec<Engine>) {
+        self.engines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(engines);
     }
 }
 

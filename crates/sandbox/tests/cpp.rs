@@ -16,6 +16,7 @@ fn options() -> JudgeOptions {
             time: Duration::from_secs(2),
             memory_bytes: 512 << 20,
             output_bytes: 1 << 20,
+            fuel: None,
         },
         compare: Compare::Tokens,
         all_tests: false,

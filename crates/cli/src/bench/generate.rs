@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 use prefloop_model::{Model, Request, SamplingParams, best_device, generate};
 
-use super::{mib, peak_rss, python_baseline, reset_peak_rss};
+use super::{baseline_columns, memory_meaning, memory_mib, python_baseline, reset_peak_rss};
 
 /// Tokens per second of batched sampling, per batch size.
 #[derive(Debug, clap::Args)]
@@ -94,7 +94,10 @@ pub fn run(args: &Args) -> Result<()> {
         args.new_tokens,
         args.top_k
     );
-    println!("batch   prefloop tok/s  seconds  peak RSS MiB  transformers tok/s  speed-up");
+    println!(
+        "batch   prefloop tok/s  seconds      peak MiB  transformers tok/s  speed-up   ({})",
+        memory_meaning(device)
+    );
     for &batch in &args.batch_sizes {
         let requests: Vec<Request> = (0..batch as u64)
             .map(|row| Request {
@@ -111,18 +114,13 @@ pub fn run(args: &Args) -> Result<()> {
         let tokens: usize = out.iter().map(|g| g.tokens.len()).sum();
         anyhow::ensure!(tokens == batch * args.new_tokens, "made {tokens} tokens");
         let ours = tokens as f64 / seconds;
+        let memory = memory_mib(device);
         let baseline = match (&args.hf_python, &hf_dir) {
-            (Some(python), Some((_, dir))) => Some(hf_tokens_per_second(python, dir, batch, args)?),
+            (Some(python), Some((_, dir))) => Some(hf_tokens_per_second(python, dir, batch, args)),
             _ => None,
         };
-        let (theirs, ratio) = match baseline {
-            Some(b) => (format!("{b:.1}"), format!("{:.2}x", ours / b)),
-            None => ("-".into(), "-".into()),
-        };
-        println!(
-            "{batch:5} {ours:16.1} {seconds:8.2} {:13.1} {theirs:>19} {ratio:>9}",
-            mib(peak_rss().unwrap_or(0))
-        );
+        let (theirs, ratio) = baseline_columns(baseline, ours);
+        println!("{batch:5} {ours:16.1} {seconds:8.2} {memory:13.1} {theirs:>19} {ratio:>9}");
     }
     Ok(())
 }

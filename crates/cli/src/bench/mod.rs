@@ -130,6 +130,55 @@ impl TextGen {
 
 /// Runs a Python baseline `script` (the venv's python) on the model saved at `dir` with
 /// `args`; returns the number it prints last (tokens/s).
+/// The peak memory column: this process's peak RSS on the CPU; on a GPU, the device memory
+/// nvidia-smi says it holds (the caching allocator keeps its peak).
+fn memory_mib(device: tch::Device) -> f64 {
+    match device {
+        tch::Device::Cuda(_) => gpu_memory_mib().unwrap_or(f64::NAN),
+        _ => mib(peak_rss().unwrap_or(0)),
+    }
+}
+
+/// What [`memory_mib`] measures on `device`, for the table's legend.
+fn memory_meaning(device: tch::Device) -> &'static str {
+    match device {
+        tch::Device::Cuda(_) => "GPU memory held, from nvidia-smi",
+        _ => "peak RSS of this process",
+    }
+}
+
+/// GPU memory this process holds, from nvidia-smi.
+fn gpu_memory_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let me = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let (pid, used) = line.split_once(',')?;
+            (pid.trim() == me).then(|| used.trim().parse().ok())?
+        })
+}
+
+/// The baseline's tokens/s and our speed-up over it, as table cells. A baseline that failed
+/// (out of memory at a large shape, say) is reported on stderr and as "failed", so the rows
+/// already measured are not lost.
+fn baseline_columns(baseline: Option<Result<f64>>, ours: f64) -> (String, String) {
+    match baseline {
+        Some(Ok(b)) => (format!("{b:.1}"), format!("{:.2}x", ours / b)),
+        Some(Err(e)) => {
+            eprintln!("{e:#}");
+            ("failed".into(), "-".into())
+        }
+        None => ("-".into(), "-".into()),
+    }
+}
+
 fn python_baseline(
     python: &std::path::Path,
     script: &str,

@@ -35,6 +35,10 @@ pub struct Args {
     /// Runs of the trivial program for the overhead figure.
     #[arg(long, default_value_t = 200)]
     trivial_runs: u32,
+    /// Run the references with this fuel limit per test as well as the time limit (what
+    /// counting fuel costs: compare with a run without it).
+    #[arg(long)]
+    fuel: Option<u64>,
 }
 
 /// The outcome of one problem's reference under one runner.
@@ -111,6 +115,21 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     let time = TimePolicy::default();
+    if let Some(fuel) = args.fuel {
+        // The fuel-counting engines are built (their runner compiled) on first use: not timed.
+        let options = JudgeOptions {
+            limits: Limits {
+                fuel: Some(fuel),
+                ..Limits::default()
+            },
+            ..JudgeOptions::default()
+        };
+        let judgement = sandbox.judge(&echo, std::slice::from_ref(&trivial), &options);
+        anyhow::ensure!(
+            judgement.verdict == Verdict::Ok,
+            "trivial program under fuel: {judgement:?}"
+        );
+    }
     let started = Instant::now();
     let in_sandbox: Vec<Outcome> = problems
         .par_iter()
@@ -118,6 +137,7 @@ pub fn run(args: &Args) -> Result<()> {
             let options = JudgeOptions {
                 limits: Limits {
                     time: time.limit(problem.time_limit_ms, None),
+                    fuel: args.fuel,
                     ..Limits::default()
                 },
                 compare: compare_for(problem),
@@ -143,7 +163,11 @@ pub fn run(args: &Args) -> Result<()> {
         })
         .collect();
     let sandbox_wall = started.elapsed();
-    report("sandbox", &problems, &in_sandbox, sandbox_wall);
+    let runner = match args.fuel {
+        Some(fuel) => format!("sandbox, fuel {fuel}"),
+        None => "sandbox".into(),
+    };
+    report(&runner, &problems, &in_sandbox, sandbox_wall);
 
     if args.native != "none" {
         let started = Instant::now();

@@ -5,7 +5,6 @@
 //! iteration, timed per phase.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -16,7 +15,7 @@ use prefloop_train::{
 };
 use tch::{Device, Tensor};
 
-use super::{mib, peak_rss, python_baseline, reset_peak_rss};
+use super::{baseline_columns, memory_meaning, memory_mib, python_baseline, reset_peak_rss};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -32,6 +31,11 @@ pub struct Args {
     /// Prompt tokens of each sequence (no loss on them).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
+    /// Pairs per forward and backward pass; a step accumulates the gradients of
+    /// pairs / micro-pairs passes (the trainers' `accumulation_steps`), the memory knob that
+    /// fits large steps on a small machine. Default: every pair in one pass.
+    #[arg(long)]
+    micro_pairs: Option<usize>,
     /// Timed steps per shape, after one warm-up step.
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -45,30 +49,33 @@ pub struct Args {
 }
 
 /// The baseline: policy forward+backward, reference forward, full-vocabulary log-softmax in
-/// fp32, torch.optim.AdamW. Prints tokens/s of the timed steps.
+/// fp32, torch.optim.AdamW, gradients accumulated over the same micro-batches as prefloop's.
+/// Prints tokens/s of the timed steps.
 const TORCH_BASELINE: &str = r#"
 import sys, time, copy, torch, torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-model_dir, pairs, seq, plen, steps = sys.argv[1], *map(int, sys.argv[2:])
+model_dir, pairs, micro, seq, plen, steps = sys.argv[1], *map(int, sys.argv[2:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 policy = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).train()
 reference = copy.deepcopy(policy).eval().requires_grad_(False)
 opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
 g = torch.Generator().manual_seed(0)
-ids = torch.randint(100, policy.config.vocab_size - 100, (2 * pairs, seq), generator=g).to(device)
-mask = torch.zeros(2 * pairs, seq - 1, device=device); mask[:, plen - 1:] = 1
-def logps(model):
+chosen, rejected = torch.randint(100, policy.config.vocab_size - 100, (2, pairs, seq), generator=g).to(device)
+def logps(model, ids):
     logits = model(input_ids=ids).logits[:, :-1].float()
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (lp * mask).sum(-1)
+    return lp[:, plen - 1:].sum(-1)
 def step():
-    with torch.no_grad():
-        ref = logps(reference)
-    pol = logps(policy)
-    h = (pol[:pairs] - ref[:pairs]) - (pol[pairs:] - ref[pairs:])
-    loss = -F.logsigmoid(0.1 * h).mean()
-    loss.backward()
+    for start in range(0, pairs, micro):
+        ids = torch.cat([chosen[start:start + micro], rejected[start:start + micro]])
+        m = ids.shape[0] // 2
+        with torch.no_grad():
+            ref = logps(reference, ids)
+        pol = logps(policy, ids)
+        h = (pol[:m] - ref[:m]) - (pol[m:] - ref[m:])
+        loss = -F.logsigmoid(0.1 * h).sum() / pairs
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step(); opt.zero_grad(set_to_none=True)
 def sync():
@@ -119,29 +126,43 @@ pub fn run(args: &Args) -> Result<()> {
         args.seq_len,
         args.prompt_len
     );
-    println!("pairs  prefloop tok/s  s/step  peak MiB      MFU  PyTorch tok/s  speed-up");
+    println!("peak MiB: {}", memory_meaning(device));
+    println!("pairs  micro  prefloop tok/s  s/step  peak MiB      MFU  PyTorch tok/s  speed-up");
     let mut optimizer = AdamW::new(&model.vs, OptimConfig::default())?;
     let dpo = DpoConfig::default();
     for &pairs in &args.pairs {
-        let sequences: Vec<(Vec<u32>, Vec<u32>)> = (0..2 * pairs as u64)
-            .map(|row| {
-                let token =
-                    |i: u64| (100 + (row * 7919 + i * 104_729) % (vocab as u64 - 200)) as u32;
-                let ids: Vec<u32> = (0..args.seq_len as u64).map(token).collect();
-                let (prompt, answer) = ids.split_at(args.prompt_len);
-                (prompt.to_vec(), answer.to_vec())
+        let micro = args.micro_pairs.unwrap_or(pairs).clamp(1, pairs);
+        let sequence = |row: u64| {
+            let token = |i: u64| (100 + (row * 7919 + i * 104_729) % (vocab as u64 - 200)) as u32;
+            let ids: Vec<u32> = (0..args.seq_len as u64).map(token).collect();
+            let (prompt, answer) = ids.split_at(args.prompt_len);
+            (prompt.to_vec(), answer.to_vec())
+        };
+        // Each micro-batch: its chosen sequences, then its rejected ones.
+        let batches: Vec<TokenBatch> = (0..pairs)
+            .step_by(micro)
+            .map(|start| {
+                let rows = start..(start + micro).min(pairs);
+                let sequences: Vec<(Vec<u32>, Vec<u32>)> = rows
+                    .clone()
+                    .map(|pair| sequence(pair as u64))
+                    .chain(rows.map(|pair| sequence((pairs + pair) as u64)))
+                    .collect();
+                let parts: Vec<(&[u32], &[u32])> = sequences
+                    .iter()
+                    .map(|(p, a)| (p.as_slice(), a.as_slice()))
+                    .collect();
+                TokenBatch::new(&parts, model.tokenizer.pad_id(), device)
             })
             .collect();
-        let parts: Vec<(&[u32], &[u32])> = sequences
-            .iter()
-            .map(|(p, a)| (p.as_slice(), a.as_slice()))
-            .collect();
-        let batch = TokenBatch::new(&parts, model.tokenizer.pad_id(), device);
         let mut step = || {
-            let reference = sequence_sum(&token_logprobs(&model.llama, &batch), &batch.loss_mask);
-            let b = pairs as i64;
-            let reference = (reference.narrow(0, 0, b), reference.narrow(0, b, b));
-            dpo_backward(&model, &batch, &reference, &dpo, 1.0);
+            for batch in &batches {
+                let b = batch.input_ids.size()[0] / 2;
+                let reference =
+                    sequence_sum(&token_logprobs(&model.llama, batch), &batch.loss_mask);
+                let reference = (reference.narrow(0, 0, b), reference.narrow(0, b, b));
+                dpo_backward(&model, batch, &reference, &dpo, b as f64 / pairs as f64);
+            }
             optimizer.clip_grad_norm();
             optimizer.step(1e-6);
             optimizer.zero_grad();
@@ -165,27 +186,16 @@ pub fn run(args: &Args) -> Result<()> {
             ),
             _ => "-".into(),
         };
-        let memory = match device {
-            Device::Cuda(_) => gpu_memory_mib().unwrap_or(f64::NAN),
-            _ => mib(peak_rss().unwrap_or(0)),
-        };
+        let memory = memory_mib(device);
         let baseline = match (&args.torch_python, &torch_dir) {
             (Some(python), Some((_, dir))) => {
-                Some(torch_tokens_per_second(python, dir, pairs, args)?)
+                Some(torch_tokens_per_second(python, dir, pairs, micro, args))
             }
             _ => None,
         };
-        let (theirs, ratio) = match baseline {
-            Some(b) => (format!("{b:.1}"), format!("{:.2}x", ours / b)),
-            None => ("-".into(), "-".into()),
-        };
+        let (theirs, ratio) = baseline_columns(baseline, ours);
         println!(
-            "{pairs:5} {ours:15.1} {seconds:7.2} {memory:9.1} {mfu:>8} {theirs:>14} {ratio:>9}"
-        );
-    }
-    if device.is_cuda() {
-        println!(
-            "GPU memory: what nvidia-smi reports for this process (the caching allocator keeps its peak)"
+            "{pairs:5} {micro:6} {ours:15.1} {seconds:7.2} {memory:9.1} {mfu:>8} {theirs:>14} {ratio:>9}"
         );
     }
     Ok(())
@@ -198,26 +208,14 @@ fn synchronize(device: Device) {
     }
 }
 
-/// GPU memory this process holds, from nvidia-smi.
-fn gpu_memory_mib() -> Option<f64> {
-    let out = Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .ok()?;
-    let me = std::process::id().to_string();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|line| {
-            let (pid, used) = line.split_once(',')?;
-            (pid.trim() == me).then(|| used.trim().parse().ok())?
-        })
-}
-
-fn torch_tokens_per_second(python: &Path, dir: &Path, pairs: usize, args: &Args) -> Result<f64> {
-    let values = [pairs, args.seq_len, args.prompt_len, args.steps].map(|n| n.to_string());
+fn torch_tokens_per_second(
+    python: &Path,
+    dir: &Path,
+    pairs: usize,
+    micro: usize,
+    args: &Args,
+) -> Result<f64> {
+    let values = [pairs, micro, args.seq_len, args.prompt_len, args.steps].map(|n| n.to_string());
     python_baseline(python, TORCH_BASELINE, dir, &values, "PyTorch")
 }
 
