@@ -46,6 +46,8 @@ struct Outcome {
     verdict: Verdict,
     tests: u32,
     detail: String,
+    /// Wall time of the problem's tests, end to end (a worker's busy time).
+    busy: Duration,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -134,6 +136,7 @@ pub fn run(args: &Args) -> Result<()> {
     let in_sandbox: Vec<Outcome> = problems
         .par_iter()
         .map(|problem| {
+            let started = Instant::now();
             let options = JudgeOptions {
                 limits: Limits {
                     time: time.limit(problem.time_limit_ms, None),
@@ -159,6 +162,7 @@ pub fn run(args: &Args) -> Result<()> {
                 verdict: judgement.verdict,
                 tests: judgement.tests.len() as u32,
                 detail,
+                busy: started.elapsed(),
             }
         })
         .collect();
@@ -193,11 +197,18 @@ pub fn run(args: &Args) -> Result<()> {
 fn report(runner: &str, problems: &[Problem], outcomes: &[Outcome], wall: Duration) {
     let tests: u32 = outcomes.iter().map(|o| o.tests).sum();
     let passed = outcomes.iter().filter(|o| o.verdict == Verdict::Ok).count();
+    // How much of the pool's time went to problems: the rest is the tail, workers idle
+    // while the last problems finish.
+    let busy: Duration = outcomes.iter().map(|o| o.busy).sum();
+    let slowest = outcomes.iter().map(|o| o.busy).max().unwrap_or_default();
     println!(
-        "{runner}: {passed}/{} references pass; {tests} tests in {:.1} s = {:.1} tests/s",
+        "{runner}: {passed}/{} references pass; {tests} tests in {:.1} s = {:.1} tests/s; \
+         workers busy {:.0}%, slowest problem {:.1} s",
         problems.len(),
         wall.as_secs_f64(),
-        f64::from(tests) / wall.as_secs_f64()
+        f64::from(tests) / wall.as_secs_f64(),
+        100.0 * busy.as_secs_f64() / (wall.as_secs_f64() * rayon::current_num_threads() as f64),
+        slowest.as_secs_f64()
     );
     for (problem, outcome) in problems.iter().zip(outcomes) {
         if outcome.verdict != Verdict::Ok {
@@ -264,6 +275,7 @@ fn native_outcome(python: &str, problem: &Problem, time: &TimePolicy) -> Result<
     )
     .source;
     let limit = time.limit(problem.time_limit_ms, None);
+    let started = Instant::now();
     let mut verdict = Verdict::Ok;
     let mut detail = String::new();
     for (i, test) in problem.tests.iter().enumerate() {
@@ -292,6 +304,7 @@ fn native_outcome(python: &str, problem: &Problem, time: &TimePolicy) -> Result<
         verdict,
         tests: problem.tests.len() as u32,
         detail,
+        busy: started.elapsed(),
     })
 }
 
