@@ -445,7 +445,9 @@ fn ppo_config(iterations: u64) -> PpoConfig {
         // A random policy is near uniform over 49k tokens; sampling from its top 20 gives
         // rollouts that differ enough in reward for a short run to learn from.
         top_k: 20,
-        actor: optim(5e-3),
+        // At 5e-3 the first updates overshoot (1.0 → 1.9 → 0.7 in three iterations) and a run
+        // could end no better than it began (CI: 1.07 → 1.25 on the trained half). 2e-3 climbs.
+        actor: optim(2e-3),
         critic: optim(1e-2),
         ema_eta: 0.01,
         seed: 11,
@@ -484,7 +486,13 @@ fn ppo_on_a_programmatic_reward_raises_the_mean_reward_with_kl_bounded() {
         &models,
         &ppo_prompts(),
         &mut |_, r: &[Rollout]| e_share(r),
-        &ppo_config(8),
+        // 32 rollouts an iteration learned by 0.3 to 1.3 over a dozen runs and seeds, and once
+        // by less than the 0.2 asserted below; 64 learned by 0.64, 0.90 and 1.30 (seeds 1–3).
+        &PpoConfig {
+            rollout_batch_size: 64,
+            generation_batch_size: 64,
+            ..ppo_config(8)
+        },
         &out,
         |_, _| {},
     )
@@ -495,10 +503,11 @@ fn ppo_on_a_programmatic_reward_raises_the_mean_reward_with_kl_bounded() {
         .map(|r| format!("{:.2}/{:.3}", r.metrics["reward/mean"], r.metrics["kl"]))
         .collect();
     // Each iteration's rollouts come from the policy as trained so far. The trained policies'
-    // rollouts (the later half: 128) against 256 fresh rollouts of the starting policy, with
-    // the same prompts and sampling: per-iteration means over 32 rollouts, or the last update
-    // alone, are too noisy to judge by (on one CI machine a run that learned, 1.06 → 1.4–1.7
-    // per iteration, measured its final policy at 1.08).
+    // rollouts (the later half: 256) against 256 fresh rollouts of the starting policy, with
+    // the same prompts and sampling: one iteration's mean, or the last update alone, are too
+    // noisy to judge by (on one CI machine a run that learned, 1.06 → 1.4–1.7 per iteration,
+    // measured its final policy at 1.08; here a run at 2e-3 went 1.05 → 2.19 per iteration
+    // and its final policy measured 0.95).
     let before = mean_e_share(&model);
     let half = &records[records.len() / 2..];
     let trained = half.iter().map(|r| r.metrics["reward/mean"]).sum::<f64>() / half.len() as f64;
@@ -583,6 +592,11 @@ fn a_ppo_run_that_crashes_midway_resumes_to_the_parameters_of_an_uninterrupted_r
     let rest = run(&resumed, None).unwrap();
     assert_eq!(rest.iter().map(|r| r.step).collect::<Vec<_>>(), [3, 4]);
     assert_eq!(metrics(&resumed).len(), 4, "each iteration logged once");
+    // Alone, the two runs end bitwise equal. In the full suite, with other tests and their
+    // subprocesses on the same two cores, CPU kernels once rounded differently: 2.6e-6 after
+    // four iterations (a 2-core VM, `scripts/test`). A resume that lost state (the optimiser's
+    // moments, the EMA reference, the value normaliser, the rollout seeds) moves the weights
+    // by the order of a step, lr = 2e-3.
     for dir in ["policy", "critic"] {
         let (a, b) = (weights(&whole.join(dir)), weights(&resumed.join(dir)));
         for (name, ours) in &a {
@@ -591,7 +605,7 @@ fn a_ppo_run_that_crashes_midway_resumes_to_the_parameters_of_an_uninterrupted_r
                 .max()
                 .to_kind(Kind::Double)
                 .double_value(&[]);
-            assert_eq!(diff, 0.0, "{dir} {name} differs by {diff:e}");
+            assert!(diff < 1e-5, "{dir} {name} differs by {diff:e}");
         }
     }
 }
