@@ -21,142 +21,172 @@ use prefloop_train::{
 
 use crate::config::{RunConfig, ScorerKind};
 use crate::error::Result;
-use crate::rounds::{
-    Inputs, RoundMetrics, Scorers, begin_round, complete, finish_round, policy_name,
-};
-use crate::run_dir::{RunDir, RunState, Stage};
+use crate::rounds::{RoundMetrics, Run, policy_name};
+use crate::run_dir::Stage;
 use crate::score::{rm_scores, score_options};
 
 /// Where the PPO trainer keeps its checkpoints, metrics, and finally `policy/` and `critic/`.
 pub const PPO_DIR: &str = "ppo";
 
-/// Runs the PPO rounds; returns the trained policy's directory.
-pub(crate) fn ppo_rounds(
-    dir: &RunDir,
-    config: &RunConfig,
-    inputs: &Inputs,
-    scorer: &mut Scorers,
-    state: &mut RunState,
-    on_round: &mut impl FnMut(u32, &RoundMetrics),
-) -> Result<PathBuf> {
-    let out = dir.root().join(PPO_DIR);
-    let policy = out.join(prefloop_train::POLICY_DIR);
-    if (0..config.rounds).all(|r| state.is_complete(r, Stage::Train)) && policy.exists() {
-        for round in 0..config.rounds {
-            finish_round(dir, config, state, round, on_round)?;
+impl Run<'_> {
+    /// Runs the PPO rounds; returns the trained policy's directory.
+    pub(crate) fn ppo_rounds(
+        &mut self,
+        on_round: &mut impl FnMut(u32, &RoundMetrics),
+    ) -> Result<PathBuf> {
+        let (dir, config) = (self.dir, self.config);
+        let out = dir.root().join(PPO_DIR);
+        let policy = out.join(prefloop_train::POLICY_DIR);
+        if (0..config.rounds).all(|r| self.state.is_complete(r, Stage::Train)) && policy.exists() {
+            for round in 0..config.rounds {
+                self.finish_round(round, on_round)?;
+            }
+            return Ok(policy);
         }
-        return Ok(policy);
+        let models = PpoModels::load(config.model.as_deref(), best_device())?;
+        let prompts: Vec<PromptExample> = self
+            .inputs
+            .prompts
+            .iter()
+            .map(|p| PromptExample {
+                problem_id: p.problem_id.clone(),
+                prompt: p.prompt.clone(),
+            })
+            .collect();
+        let run = RefCell::new(self);
+        let failure: RefCell<Option<crate::PipelineError>> = RefCell::new(None);
+        let mut reward =
+            |iteration: u64, rollouts: &[Rollout]| -> prefloop_train::Result<Vec<f32>> {
+                run.borrow_mut()
+                    .record_rollouts(iteration as u32, rollouts)
+                    .map_err(|e| {
+                        let message = e.to_string();
+                        *failure.borrow_mut() = Some(e);
+                        TrainError::Data {
+                            path: dir.root().to_owned(),
+                            message,
+                        }
+                    })
+            };
+        let bar = ProgressBar::new(u64::from(config.rounds));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "ppo {bar:40} {pos}/{len} iterations {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("a valid template"),
+        );
+        let on_iteration = |record: &IterationRecord, _: u64| {
+            let round = (record.step - 1) as u32;
+            bar.set_position(record.step);
+            let metric = |key: &str| record.metrics.get(key).copied().unwrap_or(f64::NAN);
+            bar.set_message(format!(
+                "reward {:.3} · KL {:.4}",
+                metric("reward/mean"),
+                metric("kl")
+            ));
+            let result = bar.suspend(|| run.borrow_mut().finish_iteration(round, record, on_round));
+            if let Err(e) = result {
+                tracing::error!(round, error = %e, "recording the round failed");
+                failure.borrow_mut().get_or_insert(e);
+            }
+        };
+        let trained = train_ppo(
+            &models,
+            &prompts,
+            &mut reward,
+            &config.ppo_config(),
+            &out,
+            on_iteration,
+        );
+        bar.finish_and_clear();
+        if let Some(e) = failure.borrow_mut().take() {
+            return Err(e);
+        }
+        trained?;
+        Ok(policy)
     }
-    let models = PpoModels::load(config.model.as_deref(), best_device())?;
-    let prompts: Vec<PromptExample> = inputs
-        .prompts
-        .iter()
-        .map(|p| PromptExample {
-            problem_id: p.problem_id.clone(),
-            prompt: p.prompt.clone(),
-        })
-        .collect();
-    let shared = RefCell::new((state, scorer));
-    let failure: RefCell<Option<crate::PipelineError>> = RefCell::new(None);
-    let mut reward = |iteration: u64, rollouts: &[Rollout]| -> prefloop_train::Result<Vec<f32>> {
-        let (state, scorer) = &mut *shared.borrow_mut();
-        record_rollouts(
-            dir,
-            config,
-            inputs,
-            scorer,
-            state,
-            iteration as u32,
-            rollouts,
-        )
-        .map_err(|e| {
-            let message = e.to_string();
-            *failure.borrow_mut() = Some(e);
-            TrainError::Data {
-                path: dir.root().to_owned(),
-                message,
+
+    /// The reward function's work for one iteration: the rollouts as the round's samples, their
+    /// scores as its scores; returns the rewards in rollout order.
+    fn record_rollouts(&mut self, round: u32, rollouts: &[Rollout]) -> Result<Vec<f32>> {
+        let (dir, config) = (self.dir, self.config);
+        self.begin_round(round, &dir.root().join(PPO_DIR))?;
+        let samples = as_samples(config, round, rollouts);
+        let samples_dir = dir.stage_dir(round, Stage::Generate);
+        if !self.state.is_complete(round, Stage::Generate) {
+            write_stage(&samples_dir, &samples)?;
+            self.complete(round, Stage::Generate, 0.0, &[])?;
+        }
+        let scores_dir = dir.stage_dir(round, Stage::Score);
+        if self.state.is_complete(round, Stage::Score) {
+            // A resumed run redoing an iteration whose scores were written before the kill.
+            let mut by_key: HashMap<(String, u32), f32> = HashMap::new();
+            for rows in StageReader::<Score>::open(&scores_dir)? {
+                by_key.extend(
+                    rows?
+                        .into_iter()
+                        .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
+                );
+            }
+            return Ok(samples
+                .iter()
+                .map(|s| by_key[&(s.problem_id.clone(), s.sample_idx)])
+                .collect());
+        }
+        let began = Instant::now();
+        let scores = self.score(&samples)?;
+        write_stage(&scores_dir, &scores)?;
+        let seconds = began.elapsed().as_secs_f64();
+        self.complete(round, Stage::Score, seconds, &[])?;
+        Ok(scores.iter().map(|s| s.reward).collect())
+    }
+
+    /// The samples' scores from the run's scorer.
+    fn score(&mut self, samples: &[Sample]) -> Result<Vec<Score>> {
+        let config = self.config;
+        Ok(match config.score.scorer {
+            ScorerKind::Tests => {
+                let (sandbox, calibration) = self.scorer.tests()?;
+                let options = score_options(&config.score);
+                score_samples(sandbox, &self.inputs.by_id, samples, &options, calibration)?
+            }
+            ScorerKind::Rm => {
+                let rm = self.scorer.reward_model(config)?;
+                let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
+                rm_scores(rm, &encoder, samples, config.score.rm_batch_size)?
             }
         })
-    };
-    let bar = ProgressBar::new(u64::from(config.rounds));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "ppo {bar:40} {pos}/{len} iterations {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("a valid template"),
-    );
-    let on_iteration = |record: &IterationRecord, _: u64| {
-        let (state, _) = &mut *shared.borrow_mut();
-        let round = (record.step - 1) as u32;
-        bar.set_position(record.step);
-        let metric = |key: &str| record.metrics.get(key).copied().unwrap_or(f64::NAN);
-        bar.set_message(format!(
-            "reward {:.3} · KL {:.4}",
-            metric("reward/mean"),
-            metric("kl")
-        ));
-        let result = bar.suspend(|| finish_iteration(dir, config, state, round, record, on_round));
-        if let Err(e) = result {
-            tracing::error!(round, error = %e, "recording the round failed");
-            failure.borrow_mut().get_or_insert(e);
-        }
-    };
-    let trained = train_ppo(
-        &models,
-        &prompts,
-        &mut reward,
-        &config.ppo_config(),
-        &out,
-        on_iteration,
-    );
-    bar.finish_and_clear();
-    if let Some(e) = failure.borrow_mut().take() {
-        return Err(e);
     }
-    trained?;
-    Ok(policy)
-}
 
-/// The reward function's work for one iteration: the rollouts as the round's samples, their
-/// scores as its scores; returns the rewards in rollout order.
-fn record_rollouts(
-    dir: &RunDir,
-    config: &RunConfig,
-    inputs: &Inputs,
-    scorer: &mut Scorers,
-    state: &mut RunState,
-    round: u32,
-    rollouts: &[Rollout],
-) -> Result<Vec<f32>> {
-    begin_round(dir, state, round, &dir.root().join(PPO_DIR))?;
-    let samples = as_samples(config, round, rollouts);
-    let samples_dir = dir.stage_dir(round, Stage::Generate);
-    if !state.is_complete(round, Stage::Generate) {
-        write_stage(&samples_dir, &samples)?;
-        complete(dir, state, round, Stage::Generate, 0.0, &[])?;
-    }
-    let scores_dir = dir.stage_dir(round, Stage::Score);
-    if state.is_complete(round, Stage::Score) {
-        // A resumed run redoing an iteration whose scores were written before the kill.
-        let mut by_key: HashMap<(String, u32), f32> = HashMap::new();
-        for rows in StageReader::<Score>::open(&scores_dir)? {
-            by_key.extend(
-                rows?
-                    .into_iter()
-                    .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
-            );
+    /// The trainer's record of iteration `round` becomes the round's metrics.
+    fn finish_iteration(
+        &mut self,
+        round: u32,
+        record: &IterationRecord,
+        on_round: &mut impl FnMut(u32, &RoundMetrics),
+    ) -> Result<()> {
+        let (dir, config) = (self.dir, self.config);
+        let entry = &mut self.state.rounds[round as usize];
+        entry.measured.extend(
+            record
+                .metrics
+                .iter()
+                .filter(|(k, _)| !k.starts_with("time/"))
+                .map(|(k, v)| (k.clone(), *v)),
+        );
+        // The trainer timed the phases; generation and the update are its to report.
+        let time = |key: &str| record.metrics.get(key).copied().unwrap_or_default();
+        entry
+            .completed
+            .insert(Stage::Generate, time("time/generate"));
+        let train = time("time/train") + time("time/reference_update");
+        self.complete(round, Stage::Train, train, &[])?;
+        if round + 1 == config.rounds {
+            let policy = dir.root().join(PPO_DIR).join(prefloop_train::POLICY_DIR);
+            self.state.rounds[round as usize].trained = Some(policy);
         }
-        return Ok(samples
-            .iter()
-            .map(|s| by_key[&(s.problem_id.clone(), s.sample_idx)])
-            .collect());
+        self.finish_round(round, on_round)
     }
-    let began = Instant::now();
-    let scores = score(config, inputs, scorer, &samples)?;
-    write_stage(&scores_dir, &scores)?;
-    let seconds = began.elapsed().as_secs_f64();
-    complete(dir, state, round, Stage::Score, seconds, &[])?;
-    Ok(scores.iter().map(|s| s.reward).collect())
 }
 
 /// Rollouts as sample rows: `sample_idx` counts a problem's rollouts within the iteration.
@@ -184,26 +214,6 @@ fn as_samples(config: &RunConfig, round: u32, rollouts: &[Rollout]) -> Vec<Sampl
         .collect()
 }
 
-fn score(
-    config: &RunConfig,
-    inputs: &Inputs,
-    scorer: &mut Scorers,
-    samples: &[Sample],
-) -> Result<Vec<Score>> {
-    Ok(match config.score.scorer {
-        ScorerKind::Tests => {
-            let (sandbox, calibration) = scorer.tests()?;
-            let options = score_options(&config.score);
-            score_samples(sandbox, &inputs.by_id, samples, &options, calibration)?
-        }
-        ScorerKind::Rm => {
-            let rm = scorer.reward_model(config)?;
-            let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
-            rm_scores(rm, &encoder, samples, config.score.rm_batch_size)?
-        }
-    })
-}
-
 /// Writes `rows` as the whole stage at `dir`, discarding an unfinished earlier attempt.
 fn write_stage<R: prefloop_core::Record>(dir: &Path, rows: &[R]) -> Result<()> {
     if Manifest::load(dir)?.is_some_and(|m| m.complete) {
@@ -213,35 +223,4 @@ fn write_stage<R: prefloop_core::Record>(dir: &Path, rows: &[R]) -> Result<()> {
     writer.write(rows)?;
     writer.finish()?;
     Ok(())
-}
-
-/// The trainer's record of iteration `round` becomes the round's metrics.
-fn finish_iteration(
-    dir: &RunDir,
-    config: &RunConfig,
-    state: &mut RunState,
-    round: u32,
-    record: &IterationRecord,
-    on_round: &mut impl FnMut(u32, &RoundMetrics),
-) -> Result<()> {
-    let entry = &mut state.rounds[round as usize];
-    entry.measured.extend(
-        record
-            .metrics
-            .iter()
-            .filter(|(k, _)| !k.starts_with("time/"))
-            .map(|(k, v)| (k.clone(), *v)),
-    );
-    // The trainer timed the phases; generation and the update are its to report.
-    let time = |key: &str| record.metrics.get(key).copied().unwrap_or_default();
-    entry
-        .completed
-        .insert(Stage::Generate, time("time/generate"));
-    let train = time("time/train") + time("time/reference_update");
-    complete(dir, state, round, Stage::Train, train, &[])?;
-    if round + 1 == config.rounds {
-        let policy = dir.root().join(PPO_DIR).join(prefloop_train::POLICY_DIR);
-        state.rounds[round as usize].trained = Some(policy);
-    }
-    finish_round(dir, config, state, round, on_round)
 }

@@ -85,318 +85,321 @@ pub fn run_rounds(
     config: &RunConfig,
     mut on_round: impl FnMut(u32, &RoundMetrics),
 ) -> Result<RunState> {
-    let mut state = dir.state()?;
-    let inputs = Inputs::load(dir, config)?;
-    let mut scorer = Scorers::default();
+    let state = dir.state()?;
+    let mut run = Run {
+        dir,
+        config,
+        inputs: Inputs::load(dir, config)?,
+        scorer: Scorers::default(),
+        state,
+    };
     let start = config.model.clone().unwrap_or_default();
     let last_policy = match config.algorithm {
         Algorithm::DpoIter => {
             let mut policy = start;
             for round in 0..config.rounds {
-                let mut model = sample_round(
-                    dir,
-                    config,
-                    &inputs,
-                    &mut scorer,
-                    &mut state,
-                    round,
-                    &policy,
-                )?;
-                policy = dpo_update(dir, config, &inputs, &mut state, round, &mut model)?;
-                finish_round(dir, config, &mut state, round, &mut on_round)?;
+                let mut model = run.sample_round(round, &policy)?;
+                policy = run.dpo_update(round, &mut model)?;
+                run.finish_round(round, &mut on_round)?;
             }
             policy
         }
-        Algorithm::Ppo => crate::ppo_rounds::ppo_rounds(
-            dir,
-            config,
-            &inputs,
-            &mut scorer,
-            &mut state,
-            &mut on_round,
-        )?,
+        Algorithm::Ppo => run.ppo_rounds(&mut on_round)?,
     };
     if config.final_generation {
         let round = config.rounds;
-        sample_round(
-            dir,
-            config,
-            &inputs,
-            &mut scorer,
-            &mut state,
-            round,
-            &last_policy,
-        )?;
-        finish_round(dir, config, &mut state, round, &mut on_round)?;
+        run.sample_round(round, &last_policy)?;
+        run.finish_round(round, &mut on_round)?;
     }
-    if !state.finished {
-        state.finished = true;
-        dir.save_state(&state)?;
+    if !run.state.finished {
+        run.state.finished = true;
+        dir.save_state(&run.state)?;
     }
-    Ok(state)
+    Ok(run.state)
 }
 
-/// Adds round `round` to the state, sampling from `policy` (empty: the embedded default).
-pub(crate) fn begin_round(
-    dir: &RunDir,
-    state: &mut RunState,
-    round: u32,
-    policy: &Path,
-) -> Result<()> {
-    if state.round(round).is_none() {
-        state.rounds.push(RoundState {
-            round,
-            policy: policy.to_owned(),
-            completed: BTreeMap::new(),
-            trained: None,
-            measured: BTreeMap::new(),
-            metrics: BTreeMap::new(),
-        });
-        dir.save_state(state)?;
-    }
-    Ok(())
+/// A run in progress: where it lives, what it was configured with, what its rounds sample
+/// from and score with, and how far it has come.
+pub(crate) struct Run<'a> {
+    pub dir: &'a RunDir,
+    pub config: &'a RunConfig,
+    pub inputs: Inputs,
+    pub scorer: Scorers,
+    pub state: RunState,
 }
 
-/// Begins round `round` from `policy`, then its generate and score stages and (DPO-Iter)
-/// its KL to the previous policy. Returns the policy if a stage loaded it, for the update.
-fn sample_round(
-    dir: &RunDir,
-    config: &RunConfig,
-    inputs: &Inputs,
-    scorer: &mut Scorers,
-    state: &mut RunState,
-    round: u32,
-    policy: &Path,
-) -> Result<Option<Model>> {
-    begin_round(dir, state, round, policy)?;
-    let mut model = None;
-    generate_and_score(dir, config, inputs, scorer, state, round, &mut model)?;
-    measure_kl(dir, config, state, round, &mut model)?;
-    Ok(model)
-}
-
-/// Loads the round's policy into `model` unless it is there already.
-fn load_policy(state: &RunState, round: u32, model: &mut Option<Model>) -> Result<()> {
-    if model.is_none() {
-        let policy = &state.round(round).expect("begun").policy;
-        let path = (!policy.as_os_str().is_empty()).then_some(policy.as_path());
-        *model = Some(Model::load(path, best_device())?);
-    }
-    Ok(())
-}
-
-/// The generate and score stages of a round, each unless already complete. Stage times
-/// include loading what the stage needs (the policy, the sandbox, the reward model): that is
-/// what a round costs.
-fn generate_and_score(
-    dir: &RunDir,
-    config: &RunConfig,
-    inputs: &Inputs,
-    scorer: &mut Scorers,
-    state: &mut RunState,
-    round: u32,
-    model: &mut Option<Model>,
-) -> Result<()> {
-    adopt_written(dir, state, round, Stage::Generate)?;
-    if !state.is_complete(round, Stage::Generate) {
-        let began = Instant::now();
-        load_policy(state, round, model)?;
-        let seed = row_seed(config.generate.seed, u64::from(round));
-        let report = generate_stage(
-            model.as_ref().expect("loaded"),
-            &inputs.prompts,
-            &config.generate,
-            &policy_name(config, round),
-            round,
-            seed,
-            Shard::WHOLE,
-            &dir.stage_dir(round, Stage::Generate),
-        )?;
-        let detail = [("generate/tokens_per_s", report.tokens_per_s())];
-        let seconds = began.elapsed().as_secs_f64();
-        complete(dir, state, round, Stage::Generate, seconds, &detail)?;
-    }
-    adopt_written(dir, state, round, Stage::Score)?;
-    if !state.is_complete(round, Stage::Score) {
-        let began = Instant::now();
-        let samples = dir.stage_dir(round, Stage::Generate);
-        let out = dir.stage_dir(round, Stage::Score);
-        let report = match config.score.scorer {
-            ScorerKind::Tests => {
-                let (sandbox, calibration) = scorer.tests()?;
-                score_tests_stage(
-                    sandbox,
-                    &inputs.by_id,
-                    &samples,
-                    &score_options(&config.score),
-                    calibration,
-                    config.score.batch_size,
-                    Shard::WHOLE,
-                    &out,
-                )?
-            }
-            ScorerKind::Rm => {
-                let rm = scorer.reward_model(config)?;
-                let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
-                let batch = config.score.rm_batch_size;
-                score_rm_stage(rm, &encoder, &samples, batch, &out)?
-            }
-        };
-        tracing::debug!(scored = report.new_rows, passed = report.passed, "scored");
-        let seconds = began.elapsed().as_secs_f64();
-        complete(dir, state, round, Stage::Score, seconds, &[])?;
-    }
-    Ok(())
-}
-
-/// DPO-Iter: KL(π_k ‖ π_{k-1}) on round k's own samples (drawn from π_k), the k1 estimate:
-/// how far round k-1's update moved the policy. Round 0 has nothing to compare with.
-fn measure_kl(
-    dir: &RunDir,
-    config: &RunConfig,
-    state: &mut RunState,
-    round: u32,
-    model: &mut Option<Model>,
-) -> Result<()> {
-    let measured = |state: &RunState| state.rounds[round as usize].measured.contains_key("kl");
-    if round == 0 || config.algorithm != Algorithm::DpoIter || measured(state) {
-        return Ok(());
-    }
-    let began = Instant::now();
-    let reference_path = state
-        .round(round - 1)
-        .expect("earlier round")
-        .policy
-        .clone();
-    let kl = if reference_path == state.round(round).expect("begun").policy {
-        0.0 // the previous round had nothing to train on
-    } else {
-        load_policy(state, round, model)?;
-        let policy = model.as_ref().expect("loaded");
-        let path = (!reference_path.as_os_str().is_empty()).then_some(reference_path.as_path());
-        let reference = Model::load(path, best_device())?;
-        let mut samples = Vec::new();
-        for rows in StageReader::<Sample>::open(dir.stage_dir(round, Stage::Generate))? {
-            samples.extend(rows?);
-        }
-        let texts: Vec<(&str, &str)> = samples
-            .iter()
-            .map(|s| (s.prompt.as_str(), s.completion.as_str()))
-            .collect();
-        // Prompts templated as generation templated them.
-        let encode = EncodeConfig {
-            raw_prompts: config.generate.raw_prompts,
-            ..config.dpo.encode.clone()
-        };
-        let encoder = Encoder::new(&policy.tokenizer, encode)?;
-        let batch = config.dpo.train.batch_size;
-        let ratios = log_ratios(policy, &reference, &encoder, &texts, batch)?;
-        ratios.iter().map(|&r| f64::from(r)).sum::<f64>() / ratios.len().max(1) as f64
-    };
-    let entry = &mut state.rounds[round as usize];
-    entry.measured.insert("kl".into(), kl);
-    entry
-        .measured
-        .insert("time/kl".into(), began.elapsed().as_secs_f64());
-    dir.save_state(state)
-}
-
-/// Pairs and the DPO update of a round; returns the next round's policy.
-fn dpo_update(
-    dir: &RunDir,
-    config: &RunConfig,
-    inputs: &Inputs,
-    state: &mut RunState,
-    round: u32,
-    model: &mut Option<Model>,
-) -> Result<PathBuf> {
-    adopt_written(dir, state, round, Stage::Pairs)?;
-    if !state.is_complete(round, Stage::Pairs) {
-        let began = Instant::now();
-        let fallback = inputs
-            .problems_dir
-            .as_deref()
-            .filter(|_| config.pairs.reference_fallback);
-        let options = PairsOptions {
-            min_margin: config.pairs.min_margin,
-            ..PairsOptions::default()
-        };
-        let manifest = build_pairs(
-            &dir.stage_dir(round, Stage::Generate),
-            &dir.stage_dir(round, Stage::Score),
-            fallback,
-            &dir.stage_dir(round, Stage::Pairs),
-            &options,
-        )?;
-        let detail = [("pairs", manifest.rows() as f64)];
-        let seconds = began.elapsed().as_secs_f64();
-        complete(dir, state, round, Stage::Pairs, seconds, &detail)?;
-    }
-    if !state.is_complete(round, Stage::Train) {
-        let began = Instant::now();
-        let trained = dir.policy_dir(round);
-        let pairs_dir = dir.stage_dir(round, Stage::Pairs);
-        let pairs = Manifest::load(&pairs_dir)?.map_or(0, |m| m.rows());
-        let next = if pairs == 0 {
-            // Every problem tied: nothing to learn from, the policy carries over.
-            tracing::warn!(
+impl Run<'_> {
+    /// Adds round `round` to the state, sampling from `policy` (empty: the embedded default).
+    pub(crate) fn begin_round(&mut self, round: u32, policy: &Path) -> Result<()> {
+        if self.state.round(round).is_none() {
+            self.state.rounds.push(RoundState {
                 round,
-                "no preference pairs: the next round keeps this policy"
-            );
-            state.round(round).expect("begun").policy.clone()
-        } else {
-            if !trained.exists() {
-                load_policy(state, round, model)?;
-                let train_dir = dir.stage_dir(round, Stage::Train);
-                let model = model.as_ref().expect("loaded");
-                let bar = ProgressBar::new(0);
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "train {bar:40} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
-                    )
-                    .expect("a valid template"),
-                );
-                train_dpo(model, &pairs_dir, &config.dpo, &train_dir, |step, total| {
-                    bar.set_length(total);
-                    bar.set_position(step.step);
-                    if let Some(loss) = step.metrics.get("loss") {
-                        bar.set_message(format!("loss {loss:.4}"));
-                    }
-                })?;
-                bar.finish_and_clear();
-                let saved = train_dir.join(prefloop_train::POLICY_DIR);
-                std::fs::rename(&saved, &trained).map_err(PipelineError::io(&saved))?;
-            }
-            trained
-        };
-        state.rounds[round as usize].trained = Some(next);
-        let detail = train_summary(&dir.stage_dir(round, Stage::Train))?;
-        let seconds = began.elapsed().as_secs_f64();
-        complete(dir, state, round, Stage::Train, seconds, &detail)?;
+                policy: policy.to_owned(),
+                completed: BTreeMap::new(),
+                trained: None,
+                measured: BTreeMap::new(),
+                metrics: BTreeMap::new(),
+            });
+            self.dir.save_state(&self.state)?;
+        }
+        Ok(())
     }
-    Ok(state.rounds[round as usize]
-        .trained
-        .clone()
-        .expect("set when train completed"))
-}
 
-/// Records the round's metrics once its stages are complete, rewrites `metrics.jsonl`, and
-/// tells `on_round`.
-pub(crate) fn finish_round(
-    dir: &RunDir,
-    config: &RunConfig,
-    state: &mut RunState,
-    round: u32,
-    on_round: &mut impl FnMut(u32, &RoundMetrics),
-) -> Result<()> {
-    if state.rounds[round as usize].metrics.is_empty() {
-        let metrics = round_metrics(dir, config, &state.rounds[round as usize])?;
-        state.rounds[round as usize].metrics = metrics;
-        dir.save_state(state)?;
-        write_metrics(dir, state)?;
+    /// Begins round `round` from `policy`, then its generate and score stages and (DPO-Iter)
+    /// its KL to the previous policy. Returns the policy if a stage loaded it, for the update.
+    fn sample_round(&mut self, round: u32, policy: &Path) -> Result<Option<Model>> {
+        self.begin_round(round, policy)?;
+        let mut model = None;
+        self.generate_and_score(round, &mut model)?;
+        self.measure_kl(round, &mut model)?;
+        Ok(model)
     }
-    on_round(round, &state.rounds[round as usize].metrics);
-    Ok(())
+
+    /// Loads the round's policy into `model` unless it is there already.
+    fn load_policy(&self, round: u32, model: &mut Option<Model>) -> Result<()> {
+        if model.is_none() {
+            let policy = &self.state.round(round).expect("begun").policy;
+            let path = (!policy.as_os_str().is_empty()).then_some(policy.as_path());
+            *model = Some(Model::load(path, best_device())?);
+        }
+        Ok(())
+    }
+
+    /// The generate and score stages of a round, each unless already complete. Stage times
+    /// include loading what the stage needs (the policy, the sandbox, the reward model): that is
+    /// what a round costs.
+    fn generate_and_score(&mut self, round: u32, model: &mut Option<Model>) -> Result<()> {
+        let (dir, config) = (self.dir, self.config);
+        self.adopt_written(round, Stage::Generate)?;
+        if !self.state.is_complete(round, Stage::Generate) {
+            let began = Instant::now();
+            self.load_policy(round, model)?;
+            let seed = row_seed(config.generate.seed, u64::from(round));
+            let report = generate_stage(
+                model.as_ref().expect("loaded"),
+                &self.inputs.prompts,
+                &config.generate,
+                &policy_name(config, round),
+                round,
+                seed,
+                Shard::WHOLE,
+                &dir.stage_dir(round, Stage::Generate),
+            )?;
+            let detail = [("generate/tokens_per_s", report.tokens_per_s())];
+            let seconds = began.elapsed().as_secs_f64();
+            self.complete(round, Stage::Generate, seconds, &detail)?;
+        }
+        self.adopt_written(round, Stage::Score)?;
+        if !self.state.is_complete(round, Stage::Score) {
+            let began = Instant::now();
+            let samples = dir.stage_dir(round, Stage::Generate);
+            let out = dir.stage_dir(round, Stage::Score);
+            let report = match config.score.scorer {
+                ScorerKind::Tests => {
+                    let (sandbox, calibration) = self.scorer.tests()?;
+                    score_tests_stage(
+                        sandbox,
+                        &self.inputs.by_id,
+                        &samples,
+                        &score_options(&config.score),
+                        calibration,
+                        config.score.batch_size,
+                        Shard::WHOLE,
+                        &out,
+                    )?
+                }
+                ScorerKind::Rm => {
+                    let rm = self.scorer.reward_model(config)?;
+                    let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
+                    let batch = config.score.rm_batch_size;
+                    score_rm_stage(rm, &encoder, &samples, batch, &out)?
+                }
+            };
+            tracing::debug!(scored = report.new_rows, passed = report.passed, "scored");
+            let seconds = began.elapsed().as_secs_f64();
+            self.complete(round, Stage::Score, seconds, &[])?;
+        }
+        Ok(())
+    }
+
+    /// DPO-Iter: KL(π_k ‖ π_{k-1}) on round k's own samples (drawn from π_k), the k1 estimate:
+    /// how far round k-1's update moved the policy. Round 0 has nothing to compare with.
+    fn measure_kl(&mut self, round: u32, model: &mut Option<Model>) -> Result<()> {
+        let (dir, config) = (self.dir, self.config);
+        let measured = self.state.rounds[round as usize]
+            .measured
+            .contains_key("kl");
+        if round == 0 || config.algorithm != Algorithm::DpoIter || measured {
+            return Ok(());
+        }
+        let began = Instant::now();
+        let reference_path = self
+            .state
+            .round(round - 1)
+            .expect("earlier round")
+            .policy
+            .clone();
+        let kl = if reference_path == self.state.round(round).expect("begun").policy {
+            0.0 // the previous round had nothing to train on
+        } else {
+            self.load_policy(round, model)?;
+            let policy = model.as_ref().expect("loaded");
+            let path = (!reference_path.as_os_str().is_empty()).then_some(reference_path.as_path());
+            let reference = Model::load(path, best_device())?;
+            let mut samples = Vec::new();
+            for rows in StageReader::<Sample>::open(dir.stage_dir(round, Stage::Generate))? {
+                samples.extend(rows?);
+            }
+            let texts: Vec<(&str, &str)> = samples
+                .iter()
+                .map(|s| (s.prompt.as_str(), s.completion.as_str()))
+                .collect();
+            // Prompts templated as generation templated them.
+            let encode = EncodeConfig {
+                raw_prompts: config.generate.raw_prompts,
+                ..config.dpo.encode.clone()
+            };
+            let encoder = Encoder::new(&policy.tokenizer, encode)?;
+            let batch = config.dpo.train.batch_size;
+            let ratios = log_ratios(policy, &reference, &encoder, &texts, batch)?;
+            ratios.iter().map(|&r| f64::from(r)).sum::<f64>() / ratios.len().max(1) as f64
+        };
+        let entry = &mut self.state.rounds[round as usize];
+        entry.measured.insert("kl".into(), kl);
+        entry
+            .measured
+            .insert("time/kl".into(), began.elapsed().as_secs_f64());
+        dir.save_state(&self.state)
+    }
+
+    /// Pairs and the DPO update of a round; returns the next round's policy.
+    fn dpo_update(&mut self, round: u32, model: &mut Option<Model>) -> Result<PathBuf> {
+        let (dir, config) = (self.dir, self.config);
+        self.adopt_written(round, Stage::Pairs)?;
+        if !self.state.is_complete(round, Stage::Pairs) {
+            let began = Instant::now();
+            let fallback = self
+                .inputs
+                .problems_dir
+                .as_deref()
+                .filter(|_| config.pairs.reference_fallback);
+            let options = PairsOptions {
+                min_margin: config.pairs.min_margin,
+                ..PairsOptions::default()
+            };
+            let manifest = build_pairs(
+                &dir.stage_dir(round, Stage::Generate),
+                &dir.stage_dir(round, Stage::Score),
+                fallback,
+                &dir.stage_dir(round, Stage::Pairs),
+                &options,
+            )?;
+            let detail = [("pairs", manifest.rows() as f64)];
+            let seconds = began.elapsed().as_secs_f64();
+            self.complete(round, Stage::Pairs, seconds, &detail)?;
+        }
+        if !self.state.is_complete(round, Stage::Train) {
+            let began = Instant::now();
+            let trained = dir.policy_dir(round);
+            let pairs_dir = dir.stage_dir(round, Stage::Pairs);
+            let pairs = Manifest::load(&pairs_dir)?.map_or(0, |m| m.rows());
+            let next = if pairs == 0 {
+                // Every problem tied: nothing to learn from, the policy carries over.
+                tracing::warn!(
+                    round,
+                    "no preference pairs: the next round keeps this policy"
+                );
+                self.state.round(round).expect("begun").policy.clone()
+            } else {
+                if !trained.exists() {
+                    self.load_policy(round, model)?;
+                    let train_dir = dir.stage_dir(round, Stage::Train);
+                    let model = model.as_ref().expect("loaded");
+                    let bar = ProgressBar::new(0);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "train {bar:40} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+                        )
+                        .expect("a valid template"),
+                    );
+                    train_dpo(model, &pairs_dir, &config.dpo, &train_dir, |step, total| {
+                        bar.set_length(total);
+                        bar.set_position(step.step);
+                        if let Some(loss) = step.metrics.get("loss") {
+                            bar.set_message(format!("loss {loss:.4}"));
+                        }
+                    })?;
+                    bar.finish_and_clear();
+                    let saved = train_dir.join(prefloop_train::POLICY_DIR);
+                    std::fs::rename(&saved, &trained).map_err(PipelineError::io(&saved))?;
+                }
+                trained
+            };
+            self.state.rounds[round as usize].trained = Some(next);
+            let detail = train_summary(&dir.stage_dir(round, Stage::Train))?;
+            let seconds = began.elapsed().as_secs_f64();
+            self.complete(round, Stage::Train, seconds, &detail)?;
+        }
+        Ok(self.state.rounds[round as usize]
+            .trained
+            .clone()
+            .expect("set when train completed"))
+    }
+
+    /// Records the round's metrics once its stages are complete, rewrites `metrics.jsonl`, and
+    /// tells `on_round`.
+    pub(crate) fn finish_round(
+        &mut self,
+        round: u32,
+        on_round: &mut impl FnMut(u32, &RoundMetrics),
+    ) -> Result<()> {
+        let state = &mut self.state;
+        if state.rounds[round as usize].metrics.is_empty() {
+            let metrics = round_metrics(self.dir, self.config, &state.rounds[round as usize])?;
+            state.rounds[round as usize].metrics = metrics;
+            self.dir.save_state(state)?;
+            write_metrics(self.dir, state)?;
+        }
+        on_round(round, &state.rounds[round as usize].metrics);
+        Ok(())
+    }
+
+    /// Marks a stage complete if its shards are all written and its manifest says so. A run
+    /// killed after that but before `state.json` recorded it finds the stage done: writing it
+    /// again would be refused (and would waste the work). Its wall time went with the killed
+    /// process and is recorded as 0; the pairs stage's row count comes from its manifest.
+    fn adopt_written(&mut self, round: u32, stage: Stage) -> Result<()> {
+        if self.state.is_complete(round, stage) {
+            return Ok(());
+        }
+        let Some(manifest) =
+            Manifest::load(&self.dir.stage_dir(round, stage))?.filter(|m| m.complete)
+        else {
+            return Ok(());
+        };
+        let detail = match stage {
+            Stage::Pairs => vec![("pairs", manifest.rows() as f64)],
+            _ => Vec::new(),
+        };
+        self.complete(round, stage, 0.0, &detail)
+    }
+
+    /// Marks `stage` of `round` complete, with its wall time and what it measured.
+    pub(crate) fn complete(
+        &mut self,
+        round: u32,
+        stage: Stage,
+        seconds: f64,
+        detail: &[(&str, f64)],
+    ) -> Result<()> {
+        let entry = &mut self.state.rounds[round as usize];
+        entry.completed.insert(stage, seconds);
+        for (key, value) in detail {
+            entry.measured.insert((*key).to_owned(), *value);
+        }
+        tracing::info!(round, stage = stage.name(), seconds, "stage complete");
+        self.dir.save_state(&self.state)
+    }
 }
 
 /// The `policy` column of round `round`'s samples.
@@ -488,43 +491,6 @@ impl std::fmt::Debug for Scorers {
             .field("reward_model", &self.reward_model.is_some())
             .finish()
     }
-}
-
-/// Marks a stage complete if its shards are all written and its manifest says so. A run
-/// killed after that but before `state.json` recorded it finds the stage done: writing it
-/// again would be refused (and would waste the work). Its wall time went with the killed
-/// process and is recorded as 0; the pairs stage's row count comes from its manifest.
-fn adopt_written(dir: &RunDir, state: &mut RunState, round: u32, stage: Stage) -> Result<()> {
-    if state.is_complete(round, stage) {
-        return Ok(());
-    }
-    let Some(manifest) = Manifest::load(&dir.stage_dir(round, stage))?.filter(|m| m.complete)
-    else {
-        return Ok(());
-    };
-    let detail = match stage {
-        Stage::Pairs => vec![("pairs", manifest.rows() as f64)],
-        _ => Vec::new(),
-    };
-    complete(dir, state, round, stage, 0.0, &detail)
-}
-
-/// Marks `stage` of `round` complete, with its wall time and what it measured.
-pub(crate) fn complete(
-    dir: &RunDir,
-    state: &mut RunState,
-    round: u32,
-    stage: Stage,
-    seconds: f64,
-    detail: &[(&str, f64)],
-) -> Result<()> {
-    let entry = &mut state.rounds[round as usize];
-    entry.completed.insert(stage, seconds);
-    for (key, value) in detail {
-        entry.measured.insert((*key).to_owned(), *value);
-    }
-    tracing::info!(round, stage = stage.name(), seconds, "stage complete");
-    dir.save_state(state)
 }
 
 /// The DPO update's summary from its `metrics.jsonl`: steps, and the last step's loss and

@@ -452,7 +452,8 @@ impl Io {
         builder
     }
 
-    /// How the run ended (see [`run_output`]), with what it wrote.
+    /// How the run ended, from its result (the exit code, or wasmtime's error) and what it
+    /// wrote.
     fn output(
         self,
         result: wasmtime::Result<i32>,
@@ -463,7 +464,23 @@ impl Io {
             self.stdout.contents().to_vec(),
             self.stderr.contents().to_vec(),
         );
-        run_output(result, stdout, stderr, ended, limits)
+        // A full pipe refuses further writes (the guest sees a broken pipe, and usually dies of
+        // it): filled to the byte, it was the output limit whatever happened next.
+        let full = stdout.len() >= limits.output_bytes || stderr.len() >= limits.output_bytes;
+        let exit = match result {
+            _ if full => Exit::OutputLimit,
+            _ if ended.sleep_cut => Exit::TimedOut,
+            Ok(code) => Exit::Code(code),
+            Err(e) => classify(&e, ended.memory_refused)?,
+        };
+        Ok(RunOutput {
+            exit,
+            stdout,
+            stderr,
+            wall: ended.wall,
+            memory_refused: ended.memory_refused,
+            fuel_used: ended.fuel_used,
+        })
     }
 }
 
@@ -540,33 +557,6 @@ fn set_limits<T>(store: &mut Store<T>, limits: &Limits) -> Result<()> {
             .map_err(|e| SandboxError::Wasmtime(format!("setting the fuel: {e:#}")))?;
     }
     Ok(())
-}
-
-/// How a run ended, from its result (the exit code, or wasmtime's error) and what it wrote.
-fn run_output(
-    result: wasmtime::Result<i32>,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    ended: Ended,
-    limits: &Limits,
-) -> Result<RunOutput> {
-    // A full pipe refuses further writes (the guest sees a broken pipe, and usually dies of
-    // it): filled to the byte, it was the output limit whatever happened next.
-    let full = stdout.len() >= limits.output_bytes || stderr.len() >= limits.output_bytes;
-    let exit = match result {
-        _ if full => Exit::OutputLimit,
-        _ if ended.sleep_cut => Exit::TimedOut,
-        Ok(code) => Exit::Code(code),
-        Err(e) => classify(&e, ended.memory_refused)?,
-    };
-    Ok(RunOutput {
-        exit,
-        stdout,
-        stderr,
-        wall: ended.wall,
-        memory_refused: ended.memory_refused,
-        fuel_used: ended.fuel_used,
-    })
 }
 
 /// The WASI monotonic clock's sleeps, cut short at the run's deadline. Epoch interruption stops
