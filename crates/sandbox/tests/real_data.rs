@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use prefloop_core::{Problem, Verdict};
 use prefloop_data::{DatasetKind, ImportOptions, StageReader, import};
@@ -48,16 +49,23 @@ fn options(problem: &Problem) -> JudgeOptions {
     }
 }
 
+/// The least time a reference solution gets per test. References are known to finish, and
+/// these tests judge what they compute: MbppEval/123's takes 4.9 s natively and 17 s in the
+/// sandbox on a 2-core EPYC VM, past the 10 s default for problems that state no limit.
+const REFERENCE_TIME: Duration = Duration::from_secs(60);
+
 /// Judges every problem's reference solution; returns the failures as (problem, verdict).
 fn reference_failures(problems: &[Problem]) -> Vec<(String, Verdict, String)> {
     let sandbox = sandbox().unwrap();
     let mut failures = Vec::new();
     for problem in problems {
         let reference = problem.reference_solution.as_deref().unwrap();
+        let mut options = options(problem);
+        options.limits.time = options.limits.time.max(REFERENCE_TIME);
         let judgement = sandbox.judge(
             &program_for(problem, Language::Python, reference),
             &problem.tests,
-            &options(problem),
+            &options,
         );
         if judgement.verdict != Verdict::Ok {
             let detail = judgement
