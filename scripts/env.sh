@@ -13,3 +13,7 @@ export PREFLOOP_PYTHON=$VIRTUAL_ENV/bin/python
 export PREFLOOP_MODEL_DIR=$cache/models
 export PREFLOOP_SANDBOX_DIR=$cache/sandbox
 export PREFLOOP_DATA_DIR=$cache/data
+# MKL picks fewer threads when the machine is busy, and its matrix products then round
+# differently: runs that must resume bit for bit on the CPU (the tests' resume checks) need a
+# fixed thread count.
+export MKL_DYNAMIC=FALSE

@@ -1,5 +1,6 @@
 //! End-to-end: `prefloop generate` on the embedded default writes a samples stage, and a run
-//! killed part-way resumes to exactly the rows of an uninterrupted run.
+//! killed part-way resumes to exactly the rows of an uninterrupted run; scripts/gpu-check's dry
+//! run measures every GPU figure on the CPU.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -113,4 +114,37 @@ fn generate_writes_a_samples_stage_and_resumes_after_a_kill() {
     let out = generate(&prompts, &resumed).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("stage is already complete"));
+}
+
+#[test]
+fn the_gpu_check_script_runs_every_step_on_the_cpu_in_a_dry_run() {
+    if !model_installed() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(root.join("scripts/gpu-check"))
+        .arg("--dry-run")
+        .env("PREFLOOP_BIN", env!("CARGO_BIN_EXE_prefloop"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = &stdout[stdout.find("== summary").expect("a summary")..];
+    for figure in [
+        "sdpa backend, decode step",
+        "logits, Cpu BFloat16 against CPU fp32",
+        "ema/reference_shift",
+        "bench generate",
+        "bench train",
+    ] {
+        assert!(
+            summary.contains(figure),
+            "{figure} missing from:\n{summary}"
+        );
+    }
+    assert!(!stdout.contains("FAILED"), "{stdout}");
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use prefloop_model::Model;
+use prefloop_model::{Model, Precision};
 use tch::Device;
 
 /// Runs the `prefloop` binary built for this test run.
@@ -22,7 +22,7 @@ pub fn text(bytes: &[u8]) -> String {
 /// a Hugging Face directory: small enough to train for real in seconds on the CPU.
 #[allow(dead_code)] // only the binaries that train build one
 pub fn tiny_model(dir: &Path) {
-    let base = Model::load(None, Device::Cpu).unwrap();
+    let base = Model::load(None, Device::Cpu, Precision::Fp32).unwrap();
     let mut config = base.llama.config().clone();
     config.hidden_size = 64;
     config.intermediate_size = 128;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use prefloop_model::{Model, best_device};
+use prefloop_model::{Model, Precision, best_device};
 use prefloop_train::{
     DpoConfig, Encoder, LoopConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss,
     PromptExample, REWARD_MODEL_DIR, RewardConfig, RewardModel, Rollout, SftConfig, StepRecord,
@@ -49,6 +49,9 @@ pub enum Command {
         config: Option<PathBuf>,
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Precision of every model PPO loads (overrides the config file's `dtype`).
+        #[arg(long)]
+        dtype: Option<Precision>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
@@ -99,9 +102,14 @@ pub struct Common {
     /// again to resume a killed run.
     #[arg(long)]
     out: PathBuf,
-    /// TOML file with the trainer's settings (see configs/).
+    /// TOML file with the trainer's settings (see configs/), plus `dtype` for the model.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Precision of the model: auto (bf16 on a CUDA GPU, fp32 on the CPU), bf16 or fp32;
+    /// overrides the config file's `dtype`. Under bf16 the optimiser keeps fp32 master weights
+    /// and gradient sums.
+    #[arg(long)]
+    dtype: Option<Precision>,
     #[arg(long)]
     lr: Option<f64>,
     #[arg(long)]
@@ -144,9 +152,11 @@ impl Common {
         encode.raw_prompts |= self.raw_prompts;
     }
 
-    fn load_model(&self) -> Result<Model> {
-        let model = Model::load(self.model.as_deref(), best_device())?;
-        tracing::info!(model = %model.source.display(), device = ?model.vs.device(), "training");
+    /// Loads the starting model in the flag's dtype, else the config file's.
+    fn load_model(&self, file_dtype: Precision) -> Result<Model> {
+        let precision = self.dtype.unwrap_or(file_dtype);
+        let model = Model::load(self.model.as_deref(), best_device(), precision)?;
+        tracing::info!(model = %model.source.display(), device = ?model.vs.device(), kind = ?model.kind(), "training");
         Ok(model)
     }
 }
@@ -157,13 +167,23 @@ fn set<T: Copy>(target: &mut T, value: Option<T>) {
     }
 }
 
-fn read_config<C: DeserializeOwned + Default>(path: Option<&Path>) -> Result<C> {
+/// The trainer's config from a TOML file (its defaults without one), and the file's `dtype`:
+/// the precision the command loads the model in, which is the command's business, not the
+/// trainer's.
+fn read_config<C: DeserializeOwned + Default>(path: Option<&Path>) -> Result<(C, Precision)> {
     let Some(path) = path else {
-        return Ok(C::default());
+        return Ok((C::default(), Precision::Auto));
     };
+    let invalid = || format!("{}: invalid trainer config", path.display());
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("{}: invalid trainer config", path.display()))
+    let mut table: toml::Table = toml::from_str(&text).with_context(invalid)?;
+    let dtype = match table.remove("dtype") {
+        Some(value) => value.try_into().with_context(invalid)?,
+        None => Precision::Auto,
+    };
+    let config = table.try_into().with_context(invalid)?;
+    Ok((config, dtype))
 }
 
 /// A progress bar over optimiser steps showing the loss and throughput.
@@ -203,9 +223,9 @@ fn summarise(records: &[StepRecord], saved: &Path) {
 pub fn run(command: &Command) -> Result<()> {
     match command {
         Command::Sft { data, common } => {
-            let mut config: SftConfig = read_config(common.config.as_deref())?;
+            let (mut config, dtype): (SftConfig, _) = read_config(common.config.as_deref())?;
             common.apply(&mut config.train, &mut config.encode);
-            let model = common.load_model()?;
+            let model = common.load_model(dtype)?;
             let (bar, on_step) = progress();
             let records = train_sft(&model, data, &config, &common.out, on_step)?;
             bar.finish();
@@ -216,12 +236,12 @@ pub fn run(command: &Command) -> Result<()> {
             eval_fraction,
             common,
         } => {
-            let mut config: RewardConfig = read_config(common.config.as_deref())?;
+            let (mut config, dtype): (RewardConfig, _) = read_config(common.config.as_deref())?;
             common.apply(&mut config.train, &mut config.encode);
             if let Some(f) = eval_fraction {
                 config.eval_fraction = *f;
             }
-            let rm = RewardModel::new(common.load_model()?)?;
+            let rm = RewardModel::new(common.load_model(dtype)?)?;
             let (bar, on_step) = progress();
             let (records, report) = train_reward_model(&rm, pairs, &config, &common.out, on_step)?;
             bar.finish();
@@ -244,7 +264,7 @@ pub fn run(command: &Command) -> Result<()> {
             sft_weight,
             common,
         } => {
-            let mut config: DpoConfig = read_config(common.config.as_deref())?;
+            let (mut config, dtype): (DpoConfig, _) = read_config(common.config.as_deref())?;
             common.apply(&mut config.train, &mut config.encode);
             if let Some(b) = beta {
                 config.beta = *b;
@@ -255,7 +275,7 @@ pub fn run(command: &Command) -> Result<()> {
             if let Some(w) = sft_weight {
                 config.sft_weight = *w;
             }
-            let model = common.load_model()?;
+            let model = common.load_model(dtype)?;
             let (bar, on_step) = progress();
             let records = train_dpo(&model, pairs, &config, &common.out, on_step)?;
             bar.finish();
@@ -266,6 +286,7 @@ pub fn run(command: &Command) -> Result<()> {
             reward_model,
             config,
             model,
+            dtype,
             out,
             iterations,
             rollout_batch_size,
@@ -273,7 +294,8 @@ pub fn run(command: &Command) -> Result<()> {
             seed,
             raw_prompts,
         } => {
-            let mut config: PpoConfig = read_config(config.as_deref())?;
+            let (mut config, file_dtype): (PpoConfig, _) = read_config(config.as_deref())?;
+            let precision = dtype.unwrap_or(file_dtype);
             set(&mut config.iterations, *iterations);
             set(&mut config.rollout_batch_size, *rollout_batch_size);
             set(&mut config.max_new_tokens, *max_new_tokens);
@@ -287,8 +309,8 @@ pub fn run(command: &Command) -> Result<()> {
                 })
                 .collect();
             let device = best_device();
-            let models = PpoModels::load(model.as_deref(), device)?;
-            let rm = RewardModel::new(Model::load(Some(reward_model), device)?)?;
+            let models = PpoModels::load(model.as_deref(), device, precision)?;
+            let rm = RewardModel::new(Model::load(Some(reward_model), device, precision)?)?;
             let encoder = Encoder::new(&rm.model.tokenizer, config.encode.clone())?;
             let batch = config.micro_batch_size;
             let mut reward = |_: u64, rollouts: &[Rollout]| {

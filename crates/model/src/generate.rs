@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 use crate::llama::KvCache;
-use crate::load::{Model, compute_kind};
+use crate::load::Model;
 
 /// How to sample. Defaults are the paper's rollout settings (temperature 1, top-k 200).
 #[derive(Debug, Clone)]
@@ -68,6 +68,9 @@ pub struct Generation {
     /// one per token: what PPO and DPO need as the sampling policy's log-probs.
     pub logprobs: Vec<f32>,
     pub finish: Finish,
+    /// The end-of-sequence token the policy sampled to finish (`finish` is Stop), not in
+    /// `tokens`; None when it ran out of budget or a stop string ended it.
+    pub eos: Option<u32>,
 }
 
 /// How many trailing tokens are decoded to look for a stop string.
@@ -129,7 +132,7 @@ fn run(
     let mut next_position = positions.select(1, -1) + 1; // (B,)
 
     let cfg = model.llama.config();
-    let mut cache = KvCache::new(cfg, batch as i64, capacity, compute_kind(device), device);
+    let mut cache = KvCache::new(cfg, batch as i64, capacity, model.kind(), device);
     let hidden = model
         .llama
         .forward_hidden(&input, &positions, &prompt_valid, Some(&mut cache));
@@ -144,6 +147,7 @@ fn run(
             text: String::new(),
             logprobs: Vec::new(),
             finish: Finish::Length,
+            eos: None,
         })
         .collect();
     let mut done = vec![false; batch];
@@ -173,6 +177,7 @@ fn run(
             let tok = next_host[row];
             if eos.contains(&tok) {
                 out[row].finish = Finish::Stop;
+                out[row].eos = Some(tok as u32);
                 done[row] = true;
                 continue;
             }

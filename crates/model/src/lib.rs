@@ -9,6 +9,7 @@ mod gguf;
 mod head;
 mod llama;
 mod load;
+mod precision;
 mod save;
 mod tokenizer;
 
@@ -17,5 +18,6 @@ pub use error::{ModelError, Result};
 pub use generate::{Generation, Request, SamplingParams, generate};
 pub use head::ScalarHead;
 pub use llama::{KvCache, Llama};
-pub use load::{DEFAULT_MODEL_FILE, Model, best_device, compute_kind, default_model_path, fill};
+pub use load::{DEFAULT_MODEL_FILE, Model, best_device, default_model_path, fill};
+pub use precision::Precision;
 pub use tokenizer::Tokenizer;

@@ -8,6 +8,10 @@ use tch::{Device, Kind, Tensor};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 
+/// Grouped-query attention is handed to SDPA as it is (fewer key/value heads than query
+/// heads), never expanded by hand.
+const ENABLE_GQA: bool = true;
+
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
@@ -211,7 +215,8 @@ impl Attention {
         // Without a mask the attention is plain causal, which lets torch pick its fused
         // (flash / memory-efficient) kernels: O(T) memory instead of (B, H, T, T) scores.
         let causal = mask.is_none();
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, true);
+        let y =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, ENABLE_GQA);
         let y = y
             .transpose(1, 2)
             .contiguous()
@@ -313,6 +318,17 @@ impl Llama {
         &self.config
     }
 
+    /// The dtype of the weights; caches, heads and optimiser state that belong to this model
+    /// take it from here, never from the device.
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    /// The LM head's weight, (V, C): the embedding matrix itself when embeddings are tied.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     /// Final hidden states, (B, T, C), for `input_ids` (B, T) at `positions` (B, T).
     ///
     /// `key_valid` (B, S) marks which key positions hold real tokens (false for left padding),
@@ -381,6 +397,45 @@ impl Llama {
                     .forward(&layer.post_attention_layernorm.forward(&x));
         }
         self.norm.forward(&x)
+    }
+
+    /// The attention kernel libtorch picks for this model's attention (`_fused_sdp_choice`,
+    /// named as torch's `SDPBackend`): `query_len` positions against `key_len` keys, under
+    /// the key-validity mask generation passes (`masked`) or training's plain causal mask.
+    pub fn sdpa_backend(&self, batch: i64, query_len: i64, key_len: i64, masked: bool) -> String {
+        let cfg = &self.config;
+        let (heads, kv, d) = (
+            cfg.num_attention_heads as i64,
+            cfg.num_kv_heads() as i64,
+            cfg.head_dim() as i64,
+        );
+        let options = (self.kind(), self.embed_tokens.device());
+        let q = Tensor::zeros([batch, heads, query_len, d], options);
+        let k = Tensor::zeros([batch, kv, key_len, d], options);
+        let mask = masked.then(|| {
+            Tensor::ones(
+                [batch, 1, query_len, key_len],
+                (Kind::Bool, self.embed_tokens.device()),
+            )
+        });
+        let choice = Tensor::internal_fused_sdp_choice(
+            &q,
+            &k,
+            &k,
+            mask.as_ref(),
+            0.0,
+            !masked,
+            None,
+            ENABLE_GQA,
+        );
+        match choice {
+            0 => "math".into(),
+            1 => "flash_attention".into(),
+            2 => "efficient_attention".into(),
+            3 => "cudnn_attention".into(),
+            4 => "overrideable".into(),
+            other => format!("error ({other})"),
+        }
     }
 
     /// Logits, (B, T, V), of unpadded sequences (B, T): positions 0..T, every token valid.

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::gguf;
 use crate::llama::Llama;
+use crate::precision::Precision;
 use crate::tokenizer::Tokenizer;
 
 /// File name of the embedded default model inside the model directory.
@@ -39,15 +40,6 @@ pub fn best_device() -> Device {
     Device::cuda_if_available()
 }
 
-/// The policy's compute dtype: bf16 on CUDA, f32 on the CPU.
-pub fn compute_kind(device: Device) -> Kind {
-    if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    }
-}
-
 #[derive(Debug)]
 pub struct Model {
     pub vs: nn::VarStore,
@@ -58,8 +50,16 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `path` (a .gguf file or a Hugging Face directory), or the embedded default.
-    pub fn load(path: Option<&Path>, device: Device) -> Result<Self> {
+    /// The dtype the weights are held and computed in.
+    pub fn kind(&self) -> Kind {
+        self.llama.kind()
+    }
+}
+
+impl Model {
+    /// Loads `path` (a .gguf file or a Hugging Face directory), or the embedded default, onto
+    /// `device` in `precision`.
+    pub fn load(path: Option<&Path>, device: Device, precision: Precision) -> Result<Self> {
         let path = match path {
             Some(p) => p.to_owned(),
             None => {
@@ -86,8 +86,9 @@ impl Model {
         let mut vs = nn::VarStore::new(device);
         let llama = Llama::new(&vs, &config)?;
         fill(&vs, weights, &path)?;
-        if compute_kind(device) != Kind::Float {
-            vs.set_kind(compute_kind(device));
+        let kind = precision.kind(device);
+        if kind != Kind::Float {
+            vs.set_kind(kind);
         }
         Ok(Self {
             vs,

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use prefloop_model::{Model, Request, SamplingParams, default_model_path, generate};
+use prefloop_model::{Model, Precision, Request, SamplingParams, default_model_path, generate};
 use tch::{Device, Kind, Tensor};
 
 /// The transformers side: token ids of the chat prompt, fp32 logits of the prompt, and a
@@ -43,7 +43,7 @@ fn transformers_loads_what_prefloop_saved_and_agrees() {
         );
         return;
     };
-    let model = Model::load(None, Device::Cpu).unwrap();
+    let model = Model::load(None, Device::Cpu, Precision::Fp32).unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("smollm2");
     model.save(&dir).unwrap();
@@ -102,7 +102,7 @@ fn transformers_loads_what_prefloop_saved_and_agrees() {
     assert_eq!(ours, theirs);
 
     // And prefloop loads its own saved directory to the same weights.
-    let reloaded = Model::load(Some(&dir), Device::Cpu).unwrap();
+    let reloaded = Model::load(Some(&dir), Device::Cpu, Precision::Fp32).unwrap();
     let again = tch::no_grad(|| reloaded.llama.forward(&input)).squeeze_dim(0);
     let original = tch::no_grad(|| model.llama.forward(&input)).squeeze_dim(0);
     assert_eq!(
@@ -159,7 +159,10 @@ fn transformers_qwen2_and_llama3_rope_scaling_agree() {
     let scratch = tempfile::tempdir().unwrap();
     // The embedded model's tokenizer files, for directories transformers writes without one.
     let base = scratch.path().join("base");
-    Model::load(None, Device::Cpu).unwrap().save(&base).unwrap();
+    Model::load(None, Device::Cpu, Precision::Fp32)
+        .unwrap()
+        .save(&base)
+        .unwrap();
     for kind in ["qwen2", "llama3-scaled"] {
         let (dir, out) = (
             scratch.path().join(kind),
@@ -187,7 +190,7 @@ fn transformers_qwen2_and_llama3_rope_scaling_agree() {
             .unwrap()
             .into_iter()
             .collect();
-        let model = Model::load(Some(&dir), Device::Cpu).unwrap();
+        let model = Model::load(Some(&dir), Device::Cpu, Precision::Fp32).unwrap();
         let ids = reference["ids"].unsqueeze(0);
         let logits = tch::no_grad(|| model.llama.forward(&ids)).squeeze_dim(0);
         let diff = (logits - &reference["logits"])

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use prefloop_model::Precision;
 use prefloop_train::{DpoConfig, EncodeConfig, PpoConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -24,6 +25,10 @@ pub struct RunConfig {
     /// The starting policy: a GGUF file or a Hugging Face directory. Default: the embedded
     /// SmolLM2-135M-Instruct.
     pub model: Option<PathBuf>,
+    /// Precision of every model the run loads (policy, reference, critic, reward model):
+    /// `auto` (bf16 on a CUDA GPU, fp32 on the CPU), `bf16` or `fp32`. Trainers keep fp32
+    /// master weights and gradient sums under bf16. Default auto.
+    pub dtype: Precision,
     pub data: DataConfig,
     pub generate: GenerateConfig,
     pub score: ScoreConfig,
@@ -45,6 +50,7 @@ impl Default for RunConfig {
             rounds: 2,
             final_generation: true,
             model: None,
+            dtype: Precision::Auto,
             data: DataConfig::default(),
             generate: GenerateConfig::default(),
             score: ScoreConfig::default(),
@@ -359,9 +365,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(
             dir.path(),
-            "[data]\nproblems = \"/p\"\nlimit = 3\n[dpo]\nbeta = 0.2\n",
+            "dtype = \"bf16\"\n[data]\nproblems = \"/p\"\nlimit = 3\n[dpo]\nbeta = 0.2\n\
+             [ppo]\ntruncated = \"score\"\n",
         );
         let config = RunConfig::load(&path).unwrap();
+        assert_eq!(config.dtype, Precision::Bf16);
         let frozen = write(dir.path(), &config.to_toml());
         let again = RunConfig::load(&frozen).unwrap();
         assert_eq!(again, config);
@@ -406,5 +414,8 @@ mod tests {
         );
         let err = RunConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("`dpo`") && err.contains("max_length"), "{err}");
+        let path = write(dir.path(), "dtype = \"fp16\"\n[data]\nproblems = \"/p\"\n");
+        let err = RunConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("run.toml") && err.contains("fp16"), "{err}");
     }
 }

@@ -43,7 +43,7 @@ impl Run<'_> {
             }
             return Ok(policy);
         }
-        let models = PpoModels::load(config.model.as_deref(), best_device())?;
+        let models = PpoModels::load(config.model.as_deref(), best_device(), config.dtype)?;
         let prompts: Vec<PromptExample> = self
             .inputs
             .prompts

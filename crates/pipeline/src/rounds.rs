@@ -160,7 +160,7 @@ impl Run<'_> {
         if model.is_none() {
             let policy = &self.state.round(round).expect("begun").policy;
             let path = (!policy.as_os_str().is_empty()).then_some(policy.as_path());
-            *model = Some(Model::load(path, best_device())?);
+            *model = Some(Model::load(path, best_device(), self.config.dtype)?);
         }
         Ok(())
     }
@@ -245,7 +245,7 @@ impl Run<'_> {
             self.load_policy(round, model)?;
             let policy = model.as_ref().expect("loaded");
             let path = (!reference_path.as_os_str().is_empty()).then_some(reference_path.as_path());
-            let reference = Model::load(path, best_device())?;
+            let reference = Model::load(path, best_device(), config.dtype)?;
             let mut samples = Vec::new();
             for rows in StageReader::<Sample>::open(dir.stage_dir(round, Stage::Generate))? {
                 samples.extend(rows?);
@@ -477,7 +477,7 @@ impl Scorers {
     pub(crate) fn reward_model(&mut self, config: &RunConfig) -> Result<&RewardModel> {
         if self.reward_model.is_none() {
             let path = config.score.reward_model.as_deref();
-            let rm = RewardModel::new(Model::load(path, best_device())?)?;
+            let rm = RewardModel::new(Model::load(path, best_device(), config.dtype)?)?;
             self.reward_model = Some(rm);
         }
         Ok(self.reward_model.as_ref().expect("loaded"))

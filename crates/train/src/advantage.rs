@@ -35,13 +35,15 @@ pub fn last_token_one_hot(mask: &Tensor) -> Tensor {
     Tensor::zeros_like(mask).scatter_value(1, &last, 1.0) * has_any.to_kind(mask.kind())
 }
 
-/// GAE: δ_t = r_t + γ V_{t+1} - V_t, A_t = δ_t + γ λ A_{t+1}, over masked positions (values
-/// beyond a row's last token count as 0). Returns (advantages, returns = A + V), both (B, T)
-/// and zero off the mask.
+/// GAE: δ_t = r_t + γ V_{t+1} - V_t, A_t = δ_t + γ λ A_{t+1}, over masked positions. Beyond a
+/// row's last token the value is `bootstrap` (B,), the critic's value of the state a truncated
+/// rollout stopped in, or 0 (None, or 0 for rows that ended). Returns (advantages,
+/// returns = A + V), both (B, T) and zero off the mask.
 pub fn gae(
     rewards: &Tensor,
     values: &Tensor,
     mask: &Tensor,
+    bootstrap: Option<&Tensor>,
     gamma: f64,
     lambda: f64,
 ) -> (Tensor, Tensor) {
@@ -49,7 +51,10 @@ pub fn gae(
         let t = rewards.size()[1];
         let values = values * mask;
         let rewards = rewards * mask;
-        let mut next_value = Tensor::zeros_like(&values.select(1, 0));
+        let mut next_value = match bootstrap {
+            Some(b) => b.to_kind(values.kind()),
+            None => Tensor::zeros_like(&values.select(1, 0)),
+        };
         let mut next_advantage = Tensor::zeros_like(&next_value);
         let mut advantages = Vec::with_capacity(t as usize);
         for i in (0..t).rev() {

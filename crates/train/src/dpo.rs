@@ -13,7 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Result, TrainError};
 use crate::examples::{EncodeConfig, Encoder, PairExample, pair_batch, pair_examples, read_stage};
-use crate::fit::{LoopConfig, MicroBatch, StepRecord, fit};
+use crate::fit::{ExampleWeights, LoopConfig, MicroBatch, StepRecord, fit};
 use crate::logprobs::{TokenBatch, TokenLogprobs, sequence_sum, token_logprobs};
 use crate::losses::{PreferenceLoss, preference_loss, sft_loss};
 use crate::{checkpoint, finish_policy};
@@ -141,6 +141,7 @@ pub fn train_dpo(
     let records = fit(
         &model.vs,
         examples.len(),
+        ExampleWeights::Uniform,
         &config.train,
         out,
         &mut extra,

@@ -62,6 +62,13 @@ impl Sequence {
     pub fn parts(&self) -> (&[u32], &[u32]) {
         (&self.prompt, &self.answer)
     }
+
+    /// Positions that carry a loss in a [`crate::TokenBatch`]: the answer's tokens (the first
+    /// token has no prediction when the prompt is empty).
+    pub fn loss_tokens(&self) -> usize {
+        let n = self.prompt.len() + self.answer.len();
+        n.saturating_sub(self.prompt.len().max(1))
+    }
 }
 
 /// One preference pair, tokenised.

@@ -135,17 +135,40 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub tokens_per_s: f64,
     pub seconds: f64,
-    /// Example-weighted means over the step's micro-batches.
+    /// Means over the step's micro-batches, weighted as the loss is.
     #[serde(flatten)]
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// How much each example counts in a step's loss, so that cutting a step into micro-batches
+/// does not change its gradient.
+#[derive(Debug, Clone, Copy)]
+pub enum ExampleWeights<'a> {
+    /// Every example alike: losses that are means over examples (pairs).
+    Uniform,
+    /// Example i weighs `tokens[i]`: losses that are means over tokens (SFT). A micro-batch's
+    /// token mean, weighted by its share of the step's tokens, is the step's token mean, as
+    /// ReaLHF weighs micro-batches.
+    Tokens(&'a [usize]),
+}
+
+impl ExampleWeights<'_> {
+    fn of(&self, indices: &[usize]) -> f64 {
+        match self {
+            Self::Uniform => indices.len() as f64,
+            Self::Tokens(tokens) => indices.iter().map(|&i| tokens[i] as f64).sum(),
+        }
+    }
+}
+
 /// Runs the loop over `examples` items. `micro_batch(indices, weight)` computes the loss of
-/// those examples, multiplies it by `weight` (their share of the step's examples) and calls
+/// those examples, multiplies it by `weight` (their share of the step, by `weights`) and calls
 /// backward; `on_step` sees every record as it is logged. Returns the records of this call.
+#[allow(clippy::too_many_arguments)] // the loop's inputs, each documented above
 pub fn fit(
     vs: &VarStore,
     examples: usize,
+    weights: ExampleWeights,
     config: &LoopConfig,
     out: &Path,
     extra_state: &mut serde_json::Value,
@@ -165,12 +188,7 @@ pub fn fit(
     let mut optimizer = AdamW::new(vs, config.optim.clone())?;
     let mut start = 0;
     if let Some(path) = checkpoint::latest(out)? {
-        let parts = &mut [Part {
-            name: "policy",
-            vs,
-            optimizer: Some(&mut optimizer),
-        }];
-        let state = checkpoint::load(&path, parts)?;
+        let state = checkpoint::load(&path, &mut [Part::trained("policy", vs, &mut optimizer)])?;
         if state.examples != examples as u64 || state.seed != config.seed {
             return Err(TrainError::Checkpoint {
                 path,
@@ -191,12 +209,13 @@ pub fn fit(
         let began = Instant::now();
         let lr = config.optim.lr_at(step, scheduled);
         let batches = config.micro_batches(examples, step);
-        let step_examples: usize = batches.iter().map(Vec::len).sum();
+        let step_weight: f64 = batches.iter().map(|b| weights.of(b)).sum();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0;
         for indices in &batches {
-            let weight = indices.len() as f64 / step_examples as f64;
+            let weight = weights.of(indices) / step_weight.max(f64::MIN_POSITIVE);
             let result = micro_batch(indices, weight)?;
+            optimizer.accumulate();
             tokens += result.tokens;
             for (name, value) in result.metrics {
                 *sums.entry(name).or_default() += value * weight;
@@ -240,12 +259,7 @@ pub fn fit(
             metrics_file
                 .sync_data()
                 .map_err(TrainError::io(&metrics_path))?;
-            let parts = [Part {
-                name: "policy",
-                vs,
-                optimizer: Some(&mut optimizer),
-            }];
-            checkpoint::save(out, &parts, &state)?;
+            checkpoint::save(out, &[Part::trained("policy", vs, &mut optimizer)], &state)?;
         }
     }
     Ok(records)

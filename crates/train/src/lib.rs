@@ -3,8 +3,9 @@
 //! atomic checkpoints that resume exactly) and completion log-probs computed in chunks.
 
 mod advantage;
-mod checkpoint;
+pub mod checkpoint;
 mod dpo;
+mod ema;
 mod error;
 mod examples;
 mod fit;
@@ -14,6 +15,7 @@ mod optim;
 mod ppo;
 mod reward;
 mod sft;
+mod tensorfile;
 
 use std::path::Path;
 
@@ -21,9 +23,10 @@ pub use advantage::{
     RunningMoments, ema_update, gae, kl_penalised_rewards, last_token_one_hot, normalise_advantages,
 };
 pub use dpo::{DpoConfig, REFERENCE_DIR, dpo_backward, reference_logps, train_dpo};
+pub use ema::EmaReference;
 pub use error::{Result, TrainError};
 pub use examples::{EncodeConfig, Encoder, PairExample, Sequence};
-pub use fit::{LoopConfig, METRICS_FILE, MicroBatch, StepRecord, fit};
+pub use fit::{ExampleWeights, LoopConfig, METRICS_FILE, MicroBatch, StepRecord, fit};
 pub use logprobs::{TokenBatch, TokenLogprobs, log_ratios, sequence_sum, token_logprobs};
 pub use losses::{
     PolicyLossOutput, PreferenceLoss, PreferenceOutput, bradley_terry_loss, masked_mean,
@@ -32,7 +35,7 @@ pub use losses::{
 pub use optim::{AdamW, OptimConfig, Schedule};
 pub use ppo::{
     CRITIC_DIR, Experience, IterationRecord, PpoConfig, PpoModels, PromptExample, RewardFn,
-    Rollout, train_ppo,
+    Rollout, Truncated, train_ppo,
 };
 pub use reward::{
     EVAL_FILE, REWARD_MODEL_DIR, RewardConfig, RewardEval, RewardModel, RewardReport, evaluate,

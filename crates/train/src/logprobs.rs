@@ -4,9 +4,11 @@
 //! The gradient uses the same trick in reverse ("fused linear cross-entropy" style): the
 //! per-token log-probs are first computed without a graph and handed to the loss as a leaf;
 //! once the loss has been differentiated with respect to them, each chunk's logits are
-//! recomputed with a graph, back-propagated into the LM head and a detached copy of the hidden
-//! states, and the accumulated hidden-state gradient is finally pushed through the trunk. The
-//! price is one extra LM-head matmul per chunk; the saving is every chunk's logits but one.
+//! recomputed with a graph and differentiated with respect to the LM head and a detached copy
+//! of the chunk's hidden states. The LM head's gradient is summed over the chunks in fp32 (a
+//! bf16 `.grad` would round at every chunk), and one final backward pushes the hidden-state
+//! gradient through the trunk and the summed head gradient into the head. The price is one
+//! extra LM-head matmul per chunk; the saving is every chunk's logits but one.
 
 use prefloop_model::Llama;
 use tch::{Device, Kind, Tensor};
@@ -171,7 +173,7 @@ pub struct TokenLogprobs {
     pub values: Tensor,
     /// (B, T, C) the trunk's output, with its graph.
     hidden: Tensor,
-    /// (B, T-1, C) a leaf copy of `hidden` without the last position, collecting its gradient.
+    /// (B, T-1, C) `hidden` without the last position and without a graph.
     detached: Tensor,
     /// (B, T-1)
     targets: Tensor,
@@ -189,7 +191,7 @@ impl TokenLogprobs {
     pub(crate) fn forward_in_chunks(llama: &Llama, batch: &TokenBatch, chunk: i64) -> Self {
         let hidden = batch.hidden(llama);
         let t = hidden.size()[1] - 1;
-        let detached = hidden.narrow(1, 0, t).detach().set_requires_grad(true);
+        let detached = hidden.narrow(1, 0, t).detach();
         let targets = batch.targets();
         let values = tch::no_grad(|| logprobs_of_hidden(llama, &detached, &targets, chunk))
             .set_requires_grad(true);
@@ -210,21 +212,41 @@ impl TokenLogprobs {
             return;
         }
         let t = self.targets.size()[1];
+        let head = llama.lm_head();
+        let train_head = head.requires_grad();
+        let mut head_grad: Option<Tensor> = None; // (V, C) fp32
+        let mut hidden_grads = Vec::new();
         for_chunks(t, self.chunk, |start, len| {
-            let logprobs = chunk_logprobs(
-                llama,
-                &self.detached.narrow(1, start, len),
-                &self.targets.narrow(1, start, len),
-            );
-            (logprobs * grad.narrow(1, start, len))
-                .sum(Kind::Float)
-                .backward();
+            let hidden = self
+                .detached
+                .narrow(1, start, len)
+                .detach()
+                .set_requires_grad(true);
+            let objective = (chunk_logprobs(llama, &hidden, &self.targets.narrow(1, start, len))
+                * grad.narrow(1, start, len))
+            .sum(Kind::Float);
+            let inputs: Vec<&Tensor> = if train_head {
+                vec![&hidden, head]
+            } else {
+                vec![&hidden]
+            };
+            let mut grads = Tensor::run_backward(&[objective], &inputs, false, false);
+            if train_head {
+                let g = grads.pop().expect("one per input").to_kind(Kind::Float);
+                head_grad = Some(match head_grad.take() {
+                    Some(sum) => sum + g,
+                    None => g,
+                });
+            }
+            hidden_grads.push(grads.pop().expect("one per input"));
         });
-        let hidden_grad = self.detached.grad();
         let trunk = self.hidden.narrow(1, 0, t);
-        (trunk * hidden_grad.to_kind(self.hidden.kind()))
-            .sum(Kind::Float)
-            .backward();
+        let hidden_grad = Tensor::cat(&hidden_grads, 1).to_kind(self.hidden.kind());
+        let mut objective = (trunk * hidden_grad).sum(Kind::Float);
+        if let Some(sum) = head_grad {
+            objective += (head * sum.to_kind(head.kind())).sum(Kind::Float);
+        }
+        objective.backward();
     }
 }
 

@@ -5,18 +5,18 @@
 //! optimiser's moments (tch's C++ optimisers do not expose them), so a resumed run continues
 //! exactly. The update is PyTorch's `torch.optim.AdamW` (decoupled decay, bias correction).
 //!
-//! Master weights: when the model's parameters are not fp32 (bf16 on CUDA), the optimiser
-//! keeps an fp32 copy of each one; gradients are read in fp32, the update is applied to the
-//! copy, and the copy is rounded into the model's parameter. Small updates therefore
-//! accumulate in fp32 instead of vanishing under bf16's 8-bit mantissa. On the CPU the model
-//! is fp32 and is updated in place.
-
-use std::collections::HashMap;
+//! Master weights and gradient sums: when the model's parameters are not fp32 (bf16), the
+//! optimiser keeps an fp32 copy of each one and an fp32 sum of its gradients. Trainers call
+//! [`AdamW::accumulate`] after every backward pass, which moves the bf16 `.grad` into the fp32
+//! sum, so gradients add up in fp32 across log-softmax chunks, micro-batches and accumulation
+//! steps (bf16 keeps 8 bits of mantissa: summed there, small contributions vanish). The update
+//! is applied to the fp32 copy, then rounded into the model's parameter, so small updates
+//! accumulate too. An fp32 model is updated in place and its `.grad` already sums in fp32.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn::VarStore};
 
-use crate::error::{Result, TrainError};
+use crate::error::Result;
 
 /// After `warmup_steps` of linear warmup, the learning rate stays put or follows a cosine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +115,12 @@ struct Param {
     var: Tensor,
     /// fp32 copy when `var` is not fp32; the update is applied here.
     master: Option<Tensor>,
+    /// fp32 sum of the gradients collected since the last step, when `var` is not fp32
+    /// (allocated at the first gradient).
+    grad_sum: Option<Tensor>,
+    /// Whether any gradient reached this parameter since the last step: parameters without
+    /// one are skipped, as PyTorch skips those whose `.grad` is None.
+    has_grad: bool,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
@@ -124,6 +130,38 @@ impl Param {
     /// The fp32 tensor the update is applied to.
     fn target(&self) -> &Tensor {
         self.master.as_ref().unwrap_or(&self.var)
+    }
+
+    /// Moves a bf16 `.grad` into the fp32 sum (fp32 parameters keep theirs in `.grad`).
+    fn accumulate(&mut self) {
+        if self.master.is_none() {
+            self.has_grad |= self.var.grad().defined();
+            return;
+        }
+        let mut grad = self.var.grad();
+        if !grad.defined() {
+            return;
+        }
+        let g = grad.to_kind(Kind::Float);
+        match &mut self.grad_sum {
+            Some(sum) => {
+                let _ = sum.g_add_(&g);
+            }
+            None => self.grad_sum = Some(g.copy()),
+        }
+        let _ = grad.zero_();
+        self.has_grad = true;
+    }
+
+    /// The fp32 gradient the update reads, if any reached the parameter.
+    fn grad(&self) -> Option<Tensor> {
+        if !self.has_grad {
+            return None;
+        }
+        match &self.grad_sum {
+            Some(sum) => Some(sum.shallow_clone()),
+            None => Some(self.var.grad()),
+        }
     }
 }
 
@@ -158,6 +196,8 @@ impl AdamW {
                     name,
                     var,
                     master,
+                    grad_sum: None,
+                    has_grad: false,
                 }
             })
             .collect();
@@ -172,24 +212,37 @@ impl AdamW {
         &self.config
     }
 
+    /// Optimiser steps taken so far (restored from a checkpoint on resume).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             p.var.zero_grad();
+            if let Some(sum) = &mut p.grad_sum {
+                let _ = sum.zero_();
+            }
+            p.has_grad = false;
         }
+    }
+
+    /// Collects the gradients the last backward pass left in the parameters' `.grad` into the
+    /// fp32 sums (see the module doc). Call it after every backward pass; cheap for an fp32
+    /// model, where `.grad` is the sum.
+    pub fn accumulate(&mut self) {
+        tch::no_grad(|| self.params.iter_mut().for_each(Param::accumulate));
     }
 
     /// Scales the gradients so their global L2 norm is at most `max_grad_norm` (as
     /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
     pub fn clip_grad_norm(&mut self) -> f64 {
+        self.accumulate();
         tch::no_grad(|| {
             let squares: Vec<Tensor> = self
                 .params
                 .iter()
-                .filter_map(|p| {
-                    let g = p.var.grad();
-                    g.defined()
-                        .then(|| g.to_kind(Kind::Float).square().sum(Kind::Float))
-                })
+                .filter_map(|p| Some(p.grad()?.square().sum(Kind::Float)))
                 .collect();
             if squares.is_empty() {
                 return 0.0;
@@ -202,8 +255,7 @@ impl AdamW {
             if max > 0.0 && norm > max {
                 let coef = max / (norm + 1e-6);
                 for p in &self.params {
-                    let mut g = p.var.grad();
-                    if g.defined() {
+                    if let Some(mut g) = p.grad() {
                         let _ = g.g_mul_scalar_(coef);
                     }
                 }
@@ -214,17 +266,16 @@ impl AdamW {
 
     /// One AdamW update at learning rate `lr` with the accumulated gradients.
     pub fn step(&mut self, lr: f64) {
+        self.accumulate();
         self.steps += 1;
         let c = &self.config;
         let bias1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bias2 = 1.0 - c.beta2.powi(self.steps as i32);
         tch::no_grad(|| {
             for p in &mut self.params {
-                let g = p.var.grad();
-                if !g.defined() {
+                let Some(g) = p.grad() else {
                     continue;
-                }
-                let g = g.to_kind(Kind::Float);
+                };
                 let mut target = p.target().shallow_clone();
                 if p.decay && c.weight_decay > 0.0 {
                     let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
@@ -242,7 +293,8 @@ impl AdamW {
         });
     }
 
-    /// Moments (and master weights) by name, plus the step count, for a checkpoint.
+    /// Moments by name, plus the step count, for a checkpoint. The master weights are not
+    /// here: a checkpoint saves them as the weights themselves ([`AdamW::masters`]).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![(
             "steps".to_string(),
@@ -254,51 +306,48 @@ impl AdamW {
                 format!("{}.exp_avg_sq", p.name),
                 p.exp_avg_sq.shallow_clone(),
             ));
-            if let Some(master) = &p.master {
-                out.push((format!("{}.master", p.name), master.shallow_clone()));
-            }
         }
         out
     }
 
-    /// Restores what [`AdamW::state_tensors`] saved; names or shapes that differ are an error
-    /// naming the tensor.
+    /// The fp32 master weight of each parameter that has one, by name.
+    pub fn masters(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.master.as_ref()?.shallow_clone())))
+            .collect()
+    }
+
+    /// Sets the master weight of parameter `name` (if it has one) from a checkpoint's exact
+    /// value.
+    pub fn set_master(&mut self, name: &str, value: &Tensor) {
+        if let Some(master) = self
+            .params
+            .iter_mut()
+            .find(|p| p.name == name)
+            .and_then(|p| p.master.as_mut())
+        {
+            tch::no_grad(|| master.copy_(value));
+        }
+    }
+
+    /// Restores what [`AdamW::state_tensors`] saved, one tensor at a time: `read(name, like)`
+    /// returns the checkpoint's tensor `name`, checked against the shape of `like` (and an
+    /// error naming the file and tensor otherwise).
     pub fn load_state(
         &mut self,
-        tensors: Vec<(String, Tensor)>,
-        source: &std::path::Path,
+        read: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>,
     ) -> Result<()> {
-        let mut state: HashMap<String, Tensor> = tensors.into_iter().collect();
-        let mut take = |name: String, like: &Tensor| -> Result<Tensor> {
-            let t = state.remove(&name).ok_or_else(|| TrainError::Checkpoint {
-                path: source.to_owned(),
-                message: format!("optimiser state has no `{name}`"),
-            })?;
-            if t.size() != like.size() {
-                return Err(TrainError::Checkpoint {
-                    path: source.to_owned(),
-                    message: format!(
-                        "`{name}` has shape {:?}, expected {:?}",
-                        t.size(),
-                        like.size()
-                    ),
-                });
+        let steps = read("steps", &Tensor::from_slice(&[0i64]))?;
+        for p in &mut self.params {
+            for (suffix, moment) in [
+                ("exp_avg", &mut p.exp_avg),
+                ("exp_avg_sq", &mut p.exp_avg_sq),
+            ] {
+                let saved = read(&format!("{}.{suffix}", p.name), moment)?;
+                tch::no_grad(|| moment.copy_(&saved));
             }
-            Ok(t.to_device(like.device()).to_kind(like.kind()))
-        };
-        let steps = take("steps".into(), &Tensor::from_slice(&[0i64]))?;
-        tch::no_grad(|| -> Result<()> {
-            for p in &mut self.params {
-                p.exp_avg
-                    .copy_(&take(format!("{}.exp_avg", p.name), &p.exp_avg)?);
-                p.exp_avg_sq
-                    .copy_(&take(format!("{}.exp_avg_sq", p.name), &p.exp_avg_sq)?);
-                if let Some(master) = &mut p.master {
-                    master.copy_(&take(format!("{}.master", p.name), master)?);
-                }
-            }
-            Ok(())
-        })?;
+        }
         self.steps = steps.int64_value(&[0]) as u64;
         Ok(())
     }

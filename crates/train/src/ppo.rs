@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use prefloop_model::{Model, Request, SamplingParams, generate};
+use prefloop_model::{Model, Precision, Request, SamplingParams, generate};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::advantage::{
-    RunningMoments, ema_update, gae, kl_penalised_rewards, normalise_advantages,
+    RunningMoments, gae, kl_penalised_rewards, last_token_one_hot, normalise_advantages,
 };
 use crate::checkpoint::{self, Part, TrainerState};
+use crate::ema::EmaReference;
 use crate::error::{Result, TrainError};
 use crate::examples::{EncodeConfig, Encoder};
 use crate::fit::open_metrics;
@@ -43,8 +44,9 @@ pub struct PpoConfig {
     pub num_minibatches: usize,
     /// Passes over each rollout batch: 5 for dialogue, 16 for code in the paper. Default 5.
     pub ppo_epochs: usize,
-    /// Rows per forward pass inside a minibatch (gradients accumulate): a memory knob that
-    /// does not change the result. Default 8.
+    /// Rows per forward pass inside a minibatch (gradients accumulate, each micro-batch
+    /// weighted by its share of the minibatch's tokens, as the losses are token means): a
+    /// memory knob that does not change the result. Default 8.
     pub micro_batch_size: usize,
     /// Rows generated together. Default 64.
     pub generation_batch_size: usize,
@@ -62,6 +64,10 @@ pub struct PpoConfig {
     pub gamma: f64,
     /// GAE λ. Default 1.
     pub lambda: f64,
+    /// Rollouts cut at `max_new_tokens` before the policy ended them: `bootstrap` gives them
+    /// no score and lets GAE bootstrap from the critic's value of the state they stopped in
+    /// (ReaLHF, the paper's code); `score` scores them as if they had ended. Default bootstrap.
+    pub truncated: Truncated,
     /// Clip ε of the surrogate. Default 0.2.
     pub clip_eps: f64,
     /// Clip of the value loss around the rollout's values. Default 0.2.
@@ -75,9 +81,10 @@ pub struct PpoConfig {
     pub ema_reference: bool,
     /// η of the EMA. Default 0.001 (ReaLHF).
     pub ema_eta: f64,
-    /// Actor optimiser; lr defaults to 1e-5.
+    /// Actor optimiser; lr defaults to 1e-5. Its warmup and schedule count optimiser steps:
+    /// iterations × ppo_epochs × minibatches.
     pub actor: OptimConfig,
-    /// Critic optimiser; lr defaults to 5e-6.
+    /// Critic optimiser; lr defaults to 5e-6; scheduled as the actor's.
     pub critic: OptimConfig,
     pub encode: EncodeConfig,
     /// Seeds prompt order and sampling. Default 0.
@@ -106,6 +113,7 @@ impl Default for PpoConfig {
             reward_clip: 20.0,
             gamma: 1.0,
             lambda: 1.0,
+            truncated: Truncated::Bootstrap,
             clip_eps: 0.2,
             value_clip: 0.2,
             advantage_normalisation: true,
@@ -121,7 +129,27 @@ impl Default for PpoConfig {
     }
 }
 
+/// What a rollout cut at `max_new_tokens` is worth (see [`PpoConfig::truncated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Truncated {
+    Bootstrap,
+    Score,
+}
+
 impl PpoConfig {
+    /// Minibatches per PPO epoch: the rollout batch cut into `num_minibatches` equal parts
+    /// (the last may be smaller, or there may be fewer when the batch does not divide).
+    fn minibatches(&self) -> usize {
+        let size = self.rollout_batch_size.div_ceil(self.num_minibatches);
+        self.rollout_batch_size.div_ceil(size)
+    }
+
+    /// Optimiser steps of the whole run, which the learning-rate schedules span.
+    fn total_steps(&self) -> u64 {
+        self.iterations * (self.ppo_epochs * self.minibatches()) as u64
+    }
+
     /// Every setting checked before any work starts; errors name the field.
     pub fn validate(&self) -> Result<()> {
         let check = crate::error::ensure;
@@ -202,6 +230,8 @@ pub struct Experience {
     pub values: Tensor,
     /// (B,) the reward function's score of each completion, before clipping.
     pub scores: Tensor,
+    /// (B,) 1.0 where the rollout was cut at `max_new_tokens` before the policy ended it.
+    pub truncated: Tensor,
     /// (B, T-1) per-token rewards: KL penalty everywhere, clipped score at the last action.
     pub rewards: Tensor,
     /// (B, T-1) GAE advantages (whitened when advantage normalisation is on).
@@ -227,13 +257,13 @@ pub struct PpoModels {
 
 impl PpoModels {
     /// Actor, critic trunk and reference all start from the weights at `path` (the embedded
-    /// default when None); the critic's value head starts at zero.
-    pub fn load(path: Option<&Path>, device: tch::Device) -> Result<Self> {
-        let mut reference = Model::load(path, device)?;
+    /// default when None), in `precision`; the critic's value head starts at zero.
+    pub fn load(path: Option<&Path>, device: tch::Device, precision: Precision) -> Result<Self> {
+        let mut reference = Model::load(path, device, precision)?;
         reference.vs.freeze();
         Ok(Self {
-            actor: Model::load(path, device)?,
-            critic: RewardModel::new(Model::load(path, device)?)?,
+            actor: Model::load(path, device, precision)?,
+            critic: RewardModel::new(Model::load(path, device, precision)?)?,
             reference,
         })
     }
@@ -241,23 +271,21 @@ impl PpoModels {
 
 impl PpoModels {
     /// What a checkpoint holds: the actor and critic with their optimisers, the reference
-    /// (which the EMA moves).
-    fn parts<'a>(&'a self, actor: &'a mut AdamW, critic: &'a mut AdamW) -> [Part<'a>; 3] {
+    /// with its EMA shadow (when the EMA moves it).
+    fn parts<'a>(
+        &'a self,
+        actor: &'a mut AdamW,
+        critic: &'a mut AdamW,
+        ema: Option<&'a mut EmaReference>,
+    ) -> [Part<'a>; 3] {
         [
-            Part {
-                name: "policy",
-                vs: &self.actor.vs,
-                optimizer: Some(actor),
-            },
-            Part {
-                name: "critic",
-                vs: &self.critic.model.vs,
-                optimizer: Some(critic),
-            },
+            Part::trained("policy", &self.actor.vs, actor),
+            Part::trained("critic", &self.critic.model.vs, critic),
             Part {
                 name: "reference",
                 vs: &self.reference.vs,
                 optimizer: None,
+                ema,
             },
         ]
     }
@@ -303,10 +331,14 @@ pub fn train_ppo(
 
     let mut actor_opt = AdamW::new(&actor.vs, config.actor.clone())?;
     let mut critic_opt = AdamW::new(&critic.model.vs, config.critic.clone())?;
+    let mut ema = config
+        .ema_reference
+        .then(|| EmaReference::new(&reference.vs, config.ema_eta));
     let mut moments = RunningMoments::default();
     let mut start = 0;
     if let Some(path) = checkpoint::latest(out)? {
-        let state = checkpoint::load(&path, &mut models.parts(&mut actor_opt, &mut critic_opt))?;
+        let mut parts = models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut());
+        let state = checkpoint::load(&path, &mut parts)?;
         if state.seed != config.seed || state.examples != prompts.len() as u64 {
             return Err(TrainError::Checkpoint {
                 path,
@@ -346,9 +378,14 @@ pub fn train_ppo(
                 message: format!("{} scores for {} rollouts", scores.len(), rollouts.len()),
             });
         }
-        let experience = make_experience(models, batch, &scores, config, &mut moments);
+        let truncated: Vec<f32> = rollouts
+            .iter()
+            .map(|r| f32::from(u8::from(r.finish == prefloop_core::Finish::Length)))
+            .collect();
+        let experience = make_experience(models, batch, &scores, &truncated, config, &mut moments);
         let mask = &experience.batch.loss_mask;
         let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
+        metrics.insert("truncated".into(), mean(&experience.truncated));
         let kl = (&experience.old_logprobs - &experience.reference_logprobs) * mask;
         metrics.insert("reward/mean".into(), mean(&experience.scores));
         metrics.insert(
@@ -386,9 +423,9 @@ pub fn train_ppo(
 
         // 4. Update the reference.
         let began = Instant::now();
-        if config.ema_reference {
-            let (ref_vars, actor_vars) = paired_variables(reference, actor);
-            ema_update(&ref_vars, &actor_vars, config.ema_eta);
+        if let Some(ema) = &mut ema {
+            let shift = ema.update(&exact_weights(actor, &actor_opt));
+            metrics.insert("ema/reference_shift".into(), shift);
         }
         metrics.insert(
             "time/reference_update".into(),
@@ -418,7 +455,8 @@ pub fn train_ppo(
                 examples: prompts.len() as u64,
                 extra: serde_json::to_value(moments).expect("serialises"),
             };
-            checkpoint::save(out, &models.parts(&mut actor_opt, &mut critic_opt), &state)?;
+            let parts = models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut());
+            checkpoint::save(out, &parts, &state)?;
         }
     }
     actor.save(&out.join(crate::POLICY_DIR))?;
@@ -460,7 +498,6 @@ fn rollout(
         stop: Vec::new(),
         ignore_eos: false,
     };
-    let eos = actor.tokenizer.eos_ids().first().copied();
     let mut completions = Vec::with_capacity(chosen.len());
     let mut seeds = Vec::with_capacity(chosen.len());
     for (block, rows) in chosen.chunks(config.generation_batch_size).enumerate() {
@@ -478,16 +515,11 @@ fn rollout(
         completions.extend(generate(actor, &requests, &params)?);
     }
     let generated = completions.iter().map(|g| g.tokens.len()).sum();
-    // The end-of-sequence token is an action too: the policy chose to stop.
+    // The end-of-sequence token is an action too: the policy chose to stop, with the EOS id
+    // it sampled (a model may have several).
     let answers: Vec<Vec<u32>> = completions
         .iter()
-        .map(|g| {
-            let mut tokens = g.tokens.clone();
-            if g.finish == prefloop_core::Finish::Stop {
-                tokens.extend(eos);
-            }
-            tokens
-        })
+        .map(|g| g.tokens.iter().copied().chain(g.eos).collect())
         .collect();
     let sequences: Vec<(&[u32], &[u32])> = chosen
         .iter()
@@ -512,31 +544,42 @@ fn rollout(
     Ok((batch, rollouts, generated))
 }
 
-/// The critic's values, (B, T-1), without a graph.
+/// The critic's values at every position, (B, T), without a graph: V(s_t) of the state after
+/// token t.
 fn critic_values(critic: &RewardModel, batch: &TokenBatch) -> Tensor {
     let hidden = batch.hidden(&critic.model.llama);
-    let t = hidden.size()[1] - 1;
-    critic
-        .head
-        .per_token(&hidden.narrow(1, 0, t))
-        .to_kind(Kind::Float)
+    critic.head.per_token(&hidden).to_kind(Kind::Float)
 }
 
 fn make_experience(
     models: &PpoModels,
     batch: TokenBatch,
     scores: &[f32],
+    truncated: &[f32],
     config: &PpoConfig,
     moments: &mut RunningMoments,
 ) -> Experience {
     let device = batch.input_ids.device();
     let mask = batch.loss_mask.shallow_clone();
+    let t = mask.size()[1];
     let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.llama, &batch);
     let reference_logprobs = token_logprobs(&models.reference.llama, &batch);
-    let values = tch::no_grad(|| critic_values(&models.critic, &batch)) * &mask;
+    let all_values = tch::no_grad(|| critic_values(&models.critic, &batch)); // (B, T)
+    let values = all_values.narrow(1, 0, t) * &mask;
+    let truncated = Tensor::from_slice(truncated).to_device(device);
     let scores = Tensor::from_slice(scores).to_device(device);
+    // Rows that bootstrap: their score is not earned, and the value of the state they stopped
+    // in (the one after their last action) stands for what would have followed.
+    let bootstrapped = match config.truncated {
+        Truncated::Bootstrap => truncated.shallow_clone(),
+        Truncated::Score => truncated.zeros_like(),
+    };
+    let last = last_token_one_hot(&mask); // (B, T-1)
+    let after_last = Tensor::cat(&[&last.narrow(1, 0, 1).zeros_like(), &last], 1); // (B, T)
+    let final_values =
+        (&all_values * after_last).sum_dim_intlist([1].as_slice(), false, Kind::Float); // (B,)
     let rewards = kl_penalised_rewards(
-        &scores,
+        &(&scores * (1.0 - &bootstrapped)),
         &old_logprobs,
         &reference_logprobs,
         &mask,
@@ -544,12 +587,22 @@ fn make_experience(
         config.reward_clip,
     );
     // GAE runs on the return scale; the critic's outputs are mapped back to it first.
-    let raw_values = if config.value_normalisation {
-        moments.denormalise(&values) * &mask
+    let (raw_values, raw_final) = if config.value_normalisation {
+        (
+            moments.denormalise(&values) * &mask,
+            moments.denormalise(&final_values),
+        )
     } else {
-        values.shallow_clone()
+        (values.shallow_clone(), final_values)
     };
-    let (advantages, raw_returns) = gae(&rewards, &raw_values, &mask, config.gamma, config.lambda);
+    let (advantages, raw_returns) = gae(
+        &rewards,
+        &raw_values,
+        &mask,
+        Some(&(raw_final * &bootstrapped)),
+        config.gamma,
+        config.lambda,
+    );
     let returns = if config.value_normalisation {
         moments.update(&raw_returns, &mask);
         moments.normalise(&raw_returns) * &mask
@@ -567,6 +620,7 @@ fn make_experience(
         reference_logprobs,
         values,
         scores,
+        truncated,
         rewards,
         advantages,
         returns,
@@ -599,6 +653,19 @@ fn train_on(
 ) -> BTreeMap<String, f64> {
     let b = e.scores.size()[0] as usize;
     let device = e.scores.device();
+    // Completion tokens of each row: the losses are token means over a minibatch, so each
+    // micro-batch's mean weighs by its share of the minibatch's tokens.
+    let row_tokens: Vec<f64> = Vec::<f32>::try_from(
+        &e.batch
+            .loss_mask
+            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+            .to_device(tch::Device::Cpu),
+    )
+    .expect("a host f32 tensor")
+    .into_iter()
+    .map(f64::from)
+    .collect();
+    let total_steps = config.total_steps();
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let mut steps = 0.0;
     let mut rng =
@@ -607,11 +674,13 @@ fn train_on(
         let mut order: Vec<i64> = (0..b as i64).collect();
         order.shuffle(&mut rng);
         for minibatch in order.chunks(b.div_ceil(config.num_minibatches)) {
+            let tokens = |rows: &[i64]| rows.iter().map(|&r| row_tokens[r as usize]).sum::<f64>();
+            let minibatch_tokens = tokens(minibatch).max(1.0);
             let mut add = |name: &str, value: f64, weight: f64| {
                 *sums.entry(name.to_string()).or_default() += value * weight;
             };
             for micro in minibatch.chunks(config.micro_batch_size) {
-                let weight = micro.len() as f64 / minibatch.len() as f64;
+                let weight = tokens(micro) / minibatch_tokens;
                 let rows = Tensor::from_slice(micro).to_device(device);
                 let batch = e.batch.select(&rows);
                 let pick = |t: &Tensor| t.index_select(0, &rows);
@@ -627,6 +696,7 @@ fn train_on(
                 );
                 (&out.loss * weight).backward();
                 logprobs.backward(&models.actor.llama);
+                actor_opt.accumulate();
                 add("policy_loss", out.loss.double_value(&[]), weight);
                 add("clip_fraction", out.clip_fraction.double_value(&[]), weight);
                 add("approx_kl", out.approx_kl.double_value(&[]), weight);
@@ -646,12 +716,15 @@ fn train_on(
                     config.value_clip,
                 );
                 (&loss * weight).backward();
+                critic_opt.accumulate();
                 add("value_loss", loss.double_value(&[]), weight);
             }
             add("actor_grad_norm", actor_opt.clip_grad_norm(), 1.0);
             add("critic_grad_norm", critic_opt.clip_grad_norm(), 1.0);
-            let lr = |o: &AdamW| o.config().lr;
-            let (actor_lr, critic_lr) = (lr(actor_opt), lr(critic_opt));
+            let actor_lr = config.actor.lr_at(actor_opt.steps(), total_steps);
+            let critic_lr = config.critic.lr_at(critic_opt.steps(), total_steps);
+            add("actor_lr", actor_lr, 1.0);
+            add("critic_lr", critic_lr, 1.0);
             actor_opt.step(actor_lr);
             critic_opt.step(critic_lr);
             actor_opt.zero_grad();
@@ -662,19 +735,11 @@ fn train_on(
     sums.into_iter().map(|(k, v)| (k, v / steps)).collect()
 }
 
-/// The reference's and the actor's parameters, matched by name.
-fn paired_variables(reference: &Model, actor: &Model) -> (Vec<Tensor>, Vec<Tensor>) {
-    let actor_vars = actor.vs.variables();
-    let mut names: Vec<String> = reference.vs.variables().into_keys().collect();
-    names.sort();
-    let reference_vars = reference.vs.variables();
-    names
-        .iter()
-        .map(|n| {
-            (
-                reference_vars[n].shallow_clone(),
-                actor_vars[n].shallow_clone(),
-            )
-        })
-        .unzip()
+/// The actor's weights in fp32, by name: its optimiser's master weights where the actor
+/// computes in bf16, its own parameters where it is fp32. The EMA moves towards these.
+fn exact_weights(actor: &Model, optimizer: &AdamW) -> std::collections::HashMap<String, Tensor> {
+    let mut weights: std::collections::HashMap<String, Tensor> =
+        actor.vs.variables().into_iter().collect();
+    weights.extend(optimizer.masters());
+    weights
 }

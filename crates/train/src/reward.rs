@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use prefloop_model::{Model, ScalarHead, compute_kind};
+use prefloop_model::{Model, ScalarHead};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -15,7 +15,7 @@ use tch::{Kind, Tensor};
 use crate::checkpoint;
 use crate::error::{Result, TrainError};
 use crate::examples::{EncodeConfig, Encoder, PairExample, pair_batch, pair_examples, read_stage};
-use crate::fit::{LoopConfig, MicroBatch, StepRecord, fit};
+use crate::fit::{ExampleWeights, LoopConfig, MicroBatch, StepRecord, fit};
 use crate::losses::bradley_terry_loss;
 
 /// Where the trained reward model is saved under the output directory.
@@ -34,6 +34,8 @@ impl RewardModel {
     /// Adds a reward head to `model`: the saved one when the model's directory has a
     /// `score.weight` (a prefloop or transformers reward model), else a new zero head.
     pub fn new(model: Model) -> Result<Self> {
+        // The head is declared in fp32 and takes the trunk's dtype below.
+        let kind = model.kind();
         let head = ScalarHead::new(model.vs.root() / "score", model.llama.config().hidden_size);
         let file = model.source.join("model.safetensors");
         if model.source.is_dir() && file.exists() {
@@ -58,7 +60,6 @@ impl RewardModel {
             }
         }
         let mut model = model;
-        let kind = compute_kind(model.vs.device());
         if kind != Kind::Float {
             model.vs.set_kind(kind);
         }
@@ -207,6 +208,7 @@ pub fn train_reward_model(
     let records = fit(
         &rm.model.vs,
         train_indices.len(),
+        ExampleWeights::Uniform,
         &config.train,
         out,
         &mut extra,

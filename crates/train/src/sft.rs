@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::examples::{EncodeConfig, Encoder, sft_examples};
-use crate::fit::{LoopConfig, MicroBatch, StepRecord, fit};
+use crate::fit::{ExampleWeights, LoopConfig, MicroBatch, StepRecord, fit};
 use crate::logprobs::{TokenBatch, TokenLogprobs};
 use crate::losses::sft_loss;
 use crate::{checkpoint, finish_policy};
@@ -44,10 +44,13 @@ pub fn train_sft(
     }
     let encoder = Encoder::new(&model.tokenizer, config.encode.clone())?;
     let examples = sft_examples(data, &encoder)?;
+    // The loss is a mean over answer tokens: micro-batches weigh by their tokens.
+    let tokens: Vec<usize> = examples.iter().map(|e| e.loss_tokens()).collect();
     let mut extra = serde_json::Value::Null;
     let records = fit(
         &model.vs,
         examples.len(),
+        ExampleWeights::Tokens(&tokens),
         &config.train,
         out,
         &mut extra,

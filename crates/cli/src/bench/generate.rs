@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use prefloop_model::{Model, Request, SamplingParams, best_device, generate};
+use prefloop_model::{Model, Precision, Request, SamplingParams, best_device, generate};
 
 use super::{baseline_columns, memory_meaning, memory_mib, python_baseline, reset_peak_rss};
 
@@ -16,6 +16,10 @@ pub struct Args {
     /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Precision: auto (bf16 on a CUDA GPU, fp32 on the CPU), bf16 or fp32; transformers runs
+    /// in the same one.
+    #[arg(long, default_value_t = Precision::Auto)]
+    dtype: Precision,
     /// Batch sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,32,128,512")]
     batch_sizes: Vec<usize>,
@@ -36,9 +40,8 @@ pub struct Args {
 const HF_BASELINE: &str = r#"
 import sys, time, torch
 from transformers import AutoModelForCausalLM
-model_dir, bs, plen, new, topk = sys.argv[1], *map(int, sys.argv[2:])
+model_dir, dtype, (bs, plen, new, topk) = sys.argv[1], getattr(torch, sys.argv[2]), map(int, sys.argv[3:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.bfloat16 if device == "cuda" else torch.float32
 model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
 ids = torch.randint(100, model.config.vocab_size - 100, (bs, plen), device=device)
 kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=topk, temperature=1.0,
@@ -56,7 +59,7 @@ print(f"{bs * new / elapsed:.1f}")
 
 pub fn run(args: &Args) -> Result<()> {
     let device = best_device();
-    let model = Model::load(args.model.as_deref(), device)?;
+    let model = Model::load(args.model.as_deref(), device, args.dtype)?;
     let vocab = model.llama.config().vocab_size as u32;
     let params = SamplingParams {
         top_k: args.top_k,
@@ -88,8 +91,9 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
 
     println!(
-        "bench generate: {} on {device:?}, prompt {} + {} new tokens, top-k {}",
+        "bench generate: {} on {device:?} in {:?}, prompt {} + {} new tokens, top-k {}",
         model.source.display(),
+        model.kind(),
         args.prompt_len,
         args.new_tokens,
         args.top_k
@@ -116,7 +120,13 @@ pub fn run(args: &Args) -> Result<()> {
         let ours = tokens as f64 / seconds;
         let memory = memory_mib(device);
         let baseline = match (&args.hf_python, &hf_dir) {
-            (Some(python), Some((_, dir))) => Some(hf_tokens_per_second(python, dir, batch, args)),
+            (Some(python), Some((_, dir))) => Some(hf_tokens_per_second(
+                python,
+                dir,
+                super::train::torch_dtype(model.kind()),
+                batch,
+                args,
+            )),
             _ => None,
         };
         let (theirs, ratio) = baseline_columns(baseline, ours);
@@ -128,12 +138,12 @@ pub fn run(args: &Args) -> Result<()> {
 fn hf_tokens_per_second(
     python: &std::path::Path,
     dir: &std::path::Path,
+    dtype: &str,
     batch: usize,
     args: &Args,
 ) -> Result<f64> {
-    let mut values: Vec<String> = [batch, args.prompt_len, args.new_tokens]
-        .map(|n| n.to_string())
-        .into();
+    let mut values = vec![dtype.to_string()];
+    values.extend([batch, args.prompt_len, args.new_tokens].map(|n| n.to_string()));
     values.push(args.top_k.to_string());
     python_baseline(python, HF_BASELINE, dir, &values, "transformers")
 }

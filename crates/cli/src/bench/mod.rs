@@ -1,6 +1,8 @@
 //! `prefloop bench …`: the speed and memory targets of the issues, measured by the binary
 //! itself so the same command runs here, in CI and on a GPU machine.
 
+mod checkpoint;
+mod device;
 mod generate;
 mod jobs;
 mod sandbox;
@@ -22,6 +24,9 @@ pub enum Command {
     Sandbox(sandbox::Args),
     Train(train::Args),
     Ppo(train::PpoArgs),
+    Checkpoint(checkpoint::Args),
+    Device(device::DeviceArgs),
+    RandomModel(device::RandomModelArgs),
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -32,6 +37,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Sandbox(args) => sandbox::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Ppo(args) => train::run_ppo(&args),
+        Command::Checkpoint(args) => checkpoint::run(&args),
+        Command::Device(args) => device::device(&args),
+        Command::RandomModel(args) => device::random_model(&args),
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use prefloop_model::{Model, best_device};
+use prefloop_model::{Model, Precision, best_device};
 use prefloop_train::{
     AdamW, DpoConfig, Encoder, OptimConfig, PpoConfig, PpoModels, PromptExample, RewardModel,
     Rollout, TokenBatch, dpo_backward, sequence_sum, token_logprobs, train_ppo,
@@ -22,6 +22,10 @@ pub struct Args {
     /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Precision: auto (bf16 on a CUDA GPU, fp32 on the CPU), bf16 or fp32; the PyTorch
+    /// baseline runs in the same one.
+    #[arg(long, default_value_t = Precision::Auto)]
+    dtype: Precision,
     /// Pairs per step, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "8,32")]
     pairs: Vec<usize>,
@@ -54,9 +58,8 @@ pub struct Args {
 const TORCH_BASELINE: &str = r#"
 import sys, time, copy, torch, torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-model_dir, pairs, micro, seq, plen, steps = sys.argv[1], *map(int, sys.argv[2:])
+model_dir, dtype, (pairs, micro, seq, plen, steps) = sys.argv[1], getattr(torch, sys.argv[2]), map(int, sys.argv[3:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.bfloat16 if device == "cuda" else torch.float32
 policy = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).train()
 reference = copy.deepcopy(policy).eval().requires_grad_(False)
 opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
@@ -93,7 +96,7 @@ pub fn run(args: &Args) -> Result<()> {
         "need 0 < --prompt-len < --seq-len and --steps ≥ 1"
     );
     let device = best_device();
-    let model = Model::load(args.model.as_deref(), device)?;
+    let model = Model::load(args.model.as_deref(), device, args.dtype)?;
     let config = model.llama.config();
     let (vocab, hidden) = (config.vocab_size, config.hidden_size);
     // Parameters the step multiplies by per token: every matrix but the embedding lookup,
@@ -120,9 +123,10 @@ pub fn run(args: &Args) -> Result<()> {
         None => None,
     };
     println!(
-        "bench train: DPO step on {} ({:.1}M matmul parameters) on {device:?}, {} tokens a sequence ({} prompt)",
+        "bench train: DPO step on {} ({:.1}M matmul parameters) on {device:?} in {:?}, {} tokens a sequence ({} prompt)",
         model.source.display(),
         params as f64 / 1e6,
+        model.kind(),
         args.seq_len,
         args.prompt_len
     );
@@ -162,6 +166,7 @@ pub fn run(args: &Args) -> Result<()> {
                     sequence_sum(&token_logprobs(&model.llama, batch), &batch.loss_mask);
                 let reference = (reference.narrow(0, 0, b), reference.narrow(0, b, b));
                 dpo_backward(&model, batch, &reference, &dpo, b as f64 / pairs as f64);
+                optimizer.accumulate();
             }
             optimizer.clip_grad_norm();
             optimizer.step(1e-6);
@@ -188,9 +193,14 @@ pub fn run(args: &Args) -> Result<()> {
         };
         let memory = memory_mib(device);
         let baseline = match (&args.torch_python, &torch_dir) {
-            (Some(python), Some((_, dir))) => {
-                Some(torch_tokens_per_second(python, dir, pairs, micro, args))
-            }
+            (Some(python), Some((_, dir))) => Some(torch_tokens_per_second(
+                python,
+                dir,
+                torch_dtype(model.kind()),
+                pairs,
+                micro,
+                args,
+            )),
             _ => None,
         };
         let (theirs, ratio) = baseline_columns(baseline, ours);
@@ -199,6 +209,15 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The name of `kind` in torch, for the Python baselines.
+pub(super) fn torch_dtype(kind: tch::Kind) -> &'static str {
+    match kind {
+        tch::Kind::BFloat16 => "bfloat16",
+        tch::Kind::Half => "float16",
+        _ => "float32",
+    }
 }
 
 fn synchronize(device: Device) {
@@ -211,11 +230,13 @@ fn synchronize(device: Device) {
 fn torch_tokens_per_second(
     python: &Path,
     dir: &Path,
+    dtype: &str,
     pairs: usize,
     micro: usize,
     args: &Args,
 ) -> Result<f64> {
-    let values = [pairs, micro, args.seq_len, args.prompt_len, args.steps].map(|n| n.to_string());
+    let mut values = vec![dtype.to_string()];
+    values.extend([pairs, micro, args.seq_len, args.prompt_len, args.steps].map(|n| n.to_string()));
     python_baseline(python, TORCH_BASELINE, dir, &values, "PyTorch")
 }
 
@@ -225,6 +246,9 @@ pub struct PpoArgs {
     /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Precision of the actor, critic, reference and reward model.
+    #[arg(long, default_value_t = Precision::Auto)]
+    dtype: Precision,
     /// Rollouts in the iteration (the paper's large batch is 512).
     #[arg(long, default_value_t = 64)]
     rollouts: usize,
@@ -244,8 +268,8 @@ pub struct PpoArgs {
 /// depend on what it says).
 pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     let device = best_device();
-    let models = PpoModels::load(args.model.as_deref(), device)?;
-    let rm = RewardModel::new(Model::load(args.model.as_deref(), device)?)?;
+    let models = PpoModels::load(args.model.as_deref(), device, args.dtype)?;
+    let rm = RewardModel::new(Model::load(args.model.as_deref(), device, args.dtype)?)?;
     let config = PpoConfig {
         iterations: 1,
         rollout_batch_size: args.rollouts,
@@ -285,8 +309,12 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     )?;
     let m = &records[0].metrics;
     println!(
-        "bench ppo: one iteration on {device:?}, {} rollouts × {} new tokens, {} PPO epoch(s), {} minibatches",
-        args.rollouts, args.new_tokens, args.ppo_epochs, args.minibatches
+        "bench ppo: one iteration on {device:?} in {:?}, {} rollouts × {} new tokens, {} PPO epoch(s), {} minibatches",
+        models.actor.kind(),
+        args.rollouts,
+        args.new_tokens,
+        args.ppo_epochs,
+        args.minibatches
     );
     println!("phase                          seconds");
     println!("generate                  {:12.2}", m["time/generate"]);
@@ -300,6 +328,10 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     println!(
         "EMA reference update      {:12.2}",
         m["time/reference_update"]
+    );
+    println!(
+        "ema/reference_shift {:.3} (1.0 = as the EMA formula says), truncated {:.3}, reward/mean {:.4}, kl {:.4}",
+        m["ema/reference_shift"], m["truncated"], m["reward/mean"], m["kl"]
     );
     Ok(())
 }
