@@ -70,6 +70,30 @@ fn hh_pairs(scratch: &Path, filter: Option<&str>) -> PathBuf {
     subset
 }
 
+/// A scratch directory holding the tiny model (`tiny_model`), or None, with a message, where
+/// the embedded model (whose tokenizer it takes) is not installed.
+fn tiny_scratch() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !default_model_path().exists() {
+        eprintln!("skipped: needs the embedded model (scripts/setup)");
+        return None;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    Some((scratch, model))
+}
+
+/// A JSONL prompts file of two short prompts.
+fn two_prompts(dir: &Path) -> PathBuf {
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"Say hi.\", \"problem_id\": \"a\"}\n{\"prompt\": \"Count to 3.\", \"problem_id\": \"b\"}\n",
+    )
+    .unwrap();
+    prompts
+}
+
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -478,13 +502,9 @@ fn ppo_prompts() -> Vec<PromptExample> {
 
 #[test]
 fn ppo_on_a_programmatic_reward_raises_the_mean_reward_with_kl_bounded() {
-    if !default_model_path().exists() {
-        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    let Some((scratch, model)) = tiny_scratch() else {
         return;
-    }
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
+    };
     let models = PpoModels::load(Some(&model), Device::Cpu, Precision::Fp32).unwrap();
     let out = scratch.path().join("ppo");
     let records = train_ppo(
@@ -594,13 +614,9 @@ fn max_difference(a: &Path, b: &Path) -> f64 {
 
 #[test]
 fn a_ppo_run_that_crashes_midway_resumes_to_the_parameters_of_an_uninterrupted_run() {
-    if !default_model_path().exists() {
-        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    let Some((scratch, model)) = tiny_scratch() else {
         return;
-    }
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
+    };
     let config = ppo_config(4);
     let run = |out: &Path, crash_at| ppo_run(&model, Precision::Fp32, &config, out, crash_at);
     let whole = scratch.path().join("whole");
@@ -625,19 +641,10 @@ fn a_ppo_run_that_crashes_midway_resumes_to_the_parameters_of_an_uninterrupted_r
 
 #[test]
 fn train_ppo_runs_from_the_command_line_with_a_reward_model_and_resumes_as_done() {
-    if !default_model_path().exists() {
-        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    let Some((scratch, model)) = tiny_scratch() else {
         return;
-    }
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
-    let prompts = scratch.path().join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        "{\"prompt\": \"Say hi.\", \"problem_id\": \"a\"}\n{\"prompt\": \"Count to 3.\", \"problem_id\": \"b\"}\n",
-    )
-    .unwrap();
+    };
+    let prompts = two_prompts(scratch.path());
     let config = scratch.path().join("ppo.toml");
     std::fs::write(
         &config,
@@ -706,19 +713,10 @@ fn trl_pairs(scratch: &Path) -> PathBuf {
 
 #[test]
 fn generate_and_train_dpo_run_in_bf16_on_the_cpu() {
-    if !default_model_path().exists() {
-        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    let Some((scratch, model)) = tiny_scratch() else {
         return;
-    }
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
-    let prompts = scratch.path().join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        "{\"prompt\": \"Say hi.\", \"problem_id\": \"a\"}\n{\"prompt\": \"Count.\", \"problem_id\": \"b\"}\n",
-    )
-    .unwrap();
+    };
+    let prompts = two_prompts(scratch.path());
     let samples = scratch.path().join("samples");
     let model = model.to_str().unwrap();
     let stdout = run_ok(&[
@@ -815,13 +813,9 @@ fn sft_and_rm_losses(
 
 #[test]
 fn sft_and_reward_model_training_in_bf16_tracks_fp32() {
-    if !default_model_path().exists() {
-        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    let Some((scratch, model)) = tiny_scratch() else {
         return;
-    }
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
+    };
     let pairs = trl_pairs(scratch.path());
     let fp32 = sft_and_rm_losses(
         &model,
@@ -850,13 +844,9 @@ fn sft_and_reward_model_training_in_bf16_tracks_fp32() {
 
 #[test]
 fn a_bf16_ppo_run_moves_its_ema_reference_and_resumes_exactly_also_from_fp32() {
-    if !default_model_path().exists() {
-        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    let Some((scratch, model)) = tiny_scratch() else {
         return;
-    }
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
+    };
     let config = PpoConfig {
         ppo_epochs: 2,
         ..ppo_config(2)
@@ -898,13 +888,9 @@ fn a_bf16_ppo_run_moves_its_ema_reference_and_resumes_exactly_also_from_fp32() {
 
 #[test]
 fn micro_batches_do_not_change_an_sft_or_ppo_update() {
-    if !default_model_path().exists() {
-        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    let Some((scratch, model)) = tiny_scratch() else {
         return;
-    }
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
+    };
     let pairs = trl_pairs(scratch.path());
     // AdamW's first update is ±lr wherever |g| ≫ eps, and amplifies float noise where the
     // gradient cancels to about eps; with eps = 1 it is g / (|g| + 1): the comparison sees the

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
+use crate::model_args::ModelArgs;
 use anyhow::Result;
-use prefloop_model::{Model, Precision, best_device};
+use prefloop_model::best_device;
 use prefloop_pipeline::{GenerateConfig, Shard, generate_stage, read_prompts};
 
 /// Sample completions for every prompt into a samples stage directory.
@@ -15,12 +16,8 @@ use prefloop_pipeline::{GenerateConfig, Shard, generate_stage, read_prompts};
 /// resumed rows are the ones an uninterrupted run would have written.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Precision: auto (bf16 on a CUDA GPU, fp32 on the CPU), bf16 or fp32.
-    #[arg(long, default_value_t = Precision::Auto)]
-    dtype: Precision,
+    #[command(flatten)]
+    model: ModelArgs,
     /// JSONL or Parquet file of prompts.
     #[arg(long)]
     prompts: PathBuf,
@@ -70,7 +67,7 @@ pub fn run(args: &Args) -> Result<()> {
         "--n, --batch-size and --shard-rows must be positive"
     );
     let prompts = read_prompts(&args.prompts)?;
-    let model = Model::load(args.model.as_deref(), best_device(), args.dtype)?;
+    let model = args.model.load(best_device())?;
     let policy = model
         .source
         .file_stem()

@@ -6,6 +6,7 @@ mod generate;
 mod import;
 mod inspect;
 mod jobs;
+mod model_args;
 mod run;
 mod sandbox;
 mod train;

@@ -254,6 +254,26 @@ impl Golden {
     }
 }
 
+impl Golden {
+    /// The DPO loss (β 0.1) of the two golden pairs under `llama`, with the log-probs to
+    /// back-propagate through.
+    fn dpo_loss(&self, llama: &Llama) -> (TokenLogprobs, prefloop_train::PreferenceOutput) {
+        let batch = self.pair_batch();
+        let logprobs = TokenLogprobs::forward(llama, &batch);
+        let sums = sequence_sum(&logprobs.values, &batch.loss_mask);
+        let reference = self.get("ref_logps");
+        let out = preference_loss(
+            PreferenceLoss::Sigmoid,
+            0.1,
+            &sums.narrow(0, 0, 2),
+            &sums.narrow(0, 2, 2),
+            &reference.narrow(0, 0, 2),
+            &reference.narrow(0, 2, 2),
+        );
+        (logprobs, out)
+    }
+}
+
 fn assert_close(ours: &Tensor, theirs: &Tensor, what: &str) {
     assert_eq!(ours.size(), theirs.size(), "{what}: shapes");
     let diff = (ours.to_kind(Kind::Float) - theirs.to_kind(Kind::Float))
@@ -395,18 +415,7 @@ fn value_normalisation_moments_match_the_pooled_statistics() {
 fn one_dpo_optimiser_step_equals_pytorch() {
     let g = golden_or_skip!();
     let (vs, llama) = g.tiny_llama();
-    let batch = g.pair_batch();
-    let logprobs = TokenLogprobs::forward(&llama, &batch);
-    let sums = sequence_sum(&logprobs.values, &batch.loss_mask);
-    let reference = g.get("ref_logps");
-    let out = preference_loss(
-        PreferenceLoss::Sigmoid,
-        0.1,
-        &sums.narrow(0, 0, 2),
-        &sums.narrow(0, 2, 2),
-        &reference.narrow(0, 0, 2),
-        &reference.narrow(0, 2, 2),
-    );
+    let (logprobs, out) = g.dpo_loss(&llama);
     assert_scalar(&out.loss, g.scalar("dpo_loss"), "DPO loss of the step");
     out.loss.backward();
     logprobs.backward(&llama);
@@ -441,18 +450,7 @@ fn one_bf16_dpo_step_with_fp32_master_weights_matches_pytorch_in_bf16() {
     let g = golden_or_skip!();
     let (mut vs, llama) = g.tiny_llama();
     vs.set_kind(Kind::BFloat16);
-    let batch = g.pair_batch();
-    let logprobs = TokenLogprobs::forward(&llama, &batch);
-    let sums = sequence_sum(&logprobs.values, &batch.loss_mask);
-    let reference = g.get("ref_logps");
-    let out = preference_loss(
-        PreferenceLoss::Sigmoid,
-        0.1,
-        &sums.narrow(0, 0, 2),
-        &sums.narrow(0, 2, 2),
-        &reference.narrow(0, 0, 2),
-        &reference.narrow(0, 2, 2),
-    );
+    let (logprobs, out) = g.dpo_loss(&llama);
     let (ours, theirs) = (out.loss.double_value(&[]), g.scalar("bf16.loss"));
     assert!(
         (ours - theirs).abs() <= 1e-2 * theirs.abs(),

@@ -3,25 +3,25 @@
 //! same states written and read whole (every tensor gathered on the host, then one file), as
 //! the trainers did before checkpoints streamed tensor by tensor.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use prefloop_model::{Model, Precision, best_device};
+use prefloop_model::{Model, best_device};
 use prefloop_train::checkpoint::{self, Part, TrainerState};
 use prefloop_train::{AdamW, OptimConfig};
 use tch::{Device, Kind, Tensor};
 
+use crate::model_args::ModelArgs;
+
 use super::{mib, peak_rss, reset_peak_rss, rss};
 
+/// Peak host memory of saving and of resuming a checkpoint (bf16 adds fp32 master weights to
+/// the states), each in a fresh process, against the same states written and read whole.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Precision of the model (bf16 adds fp32 master weights to the optimiser's states).
-    #[arg(long, default_value_t = Precision::Auto)]
-    dtype: Precision,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Internal: run one phase in this process (save-streamed, resume-streamed, save-whole,
     /// resume-whole) on the checkpoint directory given.
     #[arg(long, hide = true, num_args = 2, value_names = ["PHASE", "DIR"])]
@@ -30,7 +30,7 @@ pub struct Args {
 
 /// The model and an optimiser whose moments hold values (one step on made-up gradients).
 fn states(args: &Args) -> Result<(Model, AdamW)> {
-    let model = Model::load(args.model.as_deref(), best_device(), args.dtype)?;
+    let model = args.model.load(best_device())?;
     let mut optimizer = AdamW::new(&model.vs, OptimConfig::default())?;
     // A gradient for every parameter, cheaply.
     for (_, var) in model.vs.variables() {
@@ -127,8 +127,13 @@ pub fn run(args: &Args) -> Result<()> {
     let exe = std::env::current_exe()?;
     let measure = |name: &str| -> Result<(u64, u64, u64)> {
         let mut command = Command::new(&exe);
-        command.args(["bench", "checkpoint", "--dtype", &args.dtype.to_string()]);
-        if let Some(model) = &args.model {
+        command.args([
+            "bench",
+            "checkpoint",
+            "--dtype",
+            &args.model.dtype.to_string(),
+        ]);
+        if let Some(model) = &args.model.model {
             command.arg("--model").arg(model);
         }
         command.arg("--phase").arg(name).arg(dir.path());
@@ -153,9 +158,10 @@ pub fn run(args: &Args) -> Result<()> {
     println!(
         "bench checkpoint: {} in {}, each phase in a fresh process on {:?}",
         args.model
+            .model
             .as_deref()
             .map_or("the embedded default".into(), |p| p.display().to_string()),
-        args.dtype,
+        args.model.dtype,
         best_device()
     );
     println!(

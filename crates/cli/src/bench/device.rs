@@ -10,6 +10,8 @@ use anyhow::Result;
 use prefloop_model::{Config, Llama, Model, Precision, best_device};
 use tch::{Device, Kind, Tensor};
 
+use crate::model_args::ModelArgs;
+
 /// Model shapes the GPU check measures.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Shape {
@@ -112,15 +114,12 @@ pub fn random_model(args: &RandomModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// What this machine's libtorch offers, and the model's logits on the device against the CPU.
+/// What this machine's libtorch offers, and the model's logits on the device in `--dtype`
+/// against the CPU in fp32.
 #[derive(Debug, clap::Args)]
 pub struct DeviceArgs {
-    /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Precision on the device (the CPU reference is always fp32).
-    #[arg(long, default_value_t = Precision::Auto)]
-    dtype: Precision,
+    #[command(flatten)]
+    model: ModelArgs,
 }
 
 pub fn device(args: &DeviceArgs) -> Result<()> {
@@ -146,7 +145,7 @@ pub fn device(args: &DeviceArgs) -> Result<()> {
         ((bf16.to_kind(Kind::Float) - &exact).abs().max() / exact.abs().max()).double_value(&[]);
     println!("bf16 matmul on {device:?}: max error {error:.2e} of the largest fp32 entry");
 
-    let model = Model::load(args.model.as_deref(), device, args.dtype)?;
+    let model = args.model.load(device)?;
     println!(
         "model: {} on {device:?} in {:?}",
         model.source.display(),
@@ -190,7 +189,7 @@ pub fn device(args: &DeviceArgs) -> Result<()> {
     let ours = tch::no_grad(|| llama.forward(&input.to_device(device)))
         .to_kind(Kind::Float)
         .to_device(Device::Cpu);
-    let reference = Model::load(args.model.as_deref(), Device::Cpu, Precision::Fp32)?;
+    let reference = Model::load(args.model.model.as_deref(), Device::Cpu, Precision::Fp32)?;
     let exact = tch::no_grad(|| reference.llama.forward(&input));
     let diff = (&ours - &exact).abs();
     let spread = exact.std(true).double_value(&[]);

@@ -6,20 +6,17 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use prefloop_model::{Model, Precision, Request, SamplingParams, best_device, generate};
+use prefloop_model::{Request, SamplingParams, best_device, generate};
+
+use crate::model_args::ModelArgs;
 
 use super::{baseline_columns, memory_meaning, memory_mib, python_baseline, reset_peak_rss};
 
 /// Tokens per second of batched sampling, per batch size.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Precision: auto (bf16 on a CUDA GPU, fp32 on the CPU), bf16 or fp32; transformers runs
-    /// in the same one.
-    #[arg(long, default_value_t = Precision::Auto)]
-    dtype: Precision,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Batch sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,32,128,512")]
     batch_sizes: Vec<usize>,
@@ -59,7 +56,7 @@ print(f"{bs * new / elapsed:.1f}")
 
 pub fn run(args: &Args) -> Result<()> {
     let device = best_device();
-    let model = Model::load(args.model.as_deref(), device, args.dtype)?;
+    let model = args.model.load(device)?;
     let vocab = model.llama.config().vocab_size as u32;
     let params = SamplingParams {
         top_k: args.top_k,

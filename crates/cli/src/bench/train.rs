@@ -8,24 +8,23 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use prefloop_model::{Model, Precision, best_device};
+use prefloop_model::best_device;
 use prefloop_train::{
     AdamW, DpoConfig, Encoder, OptimConfig, PpoConfig, PpoModels, PromptExample, RewardModel,
     Rollout, TokenBatch, dpo_backward, sequence_sum, token_logprobs, train_ppo,
 };
 use tch::{Device, Tensor};
 
+use crate::model_args::ModelArgs;
+
 use super::{baseline_columns, memory_meaning, memory_mib, python_baseline, reset_peak_rss};
 
+/// One DPO optimiser step on fixed shapes: tokens/s, peak memory, MFU on a GPU, and an eager
+/// PyTorch step in the same run.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Precision: auto (bf16 on a CUDA GPU, fp32 on the CPU), bf16 or fp32; the PyTorch
-    /// baseline runs in the same one.
-    #[arg(long, default_value_t = Precision::Auto)]
-    dtype: Precision,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Pairs per step, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "8,32")]
     pairs: Vec<usize>,
@@ -96,7 +95,7 @@ pub fn run(args: &Args) -> Result<()> {
         "need 0 < --prompt-len < --seq-len and --steps ≥ 1"
     );
     let device = best_device();
-    let model = Model::load(args.model.as_deref(), device, args.dtype)?;
+    let model = args.model.load(device)?;
     let config = model.llama.config();
     let (vocab, hidden) = (config.vocab_size, config.hidden_size);
     // Parameters the step multiplies by per token: every matrix but the embedding lookup,
@@ -243,12 +242,8 @@ fn torch_tokens_per_second(
 /// One PPO iteration on the embedded model, timed per phase.
 #[derive(Debug, clap::Args)]
 pub struct PpoArgs {
-    /// A .gguf file or a Hugging Face directory; the embedded default when omitted.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Precision of the actor, critic, reference and reward model.
-    #[arg(long, default_value_t = Precision::Auto)]
-    dtype: Precision,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Rollouts in the iteration (the paper's large batch is 512).
     #[arg(long, default_value_t = 64)]
     rollouts: usize,
@@ -268,8 +263,8 @@ pub struct PpoArgs {
 /// depend on what it says).
 pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     let device = best_device();
-    let models = PpoModels::load(args.model.as_deref(), device, args.dtype)?;
-    let rm = RewardModel::new(Model::load(args.model.as_deref(), device, args.dtype)?)?;
+    let models = PpoModels::load(args.model.model.as_deref(), device, args.model.dtype)?;
+    let rm = RewardModel::new(args.model.load(device)?)?;
     let config = PpoConfig {
         iterations: 1,
         rollout_batch_size: args.rollouts,
