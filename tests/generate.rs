@@ -138,6 +138,7 @@ fn the_gpu_check_script_runs_every_step_on_the_cpu_in_a_dry_run() {
         "sdpa backend, decode step",
         "logits, Cpu BFloat16 against CPU fp32",
         "ema/reference_shift",
+        "bench grpo",
         "bench generate",
         "bench train",
     ] {

@@ -9,9 +9,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use common::{prefloop, text, tiny_model};
+use common::{prefloop, text, tiny_model, tiny_reward_model};
 use prefloop_core::{Pair, PairSource, Record, Sample, Score};
 use prefloop_data::{Manifest, StageReader};
 use prefloop_model::default_model_path;
@@ -77,6 +77,55 @@ fn run_args<'a>(config: &'a Path, out: &'a Path) -> [&'a str; 5] {
         "--out",
         out.to_str().unwrap(),
     ]
+}
+
+/// The samples and scores of round directories `a` and `b` are the same rows: none twice,
+/// none missing, the same rewards and verdicts.
+fn assert_same_samples_and_scores(a: &Path, b: &Path, round: u32) {
+    let key = |s: &Sample| (s.problem_id.clone(), s.sample_idx);
+    let (mut sa, mut sb): (Vec<Sample>, Vec<Sample>) =
+        (rows(&a.join("samples")), rows(&b.join("samples")));
+    sa.sort_by_key(key);
+    sb.sort_by_key(key);
+    assert_eq!(sa, sb, "round {round} samples");
+    let verdicts = |dir: &Path| {
+        let mut v: Vec<_> = rows::<Score>(dir)
+            .into_iter()
+            .map(|s| {
+                (
+                    s.problem_id,
+                    s.sample_idx,
+                    s.reward.to_bits(),
+                    s.verdict.as_str(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        verdicts(&a.join("scores")),
+        verdicts(&b.join("scores")),
+        "round {round} scores"
+    );
+}
+
+/// Starts `prefloop run` on `config` into `run` and SIGKILLs it at each fraction of
+/// `unbroken` (an uninterrupted run's wall time), then resumes it to the end.
+fn kill_at_then_resume(config: &Path, run: &Path, unbroken: Duration, fractions: &[f64]) {
+    for fraction in fractions {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prefloop"))
+            .args(run_args(config, run))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(unbroken.mul_f64(*fraction));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let resumed = prefloop(&["resume", run.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
 }
 
 #[test]
@@ -236,28 +285,7 @@ fn a_run_killed_at_many_points_resumes_to_the_shards_and_policy_of_an_unbroken_r
             whole.join(format!("round-{round:04}")),
             killed.join(format!("round-{round:04}")),
         );
-        let key = |s: &Sample| (s.problem_id.clone(), s.sample_idx);
-        let (mut sa, mut sb): (Vec<Sample>, Vec<Sample>) =
-            (rows(&a.join("samples")), rows(&b.join("samples")));
-        sa.sort_by_key(key);
-        sb.sort_by_key(key);
-        assert_eq!(sa, sb, "round {round} samples");
-        let verdicts = |dir: &Path| {
-            let mut v: Vec<_> = rows::<Score>(dir)
-                .into_iter()
-                .map(|s| {
-                    (
-                        s.problem_id,
-                        s.sample_idx,
-                        s.reward.to_bits(),
-                        s.verdict.as_str(),
-                    )
-                })
-                .collect();
-            v.sort();
-            v
-        };
-        assert_eq!(verdicts(&a.join("scores")), verdicts(&b.join("scores")));
+        assert_same_samples_and_scores(&a, &b, round);
         if round < 2 {
             let pairs = |dir: &Path| {
                 let mut p: Vec<Pair> = rows(dir);
@@ -607,4 +635,384 @@ fn a_reward_model_trained_by_prefloop_scores_the_rounds_of_a_run_on_hh_prompts()
     let lines = metrics(&run);
     assert!(lines[0].get("pass@1").is_none(), "no pass@k without tests");
     assert!(lines[0].get("reward/mean").is_some());
+}
+
+/// A GRPO config over three JSONL prompts scored by a tiny random reward model, whose scores
+/// differ from one completion to the next, so every group carries signal.
+fn write_grpo_config(dir: &Path, model: &Path, reward_model: &Path) -> PathBuf {
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"Say hi.\", \"problem_id\": \"a\"}\n\
+         {\"prompt\": \"Name a colour.\", \"problem_id\": \"b\"}\n\
+         {\"prompt\": \"Count to three.\", \"problem_id\": \"c\"}\n",
+    )
+    .unwrap();
+    let path = dir.join("grpo.toml");
+    let config = format!(
+        "algorithm = \"grpo\"\nrounds = 2\nmodel = {model:?}\n\
+         [data]\nprompts = {prompts:?}\n\
+         [generate]\nn = 2\nmax_new_tokens = 8\ntop_k = 20\nbatch_size = 6\n\
+         [score]\nscorer = \"rm\"\nreward_model = {reward_model:?}\n\
+         [group]\nrollout_batch_size = 2\ngroup_size = 4\nnum_minibatches = 2\n\
+         micro_batch_size = 4\ngeneration_batch_size = 8\nmax_new_tokens = 8\ntop_k = 20\n\
+         overlong = \"keep\"\n\
+         [group.actor]\nlr = 1e-3\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[test]
+fn a_grpo_run_killed_at_many_points_resumes_to_the_rows_and_policy_of_an_unbroken_run() {
+    let Some(_) = ready() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let (model, reward_model) = (scratch.path().join("tiny"), scratch.path().join("rm"));
+    tiny_model(&model);
+    tiny_reward_model(&reward_model);
+    let config = write_grpo_config(scratch.path(), &model, &reward_model);
+
+    let whole = scratch.path().join("whole");
+    let began = Instant::now();
+    let out = prefloop(&run_args(&config, &whole));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let unbroken = began.elapsed();
+    for round in 0..2u32 {
+        let samples: Vec<Sample> = rows(&whole.join(format!("round-{round:04}/samples")));
+        assert_eq!(samples.len(), 8, "2 groups of 4, every one informative");
+        let policy = match round {
+            0 => "base".to_string(),
+            _ => format!("group-iteration-{round:04}"),
+        };
+        assert!(samples.iter().all(|s| s.policy == policy), "{samples:?}");
+    }
+    let lines = metrics(&whole);
+    for key in [
+        "reward/mean",
+        "kl",
+        "clip_fraction/high",
+        "groups/dropped_fraction",
+        "entropy",
+    ] {
+        assert!(
+            lines[0].get(key).is_some(),
+            "group rounds log {key}: {}",
+            lines[0]
+        );
+    }
+
+    // SIGKILL during sampling, scoring, the update, the checkpoint: each attempt continues
+    // from what the last left; then one run to the end.
+    let killed = scratch.path().join("killed");
+    kill_at_then_resume(&config, &killed, unbroken, &[0.15, 0.3, 0.45, 0.6, 0.75]);
+    for round in 0..3 {
+        let (a, b) = (
+            whole.join(format!("round-{round:04}")),
+            killed.join(format!("round-{round:04}")),
+        );
+        assert_same_samples_and_scores(&a, &b, round);
+    }
+    assert_eq!(
+        std::fs::read(whole.join("group/policy/model.safetensors")).unwrap(),
+        std::fs::read(killed.join("group/policy/model.safetensors")).unwrap(),
+        "the trained policy"
+    );
+}
+
+#[test]
+fn the_shipped_cpu_grpo_config_runs_a_round_with_the_sandbox() {
+    let Some(humaneval) = ready() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    // The shipped config with the tiny model in place of the embedded default.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/grpo_cpu.toml");
+    let config = scratch.path().join("grpo_cpu.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {model:?}\n{}",
+            std::fs::read_to_string(shipped).unwrap()
+        ),
+    )
+    .unwrap();
+    let run = scratch.path().join("run");
+    let out = prefloop(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--problems",
+        humaneval.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The random model passes nothing: every group is alike, so both draws are made and
+    // all their groups dropped.
+    let samples: Vec<Sample> = rows(&run.join("round-0000/samples"));
+    let scores: Vec<Score> = rows(&run.join("round-0000/scores"));
+    assert_eq!(
+        samples.len(),
+        2 * 4 * 4,
+        "two draws of 4 problems × 4 samples"
+    );
+    assert_eq!(scores.len(), samples.len());
+    let lines = metrics(&run);
+    assert_eq!(lines[0]["groups/dropped_fraction"], 1.0, "{}", lines[0]);
+    assert_eq!(lines[0]["groups/draws"], 2.0);
+    assert!(lines[0].get("pass@1").is_some(), "{}", lines[0]);
+}
+
+/// The embedded model is installed (for the tokenizer every tiny model takes).
+fn model_ready() -> bool {
+    let ready = default_model_path().exists();
+    if !ready {
+        eprintln!("skipped: needs the embedded model (scripts/setup)");
+    }
+    ready
+}
+
+/// A JSONL file of prompts `ids`.
+fn prompt_file(path: &Path, ids: &[&str]) {
+    let text: String = ids
+        .iter()
+        .map(|id| format!("{{\"prompt\": \"Tell me about {id}.\", \"problem_id\": \"{id}\"}}\n"))
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// A DPO-Iter config over `prompts` scored by the reward model at `rm`, tiny sampling, with
+/// `extra` appended (more sections or `[data]` keys go after it).
+fn rm_config(dir: &Path, model: Option<&Path>, prompts: &Path, rm: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("rm.toml");
+    let model = model.map_or(String::new(), |m| format!("model = {m:?}\n"));
+    std::fs::write(
+        &path,
+        format!(
+            "rounds = 1\nfinal_generation = false\n{model}\
+             [generate]\nn = 2\nmax_new_tokens = 6\ntop_k = 20\nbatch_size = 8\n\
+             [score]\nscorer = \"rm\"\nreward_model = {rm:?}\n\
+             [dpo.train]\nbatch_size = 2\n[dpo.train.optim]\nlr = 1e-4\n\
+             [data]\nprompts = {prompts:?}\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The problem ids each round of the run recorded.
+fn round_prompts(run: &Path) -> Vec<Vec<String>> {
+    let state = prefloop_pipeline::read_state(run).unwrap();
+    state
+        .rounds
+        .iter()
+        .map(|r| {
+            r.prompts
+                .as_ref()
+                .map_or(Vec::new(), |p| p.problem_ids.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_samples_prompts_from_a_jsonl_file_and_from_a_parquet_file() {
+    if !model_ready() {
+        return;
+    }
+    let Some(python) = std::env::var_os("PREFLOOP_PYTHON") else {
+        eprintln!("skipped: PREFLOOP_PYTHON is not set to a venv with pyarrow (run scripts/setup)");
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let (model, rm) = (scratch.path().join("tiny"), scratch.path().join("rm"));
+    tiny_model(&model);
+    tiny_reward_model(&rm);
+    let jsonl = scratch.path().join("prompts.jsonl");
+    prompt_file(&jsonl, &["a", "b", "c"]);
+    let parquet = scratch.path().join("prompts.parquet");
+    let status = Command::new(python)
+        .args([
+            "-c",
+            "import sys, pyarrow as pa, pyarrow.parquet as pq\n\
+             pq.write_table(pa.table({'problem_id': ['x', 'y'], 'prompt': ['Say x.', 'Say y.']}), sys.argv[1])",
+            parquet.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (prompts, rows) in [(&jsonl, 6), (&parquet, 4)] {
+        let config = rm_config(scratch.path(), Some(&model), prompts, &rm, "");
+        let run = scratch.path().join(prompts.extension().unwrap());
+        let out = prefloop(&run_args(&config, &run));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            prompts.display(),
+            text(&out.stderr)
+        );
+        let samples: Vec<Sample> = rows_of(&run.join("round-0000/samples"));
+        assert_eq!(samples.len(), rows, "{} × 2 samples", prompts.display());
+    }
+}
+
+fn rows_of<R: Record>(dir: &Path) -> Vec<R> {
+    rows(dir)
+}
+
+#[test]
+fn prompt_slices_are_disjoint_across_rounds_and_the_same_after_kills() {
+    if !model_ready() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (model, rm) = (scratch.path().join("tiny"), scratch.path().join("rm"));
+    tiny_model(&model);
+    tiny_reward_model(&rm);
+    let prompts = scratch.path().join("prompts.jsonl");
+    prompt_file(&prompts, &["a", "b", "c", "d", "e", "f"]);
+    let config = rm_config(
+        scratch.path(),
+        Some(&model),
+        &prompts,
+        &rm,
+        "prompts_per_round = 2\n",
+    );
+    let config_text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("rounds = 1", "rounds = 3");
+    std::fs::write(&config, config_text).unwrap();
+
+    let whole = scratch.path().join("whole");
+    let began = Instant::now();
+    let out = prefloop(&run_args(&config, &whole));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let unbroken = began.elapsed();
+    let slices = round_prompts(&whole);
+    assert_eq!(slices.len(), 3);
+    let mut all: Vec<String> = slices.concat();
+    assert!(slices.iter().all(|s| s.len() == 2), "{slices:?}");
+    all.sort();
+    assert_eq!(
+        all,
+        ["a", "b", "c", "d", "e", "f"],
+        "disjoint slices: {slices:?}"
+    );
+    for (round, slice) in slices.iter().enumerate() {
+        let mut sampled: Vec<String> =
+            rows::<Sample>(&whole.join(format!("round-{round:04}/samples")))
+                .into_iter()
+                .map(|s| s.problem_id)
+                .collect();
+        sampled.dedup();
+        let mut expected = slice.clone();
+        expected.sort();
+        sampled.sort();
+        assert_eq!(sampled, expected, "round {round} samples its slice");
+    }
+
+    let killed = scratch.path().join("killed");
+    kill_at_then_resume(&config, &killed, unbroken, &[0.2, 0.45, 0.7]);
+    assert_eq!(
+        round_prompts(&killed),
+        slices,
+        "the same slices after kills"
+    );
+}
+
+/// The policy `<run>/policy` points at: complete, and round `round`'s.
+fn assert_newest_policy(run: &Path, round: u32) {
+    let link = run.join("policy");
+    let target = std::fs::read_link(&link).unwrap();
+    assert_eq!(target, PathBuf::from(format!("round-{round:04}/policy")));
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(link.join(file).exists(), "{file} of the published policy");
+    }
+}
+
+#[test]
+fn three_nights_each_with_one_new_prompt_file_and_one_command() {
+    if !model_ready() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let rm = scratch.path().join("rm");
+    tiny_reward_model(&rm);
+    let drops = scratch.path().join("drops");
+    std::fs::create_dir(&drops).unwrap();
+    // The embedded default as the policy, tiny settings; yesterday's pairs replayed.
+    let config = rm_config(
+        scratch.path(),
+        None,
+        &drops,
+        &rm,
+        "when_exhausted = \"stop\"\n[pairs]\nreplay_rounds = 1\n",
+    );
+    let run = scratch.path().join("nightly");
+    let night = || {
+        let out = prefloop(&[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--rounds",
+            "+1",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let trained = || -> usize {
+        let state = prefloop_pipeline::read_state(&run).unwrap();
+        state.rounds.iter().filter(|r| r.trained.is_some()).count()
+    };
+
+    prompt_file(&drops.join("2026-12-01.jsonl"), &["mon-1", "mon-2"]);
+    night();
+    assert_eq!(trained(), 1);
+    assert_newest_policy(&run, 0);
+
+    // No new file: the night stops before its round, cleanly.
+    let stdout = night();
+    assert!(stdout.contains("no new prompts for round 1"), "{stdout}");
+    assert_eq!(trained(), 1, "nothing trained without new prompts");
+
+    prompt_file(&drops.join("2026-12-02.jsonl"), &["tue-1", "tue-2"]);
+    night();
+    assert_eq!(trained(), 2, "--rounds +1 added exactly one round");
+    assert_newest_policy(&run, 1);
+    prompt_file(&drops.join("2026-12-03.jsonl"), &["wed-1", "wed-2"]);
+    night();
+    assert_eq!(trained(), 3);
+    assert_newest_policy(&run, 2);
+
+    let mut sampled = round_prompts(&run);
+    sampled.iter_mut().for_each(|ids| ids.sort());
+    assert_eq!(
+        sampled,
+        [["mon-1", "mon-2"], ["tue-1", "tue-2"], ["wed-1", "wed-2"]],
+        "each night only its new file"
+    );
+    // Round 2 trained on its pairs and round 1's: 2 prompts a round, a pair each.
+    let replayed: Vec<Pair> = rows(&run.join("round-0002/replay"));
+    assert_eq!(replayed.len(), 4);
+    let status = text(&prefloop(&["status", run.to_str().unwrap()]).stdout);
+    for file in ["2026-12-01.jsonl", "2026-12-02.jsonl", "2026-12-03.jsonl"] {
+        assert!(status.contains(file), "status names {file}: {status}");
+    }
+    assert!(
+        status.contains("newest policy:") && status.contains("round-0002/policy"),
+        "{status}"
+    );
+    let frozen = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(frozen.contains("rounds = 3"), "{frozen}");
+    let report = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(report.contains("Prompts per round") && report.contains("2026-12-03.jsonl"));
+    let lines = metrics(&run);
+    assert_eq!(lines.len(), 3);
+    assert!(
+        lines[2]["prompts/files"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("2026-12-03.jsonl")
+    );
 }

@@ -22,6 +22,17 @@ pub fn text(bytes: &[u8]) -> String {
 /// a Hugging Face directory: small enough to train for real in seconds on the CPU.
 #[allow(dead_code)] // only the binaries that train build one
 pub fn tiny_model(dir: &Path) {
+    tiny(dir, false);
+}
+
+/// The tiny model with a random reward head: a reward model whose scores differ from one
+/// completion to the next (a zero head would score everything 0).
+#[allow(dead_code)] // only the binaries that score with a reward model build one
+pub fn tiny_reward_model(dir: &Path) {
+    tiny(dir, true);
+}
+
+fn tiny(dir: &Path, reward_head: bool) {
     let base = Model::load(None, Device::Cpu, Precision::Fp32).unwrap();
     let mut config = base.llama.config().clone();
     config.hidden_size = 64;
@@ -32,9 +43,16 @@ pub fn tiny_model(dir: &Path) {
     config.head_dim = None;
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let llama = prefloop_model::Llama::new(&vs, &config).unwrap();
+    if reward_head {
+        prefloop_model::ScalarHead::new(vs.root() / "score", config.hidden_size);
+    }
+    // In name order: the variables come from a hash map, and drawing them in its order
+    // would give every test process different weights.
+    let mut variables: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
     tch::manual_seed(0);
     tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
+        for (name, mut var) in variables {
             if name.ends_with("norm.weight") {
                 let _ = var.fill_(1.0);
             } else {

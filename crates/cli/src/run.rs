@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use prefloop_pipeline::{
-    CONFIG_FILE, METRICS_FILE, RoundMetrics, RunConfig, RunDir, Stage, merge_shards, read_state,
-    run_rounds, write_report,
+    CONFIG_FILE, METRICS_FILE, POLICY_LINK, RoundMetrics, Rounds, RunConfig, RunDir, Stage,
+    merge_shards, read_state, run_rounds, write_report,
 };
 
 /// Start a run from a config, or continue it: the same command again after a kill (or
@@ -28,6 +28,11 @@ pub struct RunArgs {
     /// Continue a run whose frozen config differs from this one; later stages follow this.
     #[arg(long)]
     allow_config_change: bool,
+    /// Rounds to run: N, or +N for N more than the run has trained (a finished run extended
+    /// by a nightly job); the one change to a frozen config allowed without
+    /// --allow-config-change, recorded in it and in state.json.
+    #[arg(long, allow_hyphen_values = true)]
+    rounds: Option<Rounds>,
 }
 
 /// Continue a run with the config it was started with.
@@ -35,6 +40,9 @@ pub struct RunArgs {
 pub struct ResumeArgs {
     /// The run directory.
     run: PathBuf,
+    /// Rounds to run: N, or +N for N more than the run has trained.
+    #[arg(long, allow_hyphen_values = true)]
+    rounds: Option<Rounds>,
 }
 
 /// Write RUN/report.html: charts of reward, pass@k, KL and loss per round, and every round's
@@ -85,20 +93,35 @@ pub fn run(args: &RunArgs) -> Result<()> {
             PathBuf::from("runs").join(name)
         }
     };
-    let (dir, config) = RunDir::start(&out, &config, args.allow_config_change)?;
+    let (dir, config) = RunDir::start(&out, &config, args.allow_config_change, args.rounds)?;
     rounds(&dir, &config)
 }
 
 pub fn resume(args: &ResumeArgs) -> Result<()> {
-    let (dir, config) = RunDir::resume(&args.run)?;
+    let (dir, config) = RunDir::resume(&args.run, args.rounds)?;
     rounds(&dir, &config)
 }
 
 fn rounds(dir: &RunDir, config: &RunConfig) -> Result<()> {
     println!("run {} ({} rounds)", dir.root().display(), config.rounds);
-    run_rounds(dir, config, |round, metrics| {
+    let state = run_rounds(dir, config, |round, metrics| {
         println!("round {round}: {}", summary(metrics));
     })?;
+    if let Some(round) = state.waiting_for_prompts {
+        println!(
+            "no new prompts for round {round}: every file of {} was sampled by an earlier round \
+             (data.when_exhausted = \"stop\"); the same command continues once a new file is there",
+            config
+                .data
+                .prompts
+                .as_deref()
+                .unwrap_or(std::path::Path::new("data.prompts"))
+                .display()
+        );
+    }
+    if let Some(policy) = newest_policy(dir.root()) {
+        println!("newest policy: {}", policy.display());
+    }
     println!(
         "done: metrics per round in {}, report in {}",
         dir.root().join(METRICS_FILE).display(),
@@ -147,6 +170,17 @@ fn summary(metrics: &RoundMetrics) -> String {
     parts.join(", ")
 }
 
+/// `<run>/policy` and where it points, if a round has trained one.
+fn newest_policy(run: &std::path::Path) -> Option<PathBuf> {
+    let link = run.join(POLICY_LINK);
+    let target = std::fs::read_link(&link).ok()?;
+    Some(PathBuf::from(format!(
+        "{} -> {}",
+        link.display(),
+        target.display()
+    )))
+}
+
 pub fn status(args: &StatusArgs) -> Result<()> {
     anyhow::ensure!(
         args.run.join(CONFIG_FILE).exists(),
@@ -182,6 +216,33 @@ pub fn status(args: &StatusArgs) -> Result<()> {
             .map(|r| format!(" — {}", summary(&r.metrics)))
             .unwrap_or_default();
         println!("round {round}: {}{metrics}", marks.join("  "));
+        if let Some(prompts) = state.round(round).and_then(|r| r.prompts.as_ref()) {
+            let files: Vec<String> = prompts
+                .files
+                .iter()
+                .map(|f| format!("{} ({})", f.path.display(), &f.sha256[..12]))
+                .collect();
+            println!(
+                "  prompts: {} ({}){}",
+                prompts.problem_ids.len(),
+                &prompts.hash[..12],
+                if files.is_empty() {
+                    String::new()
+                } else {
+                    format!(" from {}", files.join(", "))
+                }
+            );
+        }
+    }
+    if let Some(round) = state.waiting_for_prompts {
+        println!("waiting for new prompts before round {round}");
+    }
+    for change in &state.extensions {
+        println!("rounds extended: {} → {}", change.from, change.to);
+    }
+    match newest_policy(&args.run) {
+        Some(policy) => println!("newest policy: {}", policy.display()),
+        None => println!("newest policy: none trained yet"),
     }
     Ok(())
 }

@@ -152,6 +152,9 @@ pub struct ScoreTestsArgs {
     /// Time problems without a limit from their reference solution's slowest test.
     #[arg(long)]
     calibrate: bool,
+    /// With --calibrate: each test of a reference gets this long while it is timed.
+    #[arg(long, default_value_t = TimePolicy::default().calibration_ceiling.as_millis() as u64)]
+    calibration_ceiling_ms: u64,
     /// Reward 10 × passed / total instead of all-or-nothing.
     #[arg(long)]
     partial_credit: bool,
@@ -183,18 +186,20 @@ pub fn score_tests(args: &ScoreTestsArgs) -> Result<()> {
             default: Duration::from_millis(args.limits.time_limit_ms),
             floor: Duration::from_millis(args.time_floor_ms),
             problem_scale: args.time_scale,
+            calibration_ceiling: Duration::from_millis(args.calibration_ceiling_ms),
             ..TimePolicy::default()
         },
         partial_credit: args.partial_credit,
         calibrate: args.calibrate,
     };
     anyhow::ensure!(args.batch > 0, "--batch must be positive");
+    let calibration = Calibration::default();
     let report = score_tests_stage(
         &sandbox,
         &problems,
         &args.samples,
         &options,
-        &Calibration::default(),
+        &calibration,
         args.batch,
         args.shard,
         &args.out,
@@ -207,5 +212,14 @@ pub fn score_tests(args: &ScoreTestsArgs) -> Result<()> {
         report.passed,
         args.shard.dir(&args.out).display()
     );
+    let uncalibrated = calibration.uncalibrated();
+    if args.calibrate && !uncalibrated.is_empty() {
+        println!(
+            "{} problem(s) could not be calibrated (reference missing or failing its tests) and kept the {} ms default: {}",
+            uncalibrated.len(),
+            args.limits.time_limit_ms,
+            uncalibrated.join(", ")
+        );
+    }
     Ok(())
 }

@@ -7,9 +7,10 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_model::{Model, Precision, best_device};
 use prefloop_train::{
-    DpoConfig, Encoder, LoopConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss,
-    PromptExample, REWARD_MODEL_DIR, RewardConfig, RewardModel, Rollout, SftConfig, StepRecord,
-    train_dpo, train_ppo, train_reward_model, train_sft,
+    DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, GroupModels, IterationRecord,
+    LoopConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss, PromptExample, REWARD_MODEL_DIR,
+    RewardConfig, RewardModel, Rollout, SftConfig, StepRecord, train_dpo, train_group, train_ppo,
+    train_reward_model, train_sft,
 };
 use serde::de::DeserializeOwned;
 
@@ -38,33 +39,21 @@ pub enum Command {
     /// saves OUT/policy and OUT/critic. The paper's tricks are config switches
     /// (advantage_normalisation, rollout_batch_size, ema_reference, value_normalisation).
     Ppo {
-        /// JSONL or Parquet prompts (a problems shard works).
+        #[command(flatten)]
+        online: OnlineArgs,
+    },
+    /// A group estimator (GRPO, RLOO, REINFORCE++-baseline) from prompts with a reward model:
+    /// group_size completions per prompt, advantages from each group, no critic; saves
+    /// OUT/policy. Settings: the GroupConfig fields (see crates/train/src/group.rs).
+    Grpo {
+        #[command(flatten)]
+        online: OnlineArgs,
+        /// grpo (Dr. GRPO with `scale_rewards = false`), rloo or reinforce_pp.
+        #[arg(long, default_value = "grpo")]
+        estimator: Estimator,
+        /// Completions sampled per prompt.
         #[arg(long)]
-        prompts: PathBuf,
-        /// A reward model `prefloop train rm` saved (its OUT/reward_model).
-        #[arg(long)]
-        reward_model: PathBuf,
-        /// TOML file with every PpoConfig field (see crates/train).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Precision of every model PPO loads (overrides the config file's `dtype`).
-        #[arg(long)]
-        dtype: Option<Precision>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        iterations: Option<u64>,
-        #[arg(long)]
-        rollout_batch_size: Option<usize>,
-        #[arg(long)]
-        max_new_tokens: Option<usize>,
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Use prompts as they are, without the chat template.
-        #[arg(long)]
-        raw_prompts: bool,
+        group_size: Option<usize>,
     },
     /// DPO or IPO on a pairs stage, the starting policy as reference; saves OUT/policy.
     Dpo {
@@ -90,6 +79,148 @@ fn parse_loss(s: &str) -> Result<PreferenceLoss, String> {
         "ipo" => Ok(PreferenceLoss::Ipo),
         other => Err(format!("unknown loss {other:?} (sigmoid, ipo)")),
     }
+}
+
+/// Flags of the online trainers (PPO and the group estimators), which sample from the policy
+/// and score with a reward model. Each one left out keeps the config file's value.
+#[derive(Debug, clap::Args)]
+pub struct OnlineArgs {
+    /// JSONL or Parquet prompts (a problems shard works).
+    #[arg(long)]
+    prompts: PathBuf,
+    /// A reward model `prefloop train rm` saved (its OUT/reward_model).
+    #[arg(long)]
+    reward_model: PathBuf,
+    /// TOML file with the trainer's config fields (see crates/train), plus `dtype`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Starting policy: a .gguf file or a Hugging Face directory; the embedded default if
+    /// omitted.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Precision of every model loaded (overrides the config file's `dtype`).
+    #[arg(long)]
+    dtype: Option<Precision>,
+    /// Output directory: checkpoints, metrics.jsonl, the trained policy. Run the same command
+    /// again to resume a killed run.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sample → update iterations.
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// Prompts per iteration (PPO: one rollout each; group estimators: one group each).
+    #[arg(long)]
+    rollout_batch_size: Option<usize>,
+    /// Token budget of each completion.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Seeds prompt order, sampling and minibatch order.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Use prompts as they are, without the chat template.
+    #[arg(long)]
+    raw_prompts: bool,
+}
+
+impl OnlineArgs {
+    /// The config file's settings with the flags on top, and the precision.
+    fn config<C: DeserializeOwned + Default>(
+        &self,
+        fields: impl FnOnce(&mut C) -> OnlineFields<'_>,
+    ) -> Result<(C, Precision)> {
+        let (mut config, file_dtype): (C, _) = read_config(self.config.as_deref())?;
+        let f = fields(&mut config);
+        set(f.iterations, self.iterations);
+        set(f.rollout_batch_size, self.rollout_batch_size);
+        set(f.max_new_tokens, self.max_new_tokens);
+        set(f.seed, self.seed);
+        f.encode.raw_prompts |= self.raw_prompts;
+        Ok((config, self.dtype.unwrap_or(file_dtype)))
+    }
+
+    fn prompts(&self) -> Result<Vec<PromptExample>> {
+        Ok(prefloop_pipeline::read_prompts(&self.prompts)?
+            .into_iter()
+            .map(|p| PromptExample {
+                problem_id: p.problem_id,
+                prompt: p.prompt,
+            })
+            .collect())
+    }
+
+    /// The reward model, scoring rollouts with prompts encoded as `encode` says.
+    fn reward_model(&self, precision: Precision, encode: EncodeConfig) -> Result<Scorer> {
+        let rm = RewardModel::new(Model::load(
+            Some(&self.reward_model),
+            best_device(),
+            precision,
+        )?)?;
+        // Checked now, so a bad encoding is an error before any sampling.
+        Encoder::new(&rm.model.tokenizer, encode.clone())?;
+        Ok(Scorer { rm, encode })
+    }
+}
+
+/// The fields of an online trainer's config that flags set.
+struct OnlineFields<'a> {
+    iterations: &'a mut u64,
+    rollout_batch_size: &'a mut usize,
+    max_new_tokens: &'a mut usize,
+    seed: &'a mut u64,
+    encode: &'a mut EncodeConfig,
+}
+
+/// A reward model that scores rollouts.
+struct Scorer {
+    rm: RewardModel,
+    encode: EncodeConfig,
+}
+
+impl Scorer {
+    fn score(&self, rollouts: &[Rollout], batch: usize) -> prefloop_train::Result<Vec<f32>> {
+        let texts: Vec<(&str, &str)> = rollouts
+            .iter()
+            .map(|r| (r.prompt.as_str(), r.completion.as_str()))
+            .collect();
+        let encoder = Encoder::new(&self.rm.model.tokenizer, self.encode.clone())?;
+        self.rm.score(&encoder, &texts, batch)
+    }
+}
+
+/// A progress bar over iterations showing the reward and KL.
+fn iteration_progress(iterations: u64) -> (ProgressBar, impl FnMut(&IterationRecord, u64)) {
+    let bar = ProgressBar::new(iterations);
+    let handle = bar.clone();
+    let on_iteration = move |r: &IterationRecord, _: u64| {
+        handle.set_position(r.step);
+        let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
+        handle.set_message(format!(
+            "reward {:.3} · KL {:.4}",
+            metric("reward/mean"),
+            metric("kl")
+        ));
+    };
+    (bar, on_iteration)
+}
+
+/// The last iteration's figures, for the terminal.
+fn summarise_iterations(records: &[IterationRecord], keys: &[&str], saved: &Path) {
+    match records.last() {
+        Some(last) => {
+            let figures: Vec<String> = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{k} {:.4}",
+                        last.metrics.get(*k).copied().unwrap_or(f64::NAN)
+                    )
+                })
+                .collect();
+            println!("iteration {}: {}", last.step, figures.join(", "));
+        }
+        None => println!("nothing to do: already trained"),
+    }
+    println!("saved {}", saved.display());
 }
 
 /// Flags every trainer takes. Each one left out keeps the config file's value, or the default.
@@ -281,66 +412,68 @@ pub fn run(command: &Command) -> Result<()> {
             bar.finish();
             summarise(&records, &common.out.join(POLICY_DIR));
         }
-        Command::Ppo {
-            prompts,
-            reward_model,
-            config,
-            model,
-            dtype,
-            out,
-            iterations,
-            rollout_batch_size,
-            max_new_tokens,
-            seed,
-            raw_prompts,
-        } => {
-            let (mut config, file_dtype): (PpoConfig, _) = read_config(config.as_deref())?;
-            let precision = dtype.unwrap_or(file_dtype);
-            set(&mut config.iterations, *iterations);
-            set(&mut config.rollout_batch_size, *rollout_batch_size);
-            set(&mut config.max_new_tokens, *max_new_tokens);
-            set(&mut config.seed, *seed);
-            config.encode.raw_prompts |= raw_prompts;
-            let prompts: Vec<PromptExample> = prefloop_pipeline::read_prompts(prompts)?
-                .into_iter()
-                .map(|p| PromptExample {
-                    problem_id: p.problem_id,
-                    prompt: p.prompt,
-                })
-                .collect();
-            let device = best_device();
-            let models = PpoModels::load(model.as_deref(), device, precision)?;
-            let rm = RewardModel::new(Model::load(Some(reward_model), device, precision)?)?;
-            let encoder = Encoder::new(&rm.model.tokenizer, config.encode.clone())?;
-            let batch = config.micro_batch_size;
-            let mut reward = |_: u64, rollouts: &[Rollout]| {
-                let texts: Vec<(&str, &str)> = rollouts
-                    .iter()
-                    .map(|r| (r.prompt.as_str(), r.completion.as_str()))
-                    .collect();
-                rm.score(&encoder, &texts, batch)
-            };
-            let bar = ProgressBar::new(config.iterations);
-            let records = train_ppo(&models, &prompts, &mut reward, &config, out, |r, _| {
-                bar.set_position(r.step);
-                bar.set_message(format!(
-                    "reward {:.3} · KL {:.4}",
-                    r.metrics["reward/mean"], r.metrics["kl"]
-                ));
+        Command::Ppo { online } => {
+            let (config, precision) = online.config(|c: &mut PpoConfig| OnlineFields {
+                iterations: &mut c.iterations,
+                rollout_batch_size: &mut c.rollout_batch_size,
+                max_new_tokens: &mut c.max_new_tokens,
+                seed: &mut c.seed,
+                encode: &mut c.encode,
             })?;
+            let prompts = online.prompts()?;
+            let models = PpoModels::load(online.model.as_deref(), best_device(), precision)?;
+            let scorer = online.reward_model(precision, config.encode.clone())?;
+            let mut reward = |_: u64, r: &[Rollout]| scorer.score(r, config.micro_batch_size);
+            let (bar, on_iteration) = iteration_progress(config.iterations);
+            let records = train_ppo(
+                &models,
+                &prompts,
+                &mut reward,
+                &config,
+                &online.out,
+                on_iteration,
+            )?;
             bar.finish();
-            match records.last() {
-                Some(last) => println!(
-                    "iteration {}: reward/mean {:.4}, kl {:.4}, policy_loss {:.4}, value_loss {:.4}",
-                    last.step,
-                    last.metrics["reward/mean"],
-                    last.metrics["kl"],
-                    last.metrics["policy_loss"],
-                    last.metrics["value_loss"]
-                ),
-                None => println!("nothing to do: already trained"),
-            }
-            println!("saved {}", out.join(POLICY_DIR).display());
+            let keys = ["reward/mean", "kl", "policy_loss", "value_loss"];
+            summarise_iterations(&records, &keys, &online.out.join(POLICY_DIR));
+        }
+        Command::Grpo {
+            online,
+            estimator,
+            group_size,
+        } => {
+            let (mut config, precision) = online.config(|c: &mut GroupConfig| OnlineFields {
+                iterations: &mut c.iterations,
+                rollout_batch_size: &mut c.rollout_batch_size,
+                max_new_tokens: &mut c.max_new_tokens,
+                seed: &mut c.seed,
+                encode: &mut c.encode,
+            })?;
+            set(&mut config.group_size, *group_size);
+            let prompts = online.prompts()?;
+            let models =
+                GroupModels::load(online.model.as_deref(), best_device(), precision, &config)?;
+            let scorer = online.reward_model(precision, config.encode.clone())?;
+            let mut reward = |_: u64, r: &[Rollout]| scorer.score(r, config.micro_batch_size);
+            let (bar, on_iteration) = iteration_progress(config.iterations);
+            let records = train_group(
+                &models,
+                &prompts,
+                *estimator,
+                &mut reward,
+                &mut |_, _, _| Ok(()),
+                &config,
+                &online.out,
+                on_iteration,
+            )?;
+            bar.finish();
+            let keys = [
+                "reward/mean",
+                "kl",
+                "policy_loss",
+                "groups/dropped_fraction",
+            ];
+            summarise_iterations(&records, &keys, &online.out.join(POLICY_DIR));
         }
     }
     Ok(())

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use prefloop_model::Precision;
-use prefloop_train::{DpoConfig, EncodeConfig, PpoConfig};
+use prefloop_train::{DpoConfig, EncodeConfig, Estimator, GroupConfig, PpoConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -41,6 +41,11 @@ pub struct RunConfig {
     /// settings (rollout_batch_size, max_new_tokens, top_k…), not `generate`'s, which only
     /// the final generation uses.
     pub ppo: PpoConfig,
+    /// The group estimators (`algorithm = "grpo" | "rloo" | "reinforce_pp"`), as `prefloop
+    /// train grpo` takes them. `rounds` sets the iterations; each round's samples are the
+    /// iteration's rollouts (`group_size` per problem, more where dynamic sampling drew
+    /// further problems) and its scores theirs.
+    pub group: GroupConfig,
 }
 
 impl Default for RunConfig {
@@ -57,6 +62,7 @@ impl Default for RunConfig {
             pairs: PairsConfig::default(),
             dpo: DpoConfig::default(),
             ppo: PpoConfig::default(),
+            group: GroupConfig::default(),
         }
     }
 }
@@ -70,6 +76,26 @@ pub enum Algorithm {
     /// PPO (DESIGN §4): each round is one PPO iteration — rollouts from the actor, written
     /// as the round's samples and scored into its scores, then the PPO epochs over them.
     Ppo,
+    /// GRPO (DESIGN §4): each round is one iteration of the group estimator — `group_size`
+    /// samples per problem, advantages from each group, no critic. Dr. GRPO is this with
+    /// `group.scale_rewards = false` and `group.loss_aggregation = "seq_mean_token_sum"`.
+    Grpo,
+    /// RLOO: as GRPO, with the leave-one-out baseline.
+    Rloo,
+    /// REINFORCE++-baseline: as GRPO, with the group mean subtracted and the batch whitened.
+    ReinforcePp,
+}
+
+impl Algorithm {
+    /// The group estimator this algorithm runs, if it is one.
+    pub fn estimator(self) -> Option<Estimator> {
+        match self {
+            Self::DpoIter | Self::Ppo => None,
+            Self::Grpo => Some(Estimator::Grpo),
+            Self::Rloo => Some(Estimator::Rloo),
+            Self::ReinforcePp => Some(Estimator::ReinforcePp),
+        }
+    }
 }
 
 /// The problems (or prompts) every round samples from.
@@ -81,13 +107,33 @@ pub struct DataConfig {
     pub problems: PathBuf,
     /// Prompts without tests, for reward-model scoring: a JSONL or Parquet file, or any
     /// stage with a `prompt` column (a pairs stage: HH-RLHF's prompts). Prompts sharing a
-    /// `problem_id` are sampled once. Default: none, the problems' prompts.
+    /// `problem_id` are sampled once. A directory of such files (not itself a stage) or a glob
+    /// (`drops/*.jsonl`) is a source that grows: each round samples the files no earlier
+    /// round used (by content), in name order (DPO-Iter). Default: none, the problems'
+    /// prompts.
     pub prompts: Option<PathBuf>,
     /// Import `problems` first, as this dataset kind (`apps`, `codecontests`, `humaneval`,
     /// `mbpp`), into `<run>/problems`. Default: none, `problems` is a stage.
     pub import: Option<String>,
     /// Only the first this many problems. Default: all.
     pub limit: Option<usize>,
+    /// Each round samples this many of the prompts, disjoint across rounds until the set is
+    /// used up, then from a new shuffle (seeded by `generate.seed`), recorded per round
+    /// (DPO-Iter). Default: every prompt every round.
+    pub prompts_per_round: Option<usize>,
+    /// What a round does when a growing source holds no file an earlier round has not used:
+    /// `reuse` samples every file again, `stop` ends the run there (exit 0) until a new file
+    /// arrives. Default reuse.
+    pub when_exhausted: WhenExhausted,
+}
+
+/// See [`DataConfig::when_exhausted`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenExhausted {
+    #[default]
+    Reuse,
+    Stop,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,6 +196,9 @@ pub struct ScoreConfig {
     pub time_scale: f64,
     /// Tests: time problems without a limit from their reference solution. Default false.
     pub calibrate: bool,
+    /// Tests: each test of a reference solution being timed gets this long (a ceiling of its
+    /// own, so a slow reference is still measured). Default 120000.
+    pub calibration_ceiling_ms: u64,
     /// Tests: fuel per test (about one unit per wasm instruction). A run that uses it up is
     /// TLE however loaded the machine is, so a round's scores are reproducible; the time
     /// limit stays as a backstop. `prefloop sandbox run --fuel` prints what a program uses.
@@ -170,6 +219,7 @@ impl Default for ScoreConfig {
             time_floor_ms: time.floor.as_millis() as u64,
             time_scale: time.problem_scale,
             calibrate: false,
+            calibration_ceiling_ms: time.calibration_ceiling.as_millis() as u64,
             fuel: None,
             batch_size: 256,
         }
@@ -194,6 +244,9 @@ pub struct PairsConfig {
     /// Where tests scored every sample of a problem and none passed, its reference solution
     /// is the chosen answer (the paper's fix for code). Default true.
     pub reference_fallback: bool,
+    /// Each DPO update trains on its round's pairs and those of this many rounds before it
+    /// (a stabiliser for nightly rounds). Default 0.
+    pub replay_rounds: u32,
 }
 
 impl Default for PairsConfig {
@@ -201,6 +254,7 @@ impl Default for PairsConfig {
         Self {
             min_margin: 0.0,
             reference_fallback: true,
+            replay_rounds: 0,
         }
     }
 }
@@ -274,6 +328,16 @@ impl RunConfig {
         if self.data.limit == Some(0) {
             return Err(fail("data.limit", "must be at least 1"));
         }
+        if self.data.prompts_per_round == Some(0) {
+            return Err(fail("data.prompts_per_round", "must be at least 1"));
+        }
+        if crate::prompt_source::per_round(self) && self.algorithm != Algorithm::DpoIter {
+            return Err(fail(
+                "data",
+                "prompts chosen round by round (prompts_per_round, a growing prompts source) \
+                 are for DPO-Iter; the online algorithms draw their own prompts each iteration",
+            ));
+        }
         if self.generate.n == 0 || self.generate.batch_size == 0 || self.generate.shard_rows == 0 {
             return Err(fail(
                 "generate",
@@ -306,6 +370,28 @@ impl RunConfig {
                     .validate()
                     .map_err(|e| fail("ppo", &e.to_string()))
             }
+            Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => {
+                let iterations = self.group.iterations;
+                if iterations != u64::from(self.rounds)
+                    && iterations != GroupConfig::default().iterations
+                {
+                    return Err(fail(
+                        "group.iterations",
+                        "a group run does one iteration per round: set `rounds` instead",
+                    ));
+                }
+                self.group_config()
+                    .validate()
+                    .map_err(|e| fail("group", &e.to_string()))
+            }
+        }
+    }
+
+    /// The group estimator's settings with `rounds` as the iterations.
+    pub fn group_config(&self) -> GroupConfig {
+        GroupConfig {
+            iterations: u64::from(self.rounds),
+            ..self.group.clone()
         }
     }
 
@@ -322,6 +408,7 @@ impl RunConfig {
         match self.algorithm {
             Algorithm::DpoIter => self.dpo.encode.clone(),
             Algorithm::Ppo => self.ppo.encode.clone(),
+            Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => self.group.encode.clone(),
         }
     }
 

@@ -7,7 +7,10 @@
 mod config;
 mod error;
 mod generate;
+mod group_rounds;
+mod online;
 mod ppo_rounds;
+mod prompt_source;
 mod report;
 mod rounds;
 mod run_dir;
@@ -16,15 +19,18 @@ mod shard;
 
 pub use config::{
     Algorithm, DataConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig, ScorerKind,
+    WhenExhausted,
 };
 pub use error::{PipelineError, Result};
 pub use generate::{GenerateReport, PromptRow, generate_stage, read_prompts, row_seed};
+pub use group_rounds::GROUP_DIR;
 pub use ppo_rounds::PPO_DIR;
+pub use prompt_source::{RoundPrompts, SourceFile};
 pub use report::{REPORT_FILE, write_report};
 pub use rounds::{PROBLEMS_DIR, RoundMetrics, run_rounds};
 pub use run_dir::{
-    CONFIG_FILE, LOCK_FILE, METRICS_FILE, RoundState, RunDir, RunState, STATE_FILE, Stage,
-    read_state,
+    CONFIG_FILE, Extension, LOCK_FILE, METRICS_FILE, POLICY_LINK, RoundState, Rounds, RunDir,
+    RunState, STATE_FILE, Stage, read_state,
 };
 pub use score::{ScoreReport, read_problems, score_options, score_rm_stage, score_tests_stage};
 pub use shard::{Shard, merge_shards};

@@ -5,22 +5,19 @@
 //! round's metrics. The trainer's checkpoints (actor, critic, reference, optimisers) make a
 //! killed run continue where it stood: an iteration it redoes samples the same rollouts.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_core::{Sample, Score};
 use prefloop_data::{Manifest, StageReader, StageWriter, WriterOptions};
 use prefloop_model::best_device;
 use prefloop_sandbox::score_samples;
-use prefloop_train::{
-    Encoder, IterationRecord, PpoModels, PromptExample, Rollout, TrainError, train_ppo,
-};
+use prefloop_train::{Encoder, IterationRecord, PpoModels, Rollout, train_ppo};
 
 use crate::config::{RunConfig, ScorerKind};
 use crate::error::Result;
+use crate::online::Online;
 use crate::rounds::{RoundMetrics, Run, policy_name};
 use crate::run_dir::Stage;
 use crate::score::{rm_scores, score_options};
@@ -37,58 +34,21 @@ impl Run<'_> {
         let (dir, config) = (self.dir, self.config);
         let out = dir.root().join(PPO_DIR);
         let policy = out.join(prefloop_train::POLICY_DIR);
-        if (0..config.rounds).all(|r| self.state.is_complete(r, Stage::Train)) && policy.exists() {
-            for round in 0..config.rounds {
-                self.finish_round(round, on_round)?;
-            }
+        if self.already_trained(&policy, on_round)? {
             return Ok(policy);
         }
         let models = PpoModels::load(config.model.as_deref(), best_device(), config.dtype)?;
-        let prompts: Vec<PromptExample> = self
-            .inputs
-            .prompts
-            .iter()
-            .map(|p| PromptExample {
-                problem_id: p.problem_id.clone(),
-                prompt: p.prompt.clone(),
-            })
-            .collect();
-        let run = RefCell::new(self);
-        let failure: RefCell<Option<crate::PipelineError>> = RefCell::new(None);
-        let mut reward =
-            |iteration: u64, rollouts: &[Rollout]| -> prefloop_train::Result<Vec<f32>> {
-                run.borrow_mut()
-                    .record_rollouts(iteration as u32, rollouts)
-                    .map_err(|e| {
-                        let message = e.to_string();
-                        *failure.borrow_mut() = Some(e);
-                        TrainError::Data {
-                            path: dir.root().to_owned(),
-                            message,
-                        }
-                    })
-            };
-        let bar = ProgressBar::new(u64::from(config.rounds));
-        bar.set_style(
-            ProgressStyle::with_template(
-                "ppo {bar:40} {pos}/{len} iterations {msg} [{elapsed_precise}<{eta_precise}]",
-            )
-            .expect("a valid template"),
-        );
+        let prompts = self.prompt_examples();
+        let online = Online::new(self, "ppo", policy);
+        let mut reward = |iteration: u64, rollouts: &[Rollout]| {
+            let recorded = online
+                .run
+                .borrow_mut()
+                .record_rollouts(iteration as u32, rollouts);
+            recorded.map_err(|e| online.fail(e))
+        };
         let on_iteration = |record: &IterationRecord, _: u64| {
-            let round = (record.step - 1) as u32;
-            bar.set_position(record.step);
-            let metric = |key: &str| record.metrics.get(key).copied().unwrap_or(f64::NAN);
-            bar.set_message(format!(
-                "reward {:.3} · KL {:.4}",
-                metric("reward/mean"),
-                metric("kl")
-            ));
-            let result = bar.suspend(|| run.borrow_mut().finish_iteration(round, record, on_round));
-            if let Err(e) = result {
-                tracing::error!(round, error = %e, "recording the round failed");
-                failure.borrow_mut().get_or_insert(e);
-            }
+            online.iteration(record, on_round, ["reward/mean", "kl"]);
         };
         let trained = train_ppo(
             &models,
@@ -98,12 +58,7 @@ impl Run<'_> {
             &out,
             on_iteration,
         );
-        bar.finish_and_clear();
-        if let Some(e) = failure.borrow_mut().take() {
-            return Err(e);
-        }
-        trained?;
-        Ok(policy)
+        online.finish(trained)
     }
 
     /// The reward function's work for one iteration: the rollouts as the round's samples, their
@@ -120,29 +75,19 @@ impl Run<'_> {
         let scores_dir = dir.stage_dir(round, Stage::Score);
         if self.state.is_complete(round, Stage::Score) {
             // A resumed run redoing an iteration whose scores were written before the kill.
-            let mut by_key: HashMap<(String, u32), f32> = HashMap::new();
-            for rows in StageReader::<Score>::open(&scores_dir)? {
-                by_key.extend(
-                    rows?
-                        .into_iter()
-                        .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
-                );
-            }
-            return Ok(samples
-                .iter()
-                .map(|s| by_key[&(s.problem_id.clone(), s.sample_idx)])
-                .collect());
+            return stored_rewards(&scores_dir, &samples);
         }
         let began = Instant::now();
         let scores = self.score(&samples)?;
         write_stage(&scores_dir, &scores)?;
         let seconds = began.elapsed().as_secs_f64();
-        self.complete(round, Stage::Score, seconds, &[])?;
+        let detail = self.scorer.calibration_detail(config);
+        self.complete(round, Stage::Score, seconds, &detail)?;
         Ok(scores.iter().map(|s| s.reward).collect())
     }
 
     /// The samples' scores from the run's scorer.
-    fn score(&mut self, samples: &[Sample]) -> Result<Vec<Score>> {
+    pub(crate) fn score(&mut self, samples: &[Sample]) -> Result<Vec<Score>> {
         let config = self.config;
         Ok(match config.score.scorer {
             ScorerKind::Tests => {
@@ -158,14 +103,16 @@ impl Run<'_> {
         })
     }
 
-    /// The trainer's record of iteration `round` becomes the round's metrics.
-    fn finish_iteration(
+    /// The trainer's record of iteration `round` becomes the round's metrics; the last round
+    /// names the trained policy the trainer saves to `policy`.
+    pub(crate) fn finish_iteration(
         &mut self,
         round: u32,
         record: &IterationRecord,
+        policy: &Path,
         on_round: &mut impl FnMut(u32, &RoundMetrics),
     ) -> Result<()> {
-        let (dir, config) = (self.dir, self.config);
+        let config = self.config;
         let entry = &mut self.state.rounds[round as usize];
         entry.measured.extend(
             record
@@ -182,40 +129,61 @@ impl Run<'_> {
         let train = time("time/train") + time("time/reference_update");
         self.complete(round, Stage::Train, train, &[])?;
         if round + 1 == config.rounds {
-            let policy = dir.root().join(PPO_DIR).join(prefloop_train::POLICY_DIR);
-            self.state.rounds[round as usize].trained = Some(policy);
+            self.state.rounds[round as usize].trained = Some(policy.to_owned());
         }
         self.finish_round(round, on_round)
     }
 }
 
-/// Rollouts as sample rows: `sample_idx` counts a problem's rollouts within the iteration.
-fn as_samples(config: &RunConfig, round: u32, rollouts: &[Rollout]) -> Vec<Sample> {
-    let mut seen: HashMap<&str, u32> = HashMap::new();
+/// Rollouts as the round's sample rows.
+pub(crate) fn as_samples(config: &RunConfig, round: u32, rollouts: &[Rollout]) -> Vec<Sample> {
     rollouts
         .iter()
-        .map(|r| {
-            let idx = seen.entry(r.problem_id.as_str()).or_default();
-            let sample_idx = *idx;
-            *idx += 1;
-            Sample {
-                problem_id: r.problem_id.clone(),
-                prompt: r.prompt.clone(),
-                completion: r.completion.clone(),
-                sample_idx,
-                round,
-                policy: policy_name(config, round),
-                seed: r.seed,
-                num_tokens: r.num_tokens,
-                logprob_sum: r.logprob_sum,
-                finish: r.finish,
-            }
+        .map(|r| Sample {
+            problem_id: r.problem_id.clone(),
+            prompt: r.prompt.clone(),
+            completion: r.completion.clone(),
+            sample_idx: r.sample_idx,
+            round,
+            policy: policy_name(config, round),
+            seed: r.seed,
+            num_tokens: r.num_tokens,
+            logprob_sum: r.logprob_sum,
+            finish: r.finish,
+        })
+        .collect()
+}
+
+/// The rewards a complete scores stage holds for `samples` (a resumed run redoing an
+/// iteration whose scores were written before the kill).
+pub(crate) fn stored_rewards(scores_dir: &Path, samples: &[Sample]) -> Result<Vec<f32>> {
+    let mut by_key: HashMap<(String, u32), f32> = HashMap::new();
+    for rows in StageReader::<Score>::open(scores_dir)? {
+        by_key.extend(
+            rows?
+                .into_iter()
+                .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
+        );
+    }
+    samples
+        .iter()
+        .map(|s| {
+            by_key
+                .get(&(s.problem_id.clone(), s.sample_idx))
+                .copied()
+                .ok_or_else(|| crate::PipelineError::Data {
+                    path: scores_dir.to_owned(),
+                    message: format!(
+                        "no score for {} sample {}: the stage belongs to other rollouts",
+                        s.problem_id, s.sample_idx
+                    ),
+                })
         })
         .collect()
 }
 
 /// Writes `rows` as the whole stage at `dir`, discarding an unfinished earlier attempt.
-fn write_stage<R: prefloop_core::Record>(dir: &Path, rows: &[R]) -> Result<()> {
+pub(crate) fn write_stage<R: prefloop_core::Record>(dir: &Path, rows: &[R]) -> Result<()> {
     if Manifest::load(dir)?.is_some_and(|m| m.complete) {
         std::fs::remove_dir_all(dir).map_err(crate::PipelineError::io(dir))?;
     }

@@ -99,10 +99,50 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     }
     html.push_str("</div>\n<h2>Metrics per round</h2>\n");
     html.push_str(&table(&rounds));
+    html.push_str(&prompt_table(&crate::run_dir::read_state(run)?));
     html.push_str("</body></html>\n");
     let path = run.join(REPORT_FILE);
     prefloop_data::write_atomic(&path, html.as_bytes())?;
     Ok(path)
+}
+
+/// Where the run chooses prompts round by round: each round's files, count and hash.
+fn prompt_table(state: &crate::run_dir::RunState) -> String {
+    let rows: Vec<String> = state
+        .rounds
+        .iter()
+        .filter_map(|r| {
+            let prompts = r.prompts.as_ref()?;
+            let files: Vec<String> = prompts
+                .files
+                .iter()
+                .map(|f| escape(&f.path.display().to_string()))
+                .collect();
+            Some(format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>",
+                r.round,
+                prompts.problem_ids.len(),
+                &prompts.hash[..12],
+                files.join("<br>")
+            ))
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "<h2>Prompts per round</h2>\n<table><tr><th>round</th><th>prompts</th><th>hash</th>\
+         <th>files</th></tr>\n{}\n</table>\n",
+        rows.join("\n")
+    )
+}
+
+/// Text made safe inside HTML.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Every line of a JSON-lines file of numbers (non-numbers are skipped).

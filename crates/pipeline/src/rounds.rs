@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use prefloop_core::{Problem, Sample};
+use prefloop_core::{Pair, Problem, Sample};
 use prefloop_data::{
-    DatasetKind, ImportOptions, Manifest, PairsOptions, StageReader, build_pairs, stage_stats,
+    DatasetKind, ImportOptions, Manifest, PairsOptions, StageReader, StageWriter, WriterOptions,
+    build_pairs, stage_stats,
 };
 use prefloop_model::{Model, best_device};
 use prefloop_sandbox::{Calibration, Sandbox, default_runtime_dir};
@@ -23,12 +24,18 @@ use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo};
 use crate::config::{Algorithm, RunConfig, ScorerKind};
 use crate::error::{PipelineError, Result};
 use crate::generate::{PromptRow, generate_stage, row_seed};
+use crate::prompt_source::{
+    RoundPrompts, choose, is_growing, per_round, read_prompt_source, recorded,
+};
 use crate::run_dir::{METRICS_FILE, RoundState, RunDir, RunState, Stage};
 use crate::score::{read_problems, score_options, score_rm_stage, score_tests_stage};
 use crate::shard::Shard;
 
 /// Where an imported dataset's problems stage lives in the run directory.
 pub const PROBLEMS_DIR: &str = "problems";
+
+/// Under a round: the pairs its update trains on when earlier rounds' are replayed.
+pub const REPLAY_DIR: &str = "replay";
 
 /// What one round measured: one line of the run's `metrics.jsonl`.
 pub type RoundMetrics = BTreeMap<String, f64>;
@@ -44,6 +51,15 @@ pub(crate) struct Inputs {
 
 impl Inputs {
     fn load(dir: &RunDir, config: &RunConfig) -> Result<Self> {
+        if let Some(path) = config.data.prompts.as_deref().filter(|p| is_growing(p)) {
+            // Rounds read a growing source as they begin (prompt_source.rs).
+            tracing::info!(source = %path.display(), "prompts from a growing source");
+            return Ok(Self {
+                problems_dir: None,
+                prompts: Vec::new(),
+                by_id: HashMap::new(),
+            });
+        }
         if let Some(path) = &config.data.prompts {
             let mut prompts = read_prompt_source(path)?;
             let mut seen = std::collections::HashSet::new();
@@ -98,6 +114,10 @@ pub fn run_rounds(
         Algorithm::DpoIter => {
             let mut policy = start;
             for round in 0..config.rounds {
+                run.begin_round(round, &policy)?;
+                if !run.plan_round(round)? {
+                    return run.wait_for_prompts(round);
+                }
                 let mut model = run.sample_round(round, &policy)?;
                 policy = run.dpo_update(round, &mut model)?;
                 run.finish_round(round, &mut on_round)?;
@@ -105,9 +125,14 @@ pub fn run_rounds(
             policy
         }
         Algorithm::Ppo => run.ppo_rounds(&mut on_round)?,
+        Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => {
+            run.group_rounds(&mut on_round)?
+        }
     };
     if config.final_generation {
         let round = config.rounds;
+        run.begin_round(round, &last_policy)?;
+        run.plan_final_round(round)?;
         run.sample_round(round, &last_policy)?;
         run.finish_round(round, &mut on_round)?;
     }
@@ -139,10 +164,70 @@ impl Run<'_> {
                 trained: None,
                 measured: BTreeMap::new(),
                 metrics: BTreeMap::new(),
+                prompts: None,
             });
             self.dir.save_state(&self.state)?;
         }
         Ok(())
+    }
+
+    /// Chooses and records the prompts of round `round` when the run chooses them round by
+    /// round (prompt_source.rs) and the round has not yet; false when a growing source has
+    /// nothing new and the run is to stop.
+    fn plan_round(&mut self, round: u32) -> Result<bool> {
+        if !per_round(self.config) || self.state.rounds[round as usize].prompts.is_some() {
+            return Ok(true);
+        }
+        let earlier: Vec<&RoundPrompts> = self
+            .state
+            .rounds
+            .iter()
+            .filter(|r| r.round < round)
+            .filter_map(|r| r.prompts.as_ref())
+            .collect();
+        let Some((prompts, record)) = choose(self.config, &self.inputs.prompts, round, &earlier)?
+        else {
+            return Ok(false);
+        };
+        tracing::info!(
+            round,
+            prompts = prompts.len(),
+            files = record.files.len(),
+            "round prompts chosen"
+        );
+        self.state.rounds[round as usize].prompts = Some(record);
+        self.state.waiting_for_prompts = None;
+        self.dir.save_state(&self.state)?;
+        Ok(true)
+    }
+
+    /// The final generation measures the final policy on the last trained round's prompts.
+    fn plan_final_round(&mut self, round: u32) -> Result<()> {
+        if !per_round(self.config) || self.state.rounds[round as usize].prompts.is_some() {
+            return Ok(());
+        }
+        let last = round
+            .checked_sub(1)
+            .and_then(|r| self.state.round(r))
+            .and_then(|r| r.prompts.clone());
+        self.state.rounds[round as usize].prompts = last;
+        self.dir.save_state(&self.state)
+    }
+
+    /// Stops the run at `round`: its source has no new prompts (`when_exhausted = "stop"`).
+    fn wait_for_prompts(mut self, round: u32) -> Result<RunState> {
+        tracing::info!(round, "no new prompts: the run stops before this round");
+        self.state.waiting_for_prompts = Some(round);
+        self.dir.save_state(&self.state)?;
+        Ok(self.state)
+    }
+
+    /// What round `round` samples: its recorded choice, or every prompt of the run.
+    fn round_prompts(&self, round: u32) -> Result<Vec<PromptRow>> {
+        match self.state.round(round).and_then(|r| r.prompts.as_ref()) {
+            Some(record) => recorded(record, &self.inputs.prompts),
+            None => Ok(self.inputs.prompts.clone()),
+        }
     }
 
     /// Begins round `round` from `policy`, then its generate and score stages and (DPO-Iter)
@@ -175,9 +260,10 @@ impl Run<'_> {
             let began = Instant::now();
             self.load_policy(round, model)?;
             let seed = row_seed(config.generate.seed, u64::from(round));
+            let prompts = self.round_prompts(round)?;
             let report = generate_stage(
                 model.as_ref().expect("loaded"),
-                &self.inputs.prompts,
+                &prompts,
                 &config.generate,
                 &policy_name(config, round),
                 round,
@@ -217,7 +303,8 @@ impl Run<'_> {
             };
             tracing::debug!(scored = report.new_rows, passed = report.passed, "scored");
             let seconds = began.elapsed().as_secs_f64();
-            self.complete(round, Stage::Score, seconds, &[])?;
+            let detail = self.scorer.calibration_detail(config);
+            self.complete(round, Stage::Score, seconds, &detail)?;
         }
         Ok(())
     }
@@ -301,8 +388,7 @@ impl Run<'_> {
         if !self.state.is_complete(round, Stage::Train) {
             let began = Instant::now();
             let trained = dir.policy_dir(round);
-            let pairs_dir = dir.stage_dir(round, Stage::Pairs);
-            let pairs = Manifest::load(&pairs_dir)?.map_or(0, |m| m.rows());
+            let (pairs_dir, pairs) = self.training_pairs(round)?;
             let next = if pairs == 0 {
                 // Every problem tied: nothing to learn from, the policy carries over.
                 tracing::warn!(
@@ -333,17 +419,48 @@ impl Run<'_> {
                     let saved = train_dir.join(prefloop_train::POLICY_DIR);
                     std::fs::rename(&saved, &trained).map_err(PipelineError::io(&saved))?;
                 }
-                trained
+                trained.clone()
             };
-            self.state.rounds[round as usize].trained = Some(next);
+            self.state.rounds[round as usize].trained = Some(next.clone());
             let detail = train_summary(&dir.stage_dir(round, Stage::Train))?;
             let seconds = began.elapsed().as_secs_f64();
             self.complete(round, Stage::Train, seconds, &detail)?;
+            if next == trained {
+                dir.publish_policy(&trained)?;
+            }
         }
         Ok(self.state.rounds[round as usize]
             .trained
             .clone()
             .expect("set when train completed"))
+    }
+
+    /// The pairs round `round`'s update trains on and how many: its own stage, or with
+    /// `pairs.replay_rounds = k` a stage joining them with the k rounds' before (written once,
+    /// under the round, and reused when the round is resumed).
+    fn training_pairs(&self, round: u32) -> Result<(PathBuf, u64)> {
+        let own = self.dir.stage_dir(round, Stage::Pairs);
+        let k = self.config.pairs.replay_rounds;
+        if k == 0 || round == 0 {
+            let rows = Manifest::load(&own)?.map_or(0, |m| m.rows());
+            return Ok((own, rows));
+        }
+        let replay = self.dir.round_dir(round).join(REPLAY_DIR);
+        if let Some(manifest) = Manifest::load(&replay)?.filter(|m| m.complete) {
+            return Ok((replay, manifest.rows()));
+        }
+        let mut writer = StageWriter::<Pair>::restart(&replay, WriterOptions::default())?;
+        for earlier in round.saturating_sub(k)..=round {
+            let stage = self.dir.stage_dir(earlier, Stage::Pairs);
+            if Manifest::load(&stage)?.is_none_or(|m| !m.complete) {
+                continue; // a round that made no pairs stage (PPO never does)
+            }
+            for rows in StageReader::<Pair>::open(&stage)? {
+                writer.write(&rows?)?;
+            }
+        }
+        let manifest = writer.finish()?;
+        Ok((replay, manifest.rows()))
     }
 
     /// Records the round's metrics once its stages are complete, rewrites `metrics.jsonl`, and
@@ -408,19 +525,10 @@ pub(crate) fn policy_name(config: &RunConfig, round: u32) -> String {
         (_, 0) => "base".into(),
         (Algorithm::DpoIter, _) => format!("round-{:04}", round - 1),
         (Algorithm::Ppo, _) => format!("ppo-iteration-{round:04}"),
+        (Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp, _) => {
+            format!("group-iteration-{round:04}")
+        }
     }
-}
-
-/// Prompts from a file, or from every shard of a stage directory.
-fn read_prompt_source(path: &Path) -> Result<Vec<PromptRow>> {
-    let Some(manifest) = Manifest::load(path)?.filter(|_| path.is_dir()) else {
-        return crate::generate::read_prompts(path);
-    };
-    let mut prompts = Vec::new();
-    for shard in &manifest.shards {
-        prompts.extend(crate::generate::read_prompts(&path.join(&shard.path))?);
-    }
-    Ok(prompts)
 }
 
 /// The problems stage: the configured one, or the configured dataset imported into the run.
@@ -472,6 +580,18 @@ impl Scorers {
             self.sandbox = Some(Sandbox::open(&default_runtime_dir())?);
         }
         Ok((self.sandbox.as_ref().expect("opened"), &self.calibration))
+    }
+
+    /// With calibration on, how many problems kept the default limit (their reference is
+    /// missing or fails its tests): a round metric, as the log names them.
+    pub(crate) fn calibration_detail(&self, config: &RunConfig) -> Vec<(&'static str, f64)> {
+        match config.score.scorer == ScorerKind::Tests && config.score.calibrate {
+            true => vec![(
+                "calibration/uncalibrated",
+                self.calibration.uncalibrated().len() as f64,
+            )],
+            false => Vec::new(),
+        }
     }
 
     pub(crate) fn reward_model(&mut self, config: &RunConfig) -> Result<&RewardModel> {
@@ -559,7 +679,14 @@ fn round_metrics(dir: &RunDir, config: &RunConfig, round: &RoundState) -> Result
 fn write_metrics(dir: &RunDir, state: &RunState) -> Result<()> {
     let mut text = String::new();
     for round in state.rounds.iter().filter(|r| !r.metrics.is_empty()) {
-        text.push_str(&serde_json::to_string(&round.metrics).expect("serialises"));
+        let mut line = serde_json::to_value(&round.metrics).expect("serialises");
+        if let Some(prompts) = &round.prompts {
+            // Which files the round sampled and a hash of what it sampled.
+            line["prompts/files"] = serde_json::json!(prompts.files);
+            line["prompts/hash"] = serde_json::json!(prompts.hash);
+            line["prompts/count"] = serde_json::json!(prompts.problem_ids.len());
+        }
+        text.push_str(&serde_json::to_string(&line).expect("serialises"));
         text.push('\n');
     }
     prefloop_data::write_atomic(&dir.root().join(METRICS_FILE), text.as_bytes())?;

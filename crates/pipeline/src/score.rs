@@ -43,6 +43,7 @@ pub fn score_options(config: &ScoreConfig) -> ScoreOptions {
         time: TimePolicy {
             floor: Duration::from_millis(config.time_floor_ms),
             problem_scale: config.time_scale,
+            calibration_ceiling: Duration::from_millis(config.calibration_ceiling_ms),
             ..TimePolicy::default()
         },
         partial_credit: config.partial_credit,

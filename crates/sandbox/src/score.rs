@@ -25,6 +25,10 @@ pub struct TimePolicy {
     pub problem_scale: f64,
     /// Multiplies the reference solution's slowest test, when calibrating.
     pub reference_scale: f64,
+    /// Each test of a reference solution gets this long when it is timed: its own ceiling, far
+    /// above the per-test limits, so a slow reference is measured rather than cut at the
+    /// limit it is about to set.
+    pub calibration_ceiling: Duration,
 }
 
 impl Default for TimePolicy {
@@ -34,6 +38,7 @@ impl Default for TimePolicy {
             floor: Duration::from_secs(2),
             problem_scale: 6.0,
             reference_scale: 4.0,
+            calibration_ceiling: Duration::from_secs(120),
         }
     }
 }
@@ -139,6 +144,19 @@ impl Calibration {
         let times = self.times.lock().expect("calibration lock");
         times.get(problem_id).copied().flatten()
     }
+
+    /// Problems looked at whose reference is missing, or failed (or outran the ceiling) on
+    /// its own tests: they keep the default limit. Sorted.
+    pub fn uncalibrated(&self) -> Vec<String> {
+        let times = self.times.lock().expect("calibration lock");
+        let mut ids: Vec<String> = times
+            .iter()
+            .filter(|(_, t)| t.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
 }
 
 /// Scores every sample against its problem's tests. A sample whose problem is unknown is an
@@ -170,6 +188,14 @@ pub fn score_samples(
         .into_par_iter()
         .map(|(id, problem)| (id.to_owned(), reference_time(sandbox, problem, options)))
         .collect();
+        for (id, time) in &measured {
+            if time.is_none() {
+                tracing::warn!(
+                    problem = id,
+                    "reference solution missing or failing its tests: the problem keeps the default time limit"
+                );
+            }
+        }
         calibration
             .times
             .lock()
@@ -211,8 +237,9 @@ fn reference_time(
 ) -> Option<Duration> {
     let reference = problem.reference_solution.as_deref()?;
     let mut judge = judge_options(problem, None, options);
-    // Timed under the configured per-test limit, not the default it may be about to replace.
-    judge.limits.time = options.judge.limits.time;
+    // Timed under a ceiling of its own: a per-test limit would cut a slow reference short, and
+    // its problem would keep the default it was to replace.
+    judge.limits.time = options.time.calibration_ceiling;
     judge.all_tests = true;
     let program = program_for(problem, Language::Python, reference);
     let judgement = sandbox.judge(&program, &problem.tests, &judge);

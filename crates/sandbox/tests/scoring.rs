@@ -90,6 +90,45 @@ fn calibration_times_limits_from_the_reference_once_per_problem() {
         Some(true)
     );
     assert_eq!(verdicts(&options, &calibration), [Verdict::Ok, Verdict::Ok]);
+    assert!(calibration.uncalibrated().is_empty());
+}
+
+#[test]
+fn a_reference_slower_than_the_per_test_limit_is_still_calibrated_and_failures_are_listed() {
+    let Some(sandbox) = sandbox() else {
+        return;
+    };
+    // The reference takes far longer than the 20 ms every test gets otherwise.
+    let slow = problem("", "done", Some(busy(3_000_000)));
+    let mut broken = problem("", "done", Some("print('wrong')".into()));
+    broken.problem_id = "broken".into();
+    let problems = HashMap::from([
+        (slow.problem_id.clone(), slow),
+        (broken.problem_id.clone(), broken),
+    ]);
+    let mut samples = vec![sample(busy(3_000_000), 0)];
+    samples.push(Sample {
+        problem_id: "broken".into(),
+        ..sample("print('done')".into(), 0)
+    });
+    let mut options = ScoreOptions {
+        time: TimePolicy {
+            default: Duration::from_millis(20),
+            floor: Duration::from_millis(10),
+            ..TimePolicy::default()
+        },
+        calibrate: true,
+        ..ScoreOptions::default()
+    };
+    options.judge.limits.time = Duration::from_millis(20);
+    let calibration = Calibration::default();
+    let scores = score_samples(sandbox, &problems, &samples, &options, &calibration).unwrap();
+    let measured = calibration
+        .measured("slow")
+        .expect("timed under its own ceiling");
+    assert!(measured > Duration::from_millis(20), "{measured:?}");
+    assert_eq!(scores[0].verdict, Verdict::Ok, "4× the reference's time");
+    assert_eq!(calibration.uncalibrated(), ["broken"]);
 }
 
 #[test]

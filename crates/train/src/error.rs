@@ -47,6 +47,17 @@ impl TrainError {
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
 /// `Ok` when `ok`, else a config error naming `field`.
+/// An error naming the first of `fields` that is 0: each must be at least 1.
+pub(crate) fn at_least_one(fields: &[(&'static str, u64)]) -> Result<()> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((field, _)) => Err(TrainError::Config {
+            field,
+            message: "must be at least 1".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn ensure(ok: bool, field: &'static str, message: &str) -> Result<()> {
     if ok {
         Ok(())

@@ -1,19 +1,24 @@
-//! prefloop-train: the trainers. SFT, a Bradley–Terry reward model, DPO/IPO and PPO over the
-//! tch policy, sharing one optimisation loop (AdamW, schedules, clipping, accumulation,
-//! atomic checkpoints that resume exactly) and completion log-probs computed in chunks.
+//! prefloop-train: the trainers. SFT, a Bradley–Terry reward model, DPO/IPO, PPO and the
+//! group estimators (GRPO, RLOO, REINFORCE++-baseline) over the tch policy, sharing one
+//! optimisation loop for the offline ones (AdamW, schedules, clipping, accumulation, atomic
+//! checkpoints that resume exactly), rollouts for the online ones, and completion log-probs
+//! computed in chunks.
 
 mod advantage;
 pub mod checkpoint;
 mod dpo;
 mod ema;
 mod error;
+mod estimators;
 mod examples;
 mod fit;
+mod group;
 mod logprobs;
 mod losses;
 mod optim;
 mod ppo;
 mod reward;
+mod rollout;
 mod sft;
 mod tensorfile;
 
@@ -25,22 +30,24 @@ pub use advantage::{
 pub use dpo::{DpoConfig, REFERENCE_DIR, dpo_backward, reference_logps, train_dpo};
 pub use ema::EmaReference;
 pub use error::{Result, TrainError};
+pub use estimators::{
+    Estimator, group_advantages, informative, overlong_penalty, token_advantages,
+};
 pub use examples::{EncodeConfig, Encoder, PairExample, Sequence};
 pub use fit::{ExampleWeights, LoopConfig, METRICS_FILE, MicroBatch, StepRecord, fit};
+pub use group::{GroupConfig, GroupModels, KlPenalty, Overlong, train_group};
 pub use logprobs::{TokenBatch, TokenLogprobs, log_ratios, sequence_sum, token_logprobs};
 pub use losses::{
-    PolicyLossOutput, PreferenceLoss, PreferenceOutput, bradley_terry_loss, masked_mean,
-    policy_loss, preference_loss, sft_loss, value_loss,
+    LossAggregation, PolicyLossOutput, PreferenceLoss, PreferenceOutput, bradley_terry_loss, k3_kl,
+    masked_mean, policy_loss, preference_loss, sft_loss, value_loss,
 };
 pub use optim::{AdamW, OptimConfig, Schedule};
-pub use ppo::{
-    CRITIC_DIR, Experience, IterationRecord, PpoConfig, PpoModels, PromptExample, RewardFn,
-    Rollout, Truncated, train_ppo,
-};
+pub use ppo::{CRITIC_DIR, Experience, PpoConfig, PpoModels, Truncated, train_ppo};
 pub use reward::{
     EVAL_FILE, REWARD_MODEL_DIR, RewardConfig, RewardEval, RewardModel, RewardReport, evaluate,
     train_reward_model,
 };
+pub use rollout::{IterationRecord, PromptExample, RewardFn, Rollout, SampledFn, prompt_stream};
 pub use sft::{SftConfig, train_sft};
 
 /// Where a trained policy is saved under a trainer's output directory.

@@ -98,6 +98,22 @@ fn chunk_logprobs(llama: &Llama, hidden: &Tensor, targets: &Tensor) -> Tensor {
     picked - logits.logsumexp([-1], false)
 }
 
+/// log π(target | prefix) and the policy's entropy at each position of one chunk: hidden
+/// (B, c, C), targets (B, c) → two (B, c) fp32.
+fn chunk_logprobs_and_entropy(
+    llama: &Llama,
+    hidden: &Tensor,
+    targets: &Tensor,
+) -> (Tensor, Tensor) {
+    let logits = llama.logits(hidden).to_kind(Kind::Float);
+    let log_p = logits.log_softmax(-1, Kind::Float); // (B, c, V)
+    let picked = log_p
+        .gather(-1, &targets.unsqueeze(-1), false)
+        .squeeze_dim(-1);
+    let entropy = -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
+    (picked, entropy)
+}
+
 /// Positions per chunk for `b` rows of a `vocab`-wide head.
 fn chunk_len(b: i64, vocab: i64) -> i64 {
     (LOGITS_CHUNK_BYTES / (b * vocab * 4)).max(1)
@@ -133,15 +149,11 @@ pub fn token_logprobs_and_entropy(llama: &Llama, batch: &TokenBatch) -> (Tensor,
         let chunk = chunk_len(b, llama.config().vocab_size as i64);
         let (mut logprobs, mut entropies) = (Vec::new(), Vec::new());
         for_chunks(t, chunk, |start, len| {
-            let logits = llama
-                .logits(&hidden.narrow(1, start, len))
-                .to_kind(Kind::Float);
-            let log_p = logits.log_softmax(-1, Kind::Float); // (B, c, V)
-            let picked = log_p
-                .gather(-1, &targets.narrow(1, start, len).unsqueeze(-1), false)
-                .squeeze_dim(-1);
-            let entropy =
-                -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
+            let (picked, entropy) = chunk_logprobs_and_entropy(
+                llama,
+                &hidden.narrow(1, start, len),
+                &targets.narrow(1, start, len),
+            );
             logprobs.push(picked);
             entropies.push(entropy);
         });
@@ -171,6 +183,9 @@ fn logprobs_of_hidden(llama: &Llama, hidden: &Tensor, targets: &Tensor, chunk: i
 pub struct TokenLogprobs {
     /// (B, T-1) fp32 log π(target | prefix), requiring grad.
     pub values: Tensor,
+    /// (B, T-1) fp32 entropy of the policy at each position, requiring grad, when asked for
+    /// ([`TokenLogprobs::with_entropy`]): an entropy bonus flows back like the log-probs.
+    pub entropy: Option<Tensor>,
     /// (B, T, C) the trunk's output, with its graph.
     hidden: Tensor,
     /// (B, T-1, C) `hidden` without the last position and without a graph.
@@ -184,19 +199,56 @@ pub struct TokenLogprobs {
 impl TokenLogprobs {
     pub fn forward(llama: &Llama, batch: &TokenBatch) -> Self {
         let b = batch.input_ids.size()[0];
-        Self::forward_in_chunks(llama, batch, chunk_len(b, llama.config().vocab_size as i64))
+        Self::forward_in_chunks(
+            llama,
+            batch,
+            chunk_len(b, llama.config().vocab_size as i64),
+            false,
+        )
+    }
+
+    /// As [`TokenLogprobs::forward`], with the entropy at each position too (twice the
+    /// chunk's fp32 logits in memory).
+    pub fn with_entropy(llama: &Llama, batch: &TokenBatch) -> Self {
+        let b = batch.input_ids.size()[0];
+        Self::forward_in_chunks(
+            llama,
+            batch,
+            chunk_len(b, llama.config().vocab_size as i64),
+            true,
+        )
     }
 
     /// As [`TokenLogprobs::forward`], `chunk` positions at a time.
-    pub(crate) fn forward_in_chunks(llama: &Llama, batch: &TokenBatch, chunk: i64) -> Self {
+    pub(crate) fn forward_in_chunks(
+        llama: &Llama,
+        batch: &TokenBatch,
+        chunk: i64,
+        entropy: bool,
+    ) -> Self {
         let hidden = batch.hidden(llama);
         let t = hidden.size()[1] - 1;
         let detached = hidden.narrow(1, 0, t).detach();
         let targets = batch.targets();
-        let values = tch::no_grad(|| logprobs_of_hidden(llama, &detached, &targets, chunk))
-            .set_requires_grad(true);
+        let (values, entropy) = tch::no_grad(|| {
+            if !entropy {
+                return (logprobs_of_hidden(llama, &detached, &targets, chunk), None);
+            }
+            let (mut values, mut entropies) = (Vec::new(), Vec::new());
+            for_chunks(t, chunk, |start, len| {
+                let (v, e) = chunk_logprobs_and_entropy(
+                    llama,
+                    &detached.narrow(1, start, len),
+                    &targets.narrow(1, start, len),
+                );
+                values.push(v);
+                entropies.push(e);
+            });
+            (Tensor::cat(&values, 1), Some(Tensor::cat(&entropies, 1)))
+        });
         Self {
-            values,
+            values: values.set_requires_grad(true),
+            entropy: entropy.map(|e| e.set_requires_grad(true)),
             hidden,
             detached,
             targets,
@@ -208,6 +260,11 @@ impl TokenLogprobs {
     /// trunk, accumulating into the parameters' `.grad`.
     pub fn backward(self, llama: &Llama) {
         let grad = self.values.grad();
+        let entropy_grad = self
+            .entropy
+            .as_ref()
+            .map(Tensor::grad)
+            .filter(Tensor::defined);
         if !grad.defined() {
             return;
         }
@@ -222,9 +279,17 @@ impl TokenLogprobs {
                 .narrow(1, start, len)
                 .detach()
                 .set_requires_grad(true);
-            let objective = (chunk_logprobs(llama, &hidden, &self.targets.narrow(1, start, len))
-                * grad.narrow(1, start, len))
-            .sum(Kind::Float);
+            let targets = self.targets.narrow(1, start, len);
+            let objective = match &entropy_grad {
+                None => (chunk_logprobs(llama, &hidden, &targets) * grad.narrow(1, start, len))
+                    .sum(Kind::Float),
+                Some(entropy_grad) => {
+                    let (logprobs, entropy) = chunk_logprobs_and_entropy(llama, &hidden, &targets);
+                    (logprobs * grad.narrow(1, start, len)
+                        + entropy * entropy_grad.narrow(1, start, len))
+                    .sum(Kind::Float)
+                }
+            };
             let inputs: Vec<&Tensor> = if train_head {
                 vec![&hidden, head]
             } else {
@@ -319,20 +384,8 @@ mod tests {
         TokenBatch::new(&sequences, 0, Device::Cpu)
     }
 
-    /// Gradients of Σ w·logπ through the chunked path, for every parameter, by name.
-    fn chunked_grads(
-        vs: &VarStore,
-        llama: &Llama,
-        chunk: i64,
-        w: &Tensor,
-    ) -> (Tensor, Vec<(String, Tensor)>) {
-        let batch = batch();
-        let logprobs = TokenLogprobs::forward_in_chunks(llama, &batch, chunk);
-        (&logprobs.values * &batch.loss_mask * w)
-            .sum(Kind::Float)
-            .backward();
-        let values = logprobs.values.detach();
-        logprobs.backward(llama);
+    /// Every parameter's gradient by name, then zeroed.
+    fn take_grads(vs: &VarStore) -> Vec<(String, Tensor)> {
         let mut grads: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
@@ -342,7 +395,56 @@ mod tests {
         for (_, mut v) in vs.variables() {
             v.zero_grad();
         }
-        (values, grads)
+        grads
+    }
+
+    /// Gradients of Σ w·logπ (+ u·Σ entropy) through the chunked path, by name.
+    fn chunked_grads(
+        vs: &VarStore,
+        llama: &Llama,
+        chunk: i64,
+        w: &Tensor,
+        entropy_weight: Option<f64>,
+    ) -> (Tensor, Vec<(String, Tensor)>) {
+        let batch = batch();
+        let logprobs =
+            TokenLogprobs::forward_in_chunks(llama, &batch, chunk, entropy_weight.is_some());
+        let mut objective = (&logprobs.values * &batch.loss_mask * w).sum(Kind::Float);
+        if let (Some(u), Some(entropy)) = (entropy_weight, &logprobs.entropy) {
+            objective += (entropy * &batch.loss_mask).sum(Kind::Float) * u;
+        }
+        objective.backward();
+        let values = logprobs.values.detach();
+        logprobs.backward(llama);
+        (values, take_grads(vs))
+    }
+
+    #[test]
+    fn an_entropy_bonus_flows_back_through_the_chunks_as_through_the_whole_softmax() {
+        let (vs, llama) = tiny_llama();
+        let batch = batch();
+        let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).view([3, 1]);
+        let logits = llama.forward(&batch.input_ids);
+        let t = logits.size()[1] - 1;
+        let log_p = logits.narrow(1, 0, t).log_softmax(-1, Kind::Float);
+        let picked = log_p
+            .gather(-1, &batch.targets().unsqueeze(-1), false)
+            .squeeze_dim(-1);
+        let entropy = -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
+        ((&picked * &batch.loss_mask * &w).sum(Kind::Float)
+            + (entropy * &batch.loss_mask).sum(Kind::Float) * 0.3)
+            .backward();
+        let expected = take_grads(&vs);
+        for chunk in [1, 3, 100] {
+            let (_, grads) = chunked_grads(&vs, &llama, chunk, &w, Some(0.3));
+            for ((name, g), (_, e)) in grads.iter().zip(&expected) {
+                let diff = (g - e).abs().max().double_value(&[]);
+                assert!(
+                    diff < 1e-5,
+                    "chunk {chunk}: gradient of {name} differs by {diff}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -366,18 +468,10 @@ mod tests {
         (&direct * &batch.loss_mask * &w)
             .sum(Kind::Float)
             .backward();
-        let mut expected: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .map(|(n, v)| (n, v.grad().copy()))
-            .collect();
-        expected.sort_by(|a, b| a.0.cmp(&b.0));
-        for (_, mut v) in vs.variables() {
-            v.zero_grad();
-        }
+        let expected = take_grads(&vs);
 
         for chunk in [1, 3, 100] {
-            let (values, grads) = chunked_grads(&vs, &llama, chunk, &w);
+            let (values, grads) = chunked_grads(&vs, &llama, chunk, &w, None);
             let masked = |x: &Tensor| x * &batch.loss_mask;
             let diff = (masked(&values) - masked(&direct.detach()))
                 .abs()

@@ -1,6 +1,7 @@
-//! The losses of DESIGN §4, as plain tensor functions: SFT, Bradley–Terry, DPO and IPO, and
-//! PPO's clipped policy and value losses. Every golden test in tests/golden.rs checks one of
-//! them against PyTorch on the same inputs.
+//! The losses of DESIGN §4, as plain tensor functions: SFT, Bradley–Terry, DPO and IPO, the
+//! clipped policy surrogate (PPO's, and the group estimators' with clip-higher and the peers'
+//! loss aggregations), the k3 KL term, and PPO's clipped value loss. Every golden test in
+//! tests/golden.rs checks one of them against PyTorch on the same inputs.
 
 use tch::{Kind, Tensor};
 
@@ -66,40 +67,99 @@ pub fn bradley_terry_loss(chosen_scores: &Tensor, rejected_scores: &Tensor) -> T
         .mean(Kind::Float)
 }
 
-/// PPO's clipped surrogate and its diagnostics.
+/// How per-token losses become one loss, in the peers' names (veRL's `loss_agg_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAggregation {
+    /// Mean over every completion token of the batch (DAPO; PPO's): long answers weigh more.
+    #[default]
+    TokenMean,
+    /// Mean over sequences of each sequence's token sum (Dr. GRPO): no length normalisation.
+    SeqMeanTokenSum,
+    /// Mean over sequences of each sequence's token mean (the original GRPO).
+    SeqMeanTokenMean,
+}
+
+impl LossAggregation {
+    /// Per-token values (B, T) under `mask` (B, T) as one scalar.
+    pub fn apply(self, values: &Tensor, mask: &Tensor) -> Tensor {
+        let dims = [1].as_slice();
+        match self {
+            Self::TokenMean => masked_mean(values, mask),
+            Self::SeqMeanTokenSum | Self::SeqMeanTokenMean => {
+                let sums = (values * mask).sum_dim_intlist(dims, false, Kind::Float); // (B,)
+                let tokens = mask.sum_dim_intlist(dims, false, Kind::Float);
+                // Sequences without a loss token (masked out) do not count.
+                let rows = tokens.gt(0.0).to_kind(Kind::Float);
+                let per_row = match self {
+                    Self::SeqMeanTokenMean => sums / tokens.clamp_min(1.0),
+                    _ => sums,
+                };
+                (per_row * &rows).sum(Kind::Float) / rows.sum(Kind::Float).clamp_min(1.0)
+            }
+        }
+    }
+
+    /// What one row counts for when a minibatch is cut into micro-batches: its loss tokens for
+    /// a token mean, 1 (if it has any) for a mean over sequences. A micro-batch's loss weighted
+    /// by its rows' share is then the minibatch's loss.
+    pub fn row_weight(self, loss_tokens: f64) -> f64 {
+        match self {
+            Self::TokenMean => loss_tokens,
+            _ => f64::from(u8::from(loss_tokens > 0.0)),
+        }
+    }
+}
+
+/// The clipped surrogate and its diagnostics.
 #[derive(Debug)]
 pub struct PolicyLossOutput {
-    /// Scalar: masked mean of `max(-A r, -A clip(r, 1-ε, 1+ε))`.
+    /// Scalar: the aggregation of `max(-A r, -A clip(r, 1-ε_low, 1+ε_high))`.
     pub loss: Tensor,
-    /// Fraction of tokens where the clipped term was the larger (detached scalar).
+    /// Share of tokens where the clipped term was the larger (detached scalar).
     pub clip_fraction: Tensor,
+    /// Share of tokens clipped below (A < 0, r < 1 - ε_low).
+    pub clip_low_fraction: Tensor,
+    /// Share of tokens clipped above (A > 0, r > 1 + ε_high).
+    pub clip_high_fraction: Tensor,
     /// Masked mean of `(r - 1) - log r`, the k3 estimator of KL(old ‖ new) (detached scalar).
     pub approx_kl: Tensor,
 }
 
-/// The clipped surrogate objective over (B, T) per-token log-probs, advantages and mask.
+/// The clipped surrogate objective over (B, T) per-token log-probs, advantages and mask, with
+/// separate lower and upper clips (DAPO's clip-higher; PPO's symmetric clip when equal).
 pub fn policy_loss(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
     advantages: &Tensor,
     mask: &Tensor,
-    clip_eps: f64,
+    clip_low: f64,
+    clip_high: f64,
+    aggregation: LossAggregation,
 ) -> PolicyLossOutput {
     let log_ratio = logprobs - old_logprobs;
     let ratio = log_ratio.exp();
     let unclipped = -advantages * &ratio;
-    let clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps);
-    let loss = masked_mean(&unclipped.maximum(&clipped), mask);
-    let (clip_fraction, approx_kl) = tch::no_grad(|| {
-        let clip_fraction = masked_mean(&clipped.gt_tensor(&unclipped).to_kind(Kind::Float), mask);
-        let approx_kl = masked_mean(&(ratio.detach() - 1.0 - log_ratio.detach()), mask);
-        (clip_fraction, approx_kl)
-    });
-    PolicyLossOutput {
-        loss,
-        clip_fraction,
-        approx_kl,
-    }
+    let clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high);
+    let loss = aggregation.apply(&unclipped.maximum(&clipped), mask);
+    tch::no_grad(|| {
+        let share = |t: Tensor| masked_mean(&t.to_kind(Kind::Float), mask);
+        let active = clipped.gt_tensor(&unclipped);
+        PolicyLossOutput {
+            loss,
+            clip_fraction: share(active.shallow_clone()),
+            clip_low_fraction: share(active.logical_and(&advantages.lt(0.0))),
+            clip_high_fraction: share(active.logical_and(&advantages.gt(0.0))),
+            approx_kl: masked_mean(&(ratio.detach() - 1.0 - log_ratio.detach()), mask),
+        }
+    })
+}
+
+/// The k3 estimator of KL(π ‖ π_ref) per token, `exp(ref - lp) - (ref - lp) - 1` (Schulman;
+/// GRPO's KL term): unbiased, never negative, differentiable through `logprobs`.
+pub fn k3_kl(logprobs: &Tensor, reference_logprobs: &Tensor) -> Tensor {
+    let delta = reference_logprobs - logprobs;
+    delta.exp() - delta - 1.0
 }
 
 /// The clipped value loss: `0.5 · masked mean of max((V - R)², (clip(V, V_old ± ε) - R)²)`.

@@ -5,11 +5,10 @@
 //! switch, so the paper's ablation is four configs.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use prefloop_model::{Model, Precision, Request, SamplingParams, generate};
+use prefloop_model::{Model, Precision, SamplingParams};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -19,15 +18,18 @@ use tch::{Kind, Tensor};
 use crate::advantage::{
     RunningMoments, gae, kl_penalised_rewards, last_token_one_hot, normalise_advantages,
 };
-use crate::checkpoint::{self, Part, TrainerState};
+use crate::checkpoint::{self, Part};
 use crate::ema::EmaReference;
-use crate::error::{Result, TrainError};
-use crate::examples::{EncodeConfig, Encoder};
-use crate::fit::open_metrics;
+use crate::error::Result;
+use crate::examples::EncodeConfig;
 use crate::logprobs::{TokenBatch, TokenLogprobs, token_logprobs, token_logprobs_and_entropy};
-use crate::losses::{masked_mean, policy_loss, value_loss};
+use crate::losses::{LossAggregation, masked_mean, policy_loss, value_loss};
 use crate::optim::{AdamW, OptimConfig};
 use crate::reward::RewardModel;
+use crate::rollout::{
+    IterationRecord, Iterations, PromptExample, RewardFn, RolloutRequest, check_scores,
+    encode_prompts, exact_weights, pack, prompt_stream, sample, truncated,
+};
 
 /// Where the critic is saved under the output directory (the actor goes to `policy`).
 pub const CRITIC_DIR: &str = "critic";
@@ -138,6 +140,18 @@ pub enum Truncated {
 }
 
 impl PpoConfig {
+    /// How rollouts are sampled.
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: 1.0,
+            max_new_tokens: self.max_new_tokens,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
     /// Minibatches per PPO epoch: the rollout batch cut into `num_minibatches` equal parts
     /// (the last may be smaller, or there may be fewer when the batch does not divide).
     fn minibatches(&self) -> usize {
@@ -153,32 +167,18 @@ impl PpoConfig {
     /// Every setting checked before any work starts; errors name the field.
     pub fn validate(&self) -> Result<()> {
         let check = crate::error::ensure;
-        check(self.iterations > 0, "iterations", "must be at least 1")?;
+        crate::error::at_least_one(&[
+            ("iterations", self.iterations),
+            ("ppo_epochs", self.ppo_epochs as u64),
+            ("micro_batch_size", self.micro_batch_size as u64),
+            ("generation_batch_size", self.generation_batch_size as u64),
+            ("max_new_tokens", self.max_new_tokens as u64),
+            ("checkpoint_every", self.checkpoint_every),
+        ])?;
         check(
             self.num_minibatches > 0 && self.rollout_batch_size >= self.num_minibatches,
             "num_minibatches",
             "must be between 1 and rollout_batch_size",
-        )?;
-        check(self.ppo_epochs > 0, "ppo_epochs", "must be at least 1")?;
-        check(
-            self.micro_batch_size > 0,
-            "micro_batch_size",
-            "must be at least 1",
-        )?;
-        check(
-            self.generation_batch_size > 0,
-            "generation_batch_size",
-            "must be at least 1",
-        )?;
-        check(
-            self.max_new_tokens > 0,
-            "max_new_tokens",
-            "must be at least 1",
-        )?;
-        check(
-            self.checkpoint_every > 0,
-            "checkpoint_every",
-            "must be at least 1",
         )?;
         check(
             (0.0..=1.0).contains(&self.ema_eta),
@@ -189,29 +189,6 @@ impl PpoConfig {
         self.actor.validate()?;
         self.critic.validate()
     }
-}
-
-/// A prompt to roll out from.
-#[derive(Debug, Clone)]
-pub struct PromptExample {
-    pub problem_id: String,
-    pub prompt: String,
-}
-
-/// One sampled completion, for the reward function (and, with what sampled it, for whoever
-/// keeps rollouts as a samples stage).
-#[derive(Debug, Clone)]
-pub struct Rollout {
-    pub problem_id: String,
-    pub prompt: String,
-    pub completion: String,
-    /// The sampling seed of this rollout.
-    pub seed: u64,
-    /// Completion tokens, the end-of-sequence token excluded.
-    pub num_tokens: u32,
-    /// Sum of the completion tokens' log-probs under the actor as it sampled them.
-    pub logprob_sum: f32,
-    pub finish: prefloop_core::Finish,
 }
 
 /// Everything PPO trains on from one rollout batch: B rollouts of prompt + completion,
@@ -241,10 +218,6 @@ pub struct Experience {
     /// (B, T-1) the actor's entropy at each position (a diagnostic).
     pub entropy: Tensor,
 }
-
-/// The reward of each rollout of an iteration (0-based), in order. Called once per iteration;
-/// again for the same iteration only when a killed run resumes before its checkpoint.
-pub type RewardFn<'a> = dyn FnMut(u64, &[Rollout]) -> Result<Vec<f32>> + 'a;
 
 /// The three models PPO holds: the actor (the policy being trained), the critic (a trunk with a
 /// value head) and the reference.
@@ -291,15 +264,6 @@ impl PpoModels {
     }
 }
 
-/// Per-iteration metrics, one line of metrics.jsonl.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IterationRecord {
-    /// Iterations completed, this one included.
-    pub step: u64,
-    #[serde(flatten)]
-    pub metrics: BTreeMap<String, f64>,
-}
-
 /// Runs PPO from the prompts; saves `<out>/policy` and `<out>/critic`. Killed, the same call
 /// resumes from the last checkpoint (the actor, critic, reference, both optimisers and the
 /// value-normalisation moments).
@@ -312,76 +276,51 @@ pub fn train_ppo(
     mut on_iteration: impl FnMut(&IterationRecord, u64),
 ) -> Result<Vec<IterationRecord>> {
     config.validate()?;
-    if prompts.is_empty() {
-        return Err(TrainError::Config {
-            field: "prompts",
-            message: "there is nothing to roll out from".into(),
-        });
-    }
-    if out.join(crate::POLICY_DIR).exists() {
-        return Ok(Vec::new());
-    }
-    std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
     let (actor, critic, reference) = (&models.actor, &models.critic, &models.reference);
-    let encoder = Encoder::new(&actor.tokenizer, config.encode.clone())?;
-    let encoded: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| encoder.prompt(&p.prompt))
-        .collect::<Result<_>>()?;
-
+    let Some(encoded) = encode_prompts(actor, prompts, &config.encode, out)? else {
+        return Ok(Vec::new());
+    };
     let mut actor_opt = AdamW::new(&actor.vs, config.actor.clone())?;
     let mut critic_opt = AdamW::new(&critic.model.vs, config.critic.clone())?;
     let mut ema = config
         .ema_reference
         .then(|| EmaReference::new(&reference.vs, config.ema_eta));
-    let mut moments = RunningMoments::default();
-    let mut start = 0;
-    if let Some(path) = checkpoint::latest(out)? {
-        let mut parts = models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut());
-        let state = checkpoint::load(&path, &mut parts)?;
-        if state.seed != config.seed || state.examples != prompts.len() as u64 {
-            return Err(TrainError::Checkpoint {
-                path,
-                message: "saved for other prompts or another seed".into(),
-            });
-        }
-        moments = serde_json::from_value(state.extra).map_err(|e| TrainError::Checkpoint {
-            path: path.clone(),
-            message: format!("value-normalisation moments: {e}"),
-        })?;
-        start = state.step;
-        tracing::info!(checkpoint = %path.display(), iteration = start, "resuming PPO");
-    }
-    let (mut metrics_file, metrics_path) = open_metrics(out, start)?;
+    let (mut log, start, mut moments): (_, _, RunningMoments) = Iterations::resume(
+        out,
+        &mut models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut()),
+        (config.seed, prompts.len()),
+        (config.iterations, config.checkpoint_every),
+    )?;
 
-    let mut records = Vec::new();
     for iteration in start..config.iterations {
         let mut metrics = BTreeMap::new();
 
         // 1. Generate: one rollout per prompt of this iteration's share.
         let began = Instant::now();
-        let chosen = iteration_prompts(prompts.len(), config, iteration);
-        let (batch, rollouts, generated) =
-            rollout(actor, &encoded, prompts, &chosen, config, iteration)?;
+        let first = iteration as usize * config.rollout_batch_size;
+        let chosen = prompt_stream(prompts.len(), config.seed, first, config.rollout_batch_size);
+        let requests = rollout_requests(&chosen, config.seed, iteration);
+        let sampled = sample(
+            actor,
+            &encoded,
+            prompts,
+            &requests,
+            &config.sampling(),
+            config.generation_batch_size,
+        )?;
+        let batch = pack(actor, &encoded, &chosen, &sampled.answers);
+        let rollouts = sampled.rollouts;
         metrics.insert("time/generate".into(), began.elapsed().as_secs_f64());
         metrics.insert(
             "generate/tokens_per_s".into(),
-            generated as f64 / began.elapsed().as_secs_f64().max(1e-9),
+            sampled.tokens as f64 / began.elapsed().as_secs_f64().max(1e-9),
         );
 
         // 2. Make experience: score, log-probs, values, rewards, advantages.
         let began = Instant::now();
         let scores = reward(iteration, &rollouts)?;
-        if scores.len() != rollouts.len() {
-            return Err(TrainError::Config {
-                field: "reward",
-                message: format!("{} scores for {} rollouts", scores.len(), rollouts.len()),
-            });
-        }
-        let truncated: Vec<f32> = rollouts
-            .iter()
-            .map(|r| f32::from(u8::from(r.finish == prefloop_core::Finish::Length)))
-            .collect();
+        check_scores(&scores, &rollouts)?;
+        let truncated = truncated(&rollouts);
         let experience = make_experience(models, batch, &scores, &truncated, config, &mut moments);
         let mask = &experience.batch.loss_mask;
         let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
@@ -438,110 +377,32 @@ pub fn train_ppo(
             step: iteration + 1,
             metrics,
         };
-        let line = serde_json::to_string(&record).expect("serialises");
-        writeln!(metrics_file, "{line}").map_err(TrainError::io(&metrics_path))?;
-        on_iteration(&record, config.iterations);
-        records.push(record);
-
-        let done = iteration + 1;
-        if done % config.checkpoint_every == 0 || done == config.iterations {
-            metrics_file
-                .sync_data()
-                .map_err(TrainError::io(&metrics_path))?;
-            let state = TrainerState {
-                step: done,
-                total_steps: config.iterations,
-                seed: config.seed,
-                examples: prompts.len() as u64,
-                extra: serde_json::to_value(moments).expect("serialises"),
-            };
-            let parts = models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut());
-            checkpoint::save(out, &parts, &state)?;
-        }
+        let parts = models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut());
+        log.finish(record, &mut on_iteration, &parts, &moments)?;
     }
     actor.save(&out.join(crate::POLICY_DIR))?;
     critic.model.save(&out.join(CRITIC_DIR))?;
     checkpoint::remove_all(out)?;
-    Ok(records)
+    Ok(log.records())
 }
 
-/// Prompt indices of iteration `iteration`: a seeded shuffle per pass over the prompts.
-fn iteration_prompts(n: usize, config: &PpoConfig, iteration: u64) -> Vec<usize> {
-    let first = iteration as usize * config.rollout_batch_size;
-    (first..first + config.rollout_batch_size)
-        .map(|k| {
-            let pass = (k / n) as u64;
-            let mut order: Vec<usize> = (0..n).collect();
-            order.shuffle(&mut StdRng::seed_from_u64(
-                config.seed ^ pass.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            ));
-            order[k % n]
+/// One rollout per chosen prompt; row r of iteration i is seeded with `seed ^ (i << 32) ^ r`.
+fn rollout_requests(chosen: &[usize], seed: u64, iteration: u64) -> Vec<RolloutRequest> {
+    let mut seen: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
+    chosen
+        .iter()
+        .enumerate()
+        .map(|(row, &prompt)| {
+            let count = seen.entry(prompt).or_default();
+            let sample_idx = *count;
+            *count += 1;
+            RolloutRequest {
+                prompt,
+                seed: seed ^ (iteration << 32) ^ row as u64,
+                sample_idx,
+            }
         })
         .collect()
-}
-
-/// Samples one completion per chosen prompt; returns the packed batch, the rollouts as text and
-/// the number of tokens generated.
-fn rollout(
-    actor: &Model,
-    encoded: &[Vec<u32>],
-    prompts: &[PromptExample],
-    chosen: &[usize],
-    config: &PpoConfig,
-    iteration: u64,
-) -> Result<(TokenBatch, Vec<Rollout>, usize)> {
-    let params = SamplingParams {
-        temperature: config.temperature,
-        top_k: config.top_k,
-        top_p: 1.0,
-        max_new_tokens: config.max_new_tokens,
-        stop: Vec::new(),
-        ignore_eos: false,
-    };
-    let mut completions = Vec::with_capacity(chosen.len());
-    let mut seeds = Vec::with_capacity(chosen.len());
-    for (block, rows) in chosen.chunks(config.generation_batch_size).enumerate() {
-        let requests: Vec<Request> = rows
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| Request {
-                prompt: encoded[i].clone(),
-                seed: config.seed
-                    ^ (iteration << 32)
-                    ^ (block * config.generation_batch_size + k) as u64,
-            })
-            .collect();
-        seeds.extend(requests.iter().map(|r| r.seed));
-        completions.extend(generate(actor, &requests, &params)?);
-    }
-    let generated = completions.iter().map(|g| g.tokens.len()).sum();
-    // The end-of-sequence token is an action too: the policy chose to stop, with the EOS id
-    // it sampled (a model may have several).
-    let answers: Vec<Vec<u32>> = completions
-        .iter()
-        .map(|g| g.tokens.iter().copied().chain(g.eos).collect())
-        .collect();
-    let sequences: Vec<(&[u32], &[u32])> = chosen
-        .iter()
-        .zip(&answers)
-        .map(|(&i, a)| (encoded[i].as_slice(), a.as_slice()))
-        .collect();
-    let batch = TokenBatch::new(&sequences, actor.tokenizer.pad_id(), actor.vs.device());
-    let rollouts = chosen
-        .iter()
-        .zip(completions)
-        .zip(seeds)
-        .map(|((&i, g), seed)| Rollout {
-            problem_id: prompts[i].problem_id.clone(),
-            prompt: prompts[i].prompt.clone(),
-            completion: g.text,
-            seed,
-            num_tokens: g.tokens.len() as u32,
-            logprob_sum: g.logprobs.iter().sum(),
-            finish: g.finish,
-        })
-        .collect();
-    Ok((batch, rollouts, generated))
 }
 
 /// The critic's values at every position, (B, T), without a graph: V(s_t) of the state after
@@ -693,6 +554,8 @@ fn train_on(
                     &pick(&e.advantages),
                     mask,
                     config.clip_eps,
+                    config.clip_eps,
+                    LossAggregation::TokenMean,
                 );
                 (&out.loss * weight).backward();
                 logprobs.backward(&models.actor.llama);
@@ -733,13 +596,4 @@ fn train_on(
         }
     }
     sums.into_iter().map(|(k, v)| (k, v / steps)).collect()
-}
-
-/// The actor's weights in fp32, by name: its optimiser's master weights where the actor
-/// computes in bf16, its own parameters where it is fp32. The EMA moves towards these.
-fn exact_weights(actor: &Model, optimizer: &AdamW) -> std::collections::HashMap<String, Tensor> {
-    let mut weights: std::collections::HashMap<String, Tensor> =
-        actor.vs.variables().into_iter().collect();
-    weights.extend(optimizer.masters());
-    weights
 }

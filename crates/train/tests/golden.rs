@@ -10,9 +10,10 @@ use std::sync::OnceLock;
 
 use prefloop_model::{Config, Llama};
 use prefloop_train::{
-    AdamW, OptimConfig, PreferenceLoss, RunningMoments, TokenBatch, TokenLogprobs,
-    bradley_terry_loss, ema_update, gae, kl_penalised_rewards, normalise_advantages, policy_loss,
-    preference_loss, sequence_sum, value_loss,
+    AdamW, Estimator, LossAggregation, OptimConfig, PreferenceLoss, RunningMoments, TokenBatch,
+    TokenLogprobs, bradley_terry_loss, ema_update, gae, group_advantages, k3_kl,
+    kl_penalised_rewards, normalise_advantages, overlong_penalty, policy_loss, preference_loss,
+    sequence_sum, token_advantages, value_loss,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -155,6 +156,67 @@ returns = adv + v_m
 clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
 vl = torch.max((clipped - returns) ** 2, (values - returns) ** 2)
 e["value_loss"] = (0.5 * (vl * m).sum() / m.sum()).reshape(1)
+
+# Group estimators, member by member as TRL (GRPO), OpenRLHF (RLOO, REINFORCE++-baseline)
+# write them, over the valid members of each group: group 1 has one invalid member, group 2
+# two, group 3 only one valid member (no baseline: every advantage 0).
+gr = torch.tensor([[1., 0., 0., 10.], [2., 2., 5., 7.], [3., 1., 4., 4.], [5., 6., 7., 8.]])
+gv = torch.tensor([[1., 1., 1., 1.], [1., 0., 1., 1.], [0., 1., 0., 1.], [0., 0., 1., 0.]])
+est = {k: torch.zeros(4, 4) for k in ["grpo", "dr_grpo", "rloo", "reinforce_pp"]}
+for g in range(4):
+    idx = [k for k in range(4) if gv[g, k] > 0]
+    if len(idx) < 2:
+        continue
+    vals = gr[g, idx]
+    mean, std = vals.mean(), vals.std()
+    for k in idx:
+        est["grpo"][g, k] = (gr[g, k] - mean) / (std + 1e-4)
+        est["dr_grpo"][g, k] = gr[g, k] - mean
+        est["rloo"][g, k] = gr[g, k] - (vals.sum() - gr[g, k]) / (len(idx) - 1)
+        est["reinforce_pp"][g, k] = gr[g, k] - mean
+e["group.rewards"], e["group.valid"] = gr.reshape(-1), gv.reshape(-1)
+for k, v in est.items():
+    e["group." + k] = v.reshape(-1)
+# Per-token: REINFORCE++ whitens the broadcast advantages over the loss tokens; a KL reward
+# adds its return to go.
+gm = torch.zeros(16, 5)
+for i in range(16):
+    gm[i, i % 3:i % 3 + 2 + i % 2] = 1
+kl_r = torch.randn(16, 5) * 0.1
+e["group.mask"], e["group.kl_rewards"] = gm, kl_r
+tok = est["reinforce_pp"].reshape(-1)[:, None] * gm
+tmean = (tok * gm).sum() / gm.sum()
+tvar = (((tok - tmean) ** 2) * gm).sum() / gm.sum()
+e["group.tokens_reinforce_pp"] = (tok - tmean) * torch.rsqrt(tvar + 1e-8) * gm
+togo = torch.zeros(16, 5)
+for i in range(16):
+    run = 0.0
+    for t in reversed(range(5)):
+        run = run + kl_r[i, t] * gm[i, t]
+        togo[i, t] = run * gm[i, t]
+e["group.tokens_rloo_kl"] = est["rloo"].reshape(-1)[:, None] * gm + togo
+
+# The clip-higher surrogate (ε_low 0.2, ε_high 0.28) under veRL's three aggregations, and the
+# k3 KL (Schulman's estimator, as TRL's GRPO writes it).
+lo, hi = 0.8, 1.28
+surr = torch.max(-adv * ratio, -adv * ratio.clamp(lo, hi))
+e["dapo.token_mean"] = ((surr * m).sum() / m.sum()).reshape(1)
+e["dapo.seq_mean_token_sum"] = (surr * m).sum(-1).mean().reshape(1)
+e["dapo.seq_mean_token_mean"] = ((surr * m).sum(-1) / m.sum(-1)).mean().reshape(1)
+active = (-adv * ratio.clamp(lo, hi)) > (-adv * ratio)
+e["dapo.clip_low"] = (((active & (adv < 0)).float() * m).sum() / m.sum()).reshape(1)
+e["dapo.clip_high"] = (((active & (adv > 0)).float() * m).sum() / m.sum()).reshape(1)
+e["k3"] = torch.exp(ref_lp - lp) - (ref_lp - lp) - 1
+
+# DAPO's soft overlong punishment, budget 20, buffer 8, factor 1.5.
+def overlong(L, L_max=20, L_cache=8, f=1.5):
+    if L <= L_max - L_cache:
+        return 0.0
+    if L <= L_max:
+        return ((L_max - L_cache) - L) / L_cache * f
+    return -f
+e["overlong.lengths"] = torch.arange(0, 23, dtype=torch.float)
+e["overlong.penalty"] = torch.tensor([overlong(L) for L in range(23)])
 
 # EMA reference update, η = 0.001.
 ref_w, actor_w = torch.randn(5, 4), torch.randn(5, 4)
@@ -369,7 +431,15 @@ fn ppo_policy_and_value_losses() {
     let p = |k: &str| g.get(&format!("ppo.{k}"));
     let mask = p("m");
     let advantages = g.get("advantages");
-    let out = policy_loss(p("lp"), p("old_lp"), advantages, mask, 0.2);
+    let out = policy_loss(
+        p("lp"),
+        p("old_lp"),
+        advantages,
+        mask,
+        0.2,
+        0.2,
+        LossAggregation::TokenMean,
+    );
     assert_scalar(&out.loss, g.scalar("policy_loss"), "policy loss");
     assert_scalar(
         &out.clip_fraction,
@@ -495,4 +565,85 @@ fn one_bf16_dpo_step_with_fp32_master_weights_matches_pytorch_in_bf16() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn group_advantages_of_the_three_estimators_over_groups_of_unequal_validity() {
+    let g = golden_or_skip!();
+    let (rewards, valid) = (g.get("group.rewards"), g.get("group.valid"));
+    for (estimator, scale, name) in [
+        (Estimator::Grpo, true, "grpo"),
+        (Estimator::Grpo, false, "dr_grpo"),
+        (Estimator::Rloo, true, "rloo"),
+        (Estimator::ReinforcePp, true, "reinforce_pp"),
+    ] {
+        let ours = group_advantages(rewards, valid, 4, estimator, scale);
+        assert_close(&ours, g.get(&format!("group.{name}")), name);
+    }
+    let mask = g.get("group.mask");
+    let sequence = group_advantages(rewards, valid, 4, Estimator::ReinforcePp, true);
+    let tokens = token_advantages(&sequence, mask, None, Estimator::ReinforcePp);
+    assert_close(
+        &tokens,
+        g.get("group.tokens_reinforce_pp"),
+        "REINFORCE++ whitened token advantages",
+    );
+    let sequence = group_advantages(rewards, valid, 4, Estimator::Rloo, true);
+    let kl = g.get("group.kl_rewards");
+    let tokens = token_advantages(&sequence, mask, Some(kl), Estimator::Rloo);
+    assert_close(
+        &tokens,
+        g.get("group.tokens_rloo_kl"),
+        "RLOO advantages with the KL reward's return to go",
+    );
+}
+
+#[test]
+fn the_clip_higher_surrogate_under_three_aggregations_and_the_k3_kl() {
+    let g = golden_or_skip!();
+    let p = |k: &str| g.get(&format!("ppo.{k}"));
+    let mask = p("m");
+    let advantages = g.get("advantages");
+    for (aggregation, name) in [
+        (LossAggregation::TokenMean, "token_mean"),
+        (LossAggregation::SeqMeanTokenSum, "seq_mean_token_sum"),
+        (LossAggregation::SeqMeanTokenMean, "seq_mean_token_mean"),
+    ] {
+        let out = policy_loss(
+            p("lp"),
+            p("old_lp"),
+            advantages,
+            mask,
+            0.2,
+            0.28,
+            aggregation,
+        );
+        assert_scalar(&out.loss, g.scalar(&format!("dapo.{name}")), name);
+        assert_scalar(
+            &out.clip_low_fraction,
+            g.scalar("dapo.clip_low"),
+            "clip low",
+        );
+        assert_scalar(
+            &out.clip_high_fraction,
+            g.scalar("dapo.clip_high"),
+            "clip high",
+        );
+    }
+    assert_close(&k3_kl(p("lp"), p("ref_lp")), g.get("k3"), "k3 KL");
+}
+
+#[test]
+fn the_soft_overlong_penalty_matches_dapo() {
+    let g = golden_or_skip!();
+    let lengths: Vec<f32> = Vec::try_from(g.get("overlong.lengths")).unwrap();
+    let ours: Vec<f32> = lengths
+        .iter()
+        .map(|&l| overlong_penalty(l as usize, 20, 8, 1.5) as f32)
+        .collect();
+    assert_close(
+        &Tensor::from_slice(&ours),
+        g.get("overlong.penalty"),
+        "overlong penalty",
+    );
 }

@@ -80,9 +80,12 @@ pub fn random_model(args: &RandomModelArgs) -> Result<()> {
         .config(base.eos_token_id.clone(), base.bos_token_id);
     let mut vs = tch::nn::VarStore::new(Device::Cpu);
     let llama = Llama::new(&vs, &config)?;
+    // In name order, so the seed alone decides the weights (the store is a hash map).
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
     tch::manual_seed(args.seed);
     tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
+        for (name, mut var) in variables {
             if name.ends_with("norm.weight") {
                 let _ = var.fill_(1.0);
             } else if name.ends_with(".bias") {

@@ -1,8 +1,8 @@
-//! `prefloop bench train` and `prefloop bench ppo`. The first: one DPO optimiser step on fixed shapes (sequences of 512 tokens,
+//! `prefloop bench train`, `bench ppo` and `bench grpo`. The first: one DPO optimiser step on fixed shapes (sequences of 512 tokens,
 //! 8 and 32 pairs): the reference pass, the policy's forward and backward, AdamW. Tokens/s,
 //! peak memory and MFU, optionally against an eager PyTorch DPO step (transformers model,
-//! full log-softmax, torch.optim.AdamW) on the same shapes in the same run. The second: one PPO
-//! iteration, timed per phase.
+//! full log-softmax, torch.optim.AdamW) on the same shapes in the same run. `bench ppo` and
+//! `bench grpo`: one PPO iteration, and one iteration of a group estimator, timed per phase.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::Result;
 use prefloop_model::best_device;
 use prefloop_train::{
-    AdamW, DpoConfig, Encoder, OptimConfig, PpoConfig, PpoModels, PromptExample, RewardModel,
-    Rollout, TokenBatch, dpo_backward, sequence_sum, token_logprobs, train_ppo,
+    AdamW, DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, GroupModels, OptimConfig,
+    Overlong, PpoConfig, PpoModels, PromptExample, RewardModel, Rollout, TokenBatch, dpo_backward,
+    sequence_sum, token_logprobs, train_group, train_ppo,
 };
 use tch::{Device, Tensor};
 
@@ -264,7 +265,6 @@ pub struct PpoArgs {
 pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     let device = best_device();
     let models = PpoModels::load(args.model.model.as_deref(), device, args.model.dtype)?;
-    let rm = RewardModel::new(args.model.load(device)?)?;
     let config = PpoConfig {
         iterations: 1,
         rollout_batch_size: args.rollouts,
@@ -275,29 +275,14 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
         max_new_tokens: args.new_tokens,
         ..PpoConfig::default()
     };
-    let encoder = Encoder::new(&rm.model.tokenizer, config.encode.clone())?;
-    let mut score_seconds = 0.0;
-    let mut reward = |_: u64, rollouts: &[Rollout]| {
-        let start = Instant::now();
-        let texts: Vec<(&str, &str)> = rollouts
-            .iter()
-            .map(|r| (r.prompt.as_str(), r.completion.as_str()))
-            .collect();
-        let scores = rm.score(&encoder, &texts, args.micro_batch_size);
-        score_seconds += start.elapsed().as_secs_f64();
-        scores
-    };
-    let prompts: Vec<PromptExample> = (0..args.rollouts)
-        .map(|i| PromptExample {
-            problem_id: format!("bench/{i}"),
-            prompt: format!("Write a short story about the number {i}."),
-        })
-        .collect();
+    // The starting policy as an untrained reward model.
+    let rm = RewardModel::new(args.model.load(device)?)?;
+    let mut reward = TimedReward::new(&rm, &config.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
     let records = train_ppo(
         &models,
-        &prompts,
-        &mut reward,
+        &bench_prompts(args.rollouts),
+        &mut |_, rollouts| reward.score(rollouts),
         &config,
         out.path(),
         |_, _| {},
@@ -311,22 +296,157 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
         args.ppo_epochs,
         args.minibatches
     );
-    println!("phase                          seconds");
-    println!("generate                  {:12.2}", m["time/generate"]);
+    print_phases(&[
+        ("generate", m["time/generate"]),
+        ("experience", m["time/experience"]),
+        ("  of which reward model", reward.seconds),
+        ("train (actor + critic)", m["time/train"]),
+        ("EMA reference update", m["time/reference_update"]),
+    ]);
     println!(
-        "  (generation tok/s)      {:12.1}",
-        m["generate/tokens_per_s"]
-    );
-    println!("experience                {:12.2}", m["time/experience"]);
-    println!("  of which reward model   {score_seconds:12.2}");
-    println!("train (actor + critic)    {:12.2}", m["time/train"]);
-    println!(
-        "EMA reference update      {:12.2}",
-        m["time/reference_update"]
-    );
-    println!(
-        "ema/reference_shift {:.3} (1.0 = as the EMA formula says), truncated {:.3}, reward/mean {:.4}, kl {:.4}",
-        m["ema/reference_shift"], m["truncated"], m["reward/mean"], m["kl"]
+        "generation {:.1} tok/s, ema/reference_shift {:.3} (1.0 = as the EMA formula says), truncated {:.3}, reward/mean {:.4}, kl {:.4}",
+        m["generate/tokens_per_s"],
+        m["ema/reference_shift"],
+        m["truncated"],
+        m["reward/mean"],
+        m["kl"]
     );
     Ok(())
+}
+
+/// One iteration of a group estimator on the embedded model, timed per phase.
+#[derive(Debug, clap::Args)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// grpo, rloo or reinforce_pp.
+    #[arg(long, default_value = "grpo")]
+    estimator: Estimator,
+    /// Prompts (groups) in the iteration.
+    #[arg(long, default_value_t = 16)]
+    prompts: usize,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 8)]
+    group_size: usize,
+    /// Tokens each completion may have.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Optimiser steps the iteration's rollouts are cut into.
+    #[arg(long, default_value_t = 4)]
+    minibatches: usize,
+    /// Rows per forward pass inside a minibatch.
+    #[arg(long, default_value_t = 8)]
+    micro_batch_size: usize,
+}
+
+/// Generation, scoring, experience (the sampling policy's and the reference's log-probs) and
+/// the update of one group iteration, scored by the starting policy as an untrained reward
+/// model: its scores differ within every group, so no group is dropped and the update runs
+/// on all of them (the timing does not depend on what it says).
+pub fn run_group(args: &GroupArgs) -> Result<()> {
+    let device = best_device();
+    let config = GroupConfig {
+        iterations: 1,
+        rollout_batch_size: args.prompts,
+        group_size: args.group_size,
+        num_minibatches: args.minibatches,
+        micro_batch_size: args.micro_batch_size,
+        generation_batch_size: args.prompts * args.group_size,
+        max_new_tokens: args.new_tokens,
+        overlong: Overlong::Keep,
+        ..GroupConfig::default()
+    };
+    let models = GroupModels::load(
+        args.model.model.as_deref(),
+        device,
+        args.model.dtype,
+        &config,
+    )?;
+    // The starting policy as an untrained reward model.
+    let rm = RewardModel::new(args.model.load(device)?)?;
+    let mut reward = TimedReward::new(&rm, &config.encode, args.micro_batch_size)?;
+    let out = tempfile::tempdir()?;
+    let records = train_group(
+        &models,
+        &bench_prompts(args.prompts),
+        args.estimator,
+        &mut |_, rollouts| reward.score(rollouts),
+        &mut |_, _, _| Ok(()),
+        &config,
+        out.path(),
+        |_, _| {},
+    )?;
+    let m = &records[0].metrics;
+    println!(
+        "bench grpo: one {:?} iteration on {device:?} in {:?}, {} prompts × {} completions × {} new tokens, {} minibatches",
+        args.estimator,
+        models.actor.kind(),
+        args.prompts,
+        args.group_size,
+        args.new_tokens,
+        args.minibatches
+    );
+    print_phases(&[
+        ("generate", m["time/generate"]),
+        ("score (reward model)", m["time/score"]),
+        ("experience", m["time/experience"]),
+        ("train (actor)", m["time/train"]),
+    ]);
+    println!(
+        "generation {:.1} tok/s, groups kept {} of {}, truncated {:.3}, reward/mean {:.4}, kl {:.4}",
+        m["generate/tokens_per_s"],
+        m["groups/kept"],
+        m["groups/sampled"],
+        m["truncated"],
+        m["reward/mean"],
+        m["kl"]
+    );
+    Ok(())
+}
+
+fn print_phases(phases: &[(&str, f64)]) {
+    println!("phase                          seconds");
+    for (phase, seconds) in phases {
+        println!("{phase:<26}{seconds:12.2}");
+    }
+}
+
+/// Prompts for the iteration benchmarks: what they say does not matter, only their lengths.
+fn bench_prompts(n: usize) -> Vec<PromptExample> {
+    (0..n)
+        .map(|i| PromptExample {
+            problem_id: format!("bench/{i}"),
+            prompt: format!("Write a short story about the number {i}."),
+        })
+        .collect()
+}
+
+/// A reward model's scores, with the seconds it spent scoring.
+struct TimedReward<'a> {
+    rm: &'a RewardModel,
+    encoder: Encoder<'a>,
+    micro_batch_size: usize,
+    seconds: f64,
+}
+
+impl<'a> TimedReward<'a> {
+    fn new(rm: &'a RewardModel, encode: &EncodeConfig, micro_batch_size: usize) -> Result<Self> {
+        Ok(Self {
+            rm,
+            encoder: Encoder::new(&rm.model.tokenizer, encode.clone())?,
+            micro_batch_size,
+            seconds: 0.0,
+        })
+    }
+
+    fn score(&mut self, rollouts: &[Rollout]) -> prefloop_train::Result<Vec<f32>> {
+        let start = Instant::now();
+        let texts: Vec<(&str, &str)> = rollouts
+            .iter()
+            .map(|r| (r.prompt.as_str(), r.completion.as_str()))
+            .collect();
+        let scores = self.rm.score(&self.encoder, &texts, self.micro_batch_size);
+        self.seconds += start.elapsed().as_secs_f64();
+        scores
+    }
 }
