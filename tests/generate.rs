@@ -149,3 +149,26 @@ fn the_gpu_check_script_runs_every_step_on_the_cpu_in_a_dry_run() {
     }
     assert!(!stdout.contains("FAILED"), "{stdout}");
 }
+
+#[test]
+fn a_gguf_cut_short_is_an_error_naming_the_file_not_a_panic() {
+    if !model_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(prefloop_model::default_model_path()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..3_214_336]).unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"problem_id\": \"a\", \"prompt\": \"Hi\"}\n").unwrap();
+    let out = generate(&prompts, &dir.path().join("samples"))
+        .args(["--model", cut.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cut.gguf") && stderr.contains("cut short"),
+        "{stderr}"
+    );
+}

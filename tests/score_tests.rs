@@ -9,7 +9,7 @@ use std::path::Path;
 use prefloop_core::{Finish, Sample, Score, Verdict};
 use prefloop_data::{StageReader, StageWriter, WriterOptions};
 
-use common::{prefloop, text};
+use common::{prefloop, text, venv_python};
 
 fn sample(problem_id: &str, sample_idx: u32, completion: &str) -> Sample {
     Sample {
@@ -154,5 +154,135 @@ fn score_tests_names_a_sample_whose_problem_is_missing() {
         text(&out.stderr).contains("\"apps/999\""),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// `sandbox run` with `program` on stdin `input`: exit code and stderr.
+fn sandbox_run(dir: &Path, program: &str, input: &str, extra: &[&str]) -> (Option<i32>, String) {
+    use std::io::Write;
+    let file = dir.join("prog.py");
+    std::fs::write(&file, program).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_prefloop"))
+        .args(["sandbox", "run"])
+        .args(extra)
+        .arg(&file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), text(&out.stderr))
+}
+
+#[test]
+fn sandbox_run_of_a_program_that_raises_says_re_and_exits_non_zero() {
+    if !runtime_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = sandbox_run(dir.path(), "print(1 // int(input()))\n", "0\n", &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("[sandbox] RE") && stderr.contains("ZeroDivisionError"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = sandbox_run(dir.path(), "print(1 // int(input()))\n", "1\n", &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("[sandbox] OK"), "{stderr}");
+
+    // Against an expected output: the same program is WA where it prints something else.
+    let expected = dir.path().join("expected.txt");
+    std::fs::write(&expected, "2\n").unwrap();
+    let args = ["--expected", expected.to_str().unwrap()];
+    let (code, stderr) = sandbox_run(dir.path(), "print(1 // int(input()))\n", "1\n", &args);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("[sandbox] WA"), "{stderr}");
+
+    let (code, stderr) = sandbox_run(
+        dir.path(),
+        "while True:\n    pass\n",
+        "",
+        &["--time-limit-ms", "500"],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("[sandbox] TLE"), "{stderr}");
+}
+
+#[test]
+fn score_tests_reads_samples_that_pyarrow_wrote_without_a_manifest() {
+    if !runtime_present() {
+        return;
+    }
+    let Some(python) = venv_python() else {
+        eprintln!("skipped: PREFLOOP_PYTHON is not set to a venv with pyarrow (run scripts/setup)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    problems_and_samples(dir.path(), &[]);
+    let plain = dir.path().join("plain.parquet");
+    // What a vLLM or pandas script writes: pyarrow's defaults, int64 and float64 columns.
+    let script = r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+pq.write_table(pa.table({
+    "problem_id": ["apps/17", "apps/17"],
+    "prompt": ["square n", "square n"],
+    "completion": ["n = int(input())\nprint(n * n)\n", "print(0)\n"],
+    "sample_idx": [0, 1],
+    "round": [0, 0],
+    "policy": ["vllm", "vllm"],
+    "seed": [1, 2],
+    "num_tokens": [12, 3],
+    "logprob_sum": [-3.5, -1.0],
+    "finish": ["stop", "stop"],
+}), sys.argv[1])
+"#;
+    let status = std::process::Command::new(python)
+        .args(["-c", script, plain.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let out = prefloop(&[
+        "score-tests",
+        "--problems",
+        &path("problems"),
+        "--samples",
+        &path("plain.parquet"),
+        "--out",
+        &path("scores"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut scores: Vec<(u32, Verdict)> = StageReader::<Score>::open(dir.path().join("scores"))
+        .unwrap()
+        .flat_map(Result::unwrap)
+        .map(|s| (s.sample_idx, s.verdict))
+        .collect();
+    scores.sort_by_key(|(idx, _)| *idx);
+    assert_eq!(scores, [(0, Verdict::Ok), (1, Verdict::WrongAnswer)]);
+    assert!(!dir.path().join("plain.parquet/MANIFEST.json").exists());
+
+    // A file that is not Parquet is an error that names it.
+    let err = prefloop(&[
+        "score-tests",
+        "--problems",
+        &path("problems"),
+        "--samples",
+        &path("problems/MANIFEST.json"),
+        "--out",
+        &path("scores2"),
+    ]);
+    assert!(!err.status.success());
+    assert!(
+        text(&err.stderr).contains("MANIFEST.json"),
+        "{}",
+        text(&err.stderr)
     );
 }

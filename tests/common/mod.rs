@@ -18,6 +18,13 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The project venv's python (scripts/setup), if this run has one.
+#[allow(dead_code)] // only the binaries that check against pyarrow use it
+pub fn venv_python() -> Option<std::path::PathBuf> {
+    let python = std::path::PathBuf::from(std::env::var_os("PREFLOOP_PYTHON")?);
+    python.exists().then_some(python)
+}
+
 /// A 2-layer, 64-wide Llama with random weights and the embedded model's tokenizer, saved as
 /// a Hugging Face directory: small enough to train for real in seconds on the CPU.
 #[allow(dead_code)] // only the binaries that train build one

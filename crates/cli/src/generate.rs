@@ -27,6 +27,7 @@ pub struct Args {
     /// Stage directory to write (part-*.parquet and MANIFEST.json).
     #[arg(long)]
     out: PathBuf,
+    /// Tokens a completion may have (it ends earlier at EOS or a stop string).
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// 0 for greedy.
@@ -35,11 +36,13 @@ pub struct Args {
     /// 0 for no limit.
     #[arg(long, default_value_t = 200)]
     top_k: i64,
+    /// Nucleus sampling: the smallest set of tokens with this much probability; 1 for no limit.
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
     /// Stop strings (repeatable); the completion is cut before the first one.
     #[arg(long)]
     stop: Vec<String>,
+    /// Seed of the run: each row's own seed derives from it, its prompt and its sample index.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Rows generated together in one batch.

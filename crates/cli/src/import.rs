@@ -16,6 +16,7 @@ use prefloop_data::{DatasetKind, ImportOptions, SafePreference, import};
 pub struct Args {
     /// apps, codecontests, humaneval, mbpp, hh, safe or trl.
     kind: String,
+    /// The dataset file (JSONL, JSONL.gz, Parquet) or, for apps, its directory.
     src: PathBuf,
     /// The stage directory to create.
     #[arg(long)]

@@ -7,7 +7,6 @@ use anyhow::Result;
 use arrow_array::RecordBatch;
 use arrow_cast::display::{ArrayFormatter, FormatOptions};
 use arrow_schema::Schema;
-use prefloop_core::{Pair, Problem, Record, ReferenceLogps, Sample, Score, check_schema};
 use prefloop_data::ShardReader;
 
 /// Show a Parquet file's schema, row count and first rows.
@@ -59,18 +58,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// Which of our record schemas the file can be read as.
 fn dataset_kind(schema: &Schema) -> String {
-    let kinds = [
-        (Sample::KIND, Sample::schema()),
-        (Score::KIND, Score::schema()),
-        (Pair::KIND, Pair::schema()),
-        (Problem::KIND, Problem::schema()),
-        (ReferenceLogps::KIND, ReferenceLogps::schema()),
-    ];
-    let matching: Vec<&str> = kinds
-        .iter()
-        .filter(|(_, s)| check_schema(schema, s).is_ok())
-        .map(|(k, _)| *k)
-        .collect();
+    let matching = prefloop_data::kinds_matching(schema);
     if matching.is_empty() {
         "none of prefloop's (samples, scores, pairs, problems, reference_logps)".into()
     } else {
@@ -87,7 +75,8 @@ fn print_rows(out: &mut String, batch: &RecordBatch, first: usize, width: usize)
         .collect::<Result<Vec<_>, _>>()?;
     let schema = batch.schema();
     for row in 0..batch.num_rows() {
-        writeln!(out, "row {}:", first + row)?;
+        // Rows as a person counts them, from 1.
+        writeln!(out, "row {}:", first + row + 1)?;
         for (field, formatter) in schema.fields().iter().zip(&formatters) {
             let value = formatter.value(row).to_string();
             writeln!(out, "  {}: {}", field.name(), shorten(&value, width))?;

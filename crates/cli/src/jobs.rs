@@ -10,8 +10,10 @@ use prefloop_data::{PairsOptions, build_pairs, export_pairs, filter_stage, stage
 /// a problem where no sample passed its tests gets its reference solution as the chosen answer.
 #[derive(Debug, clap::Args)]
 pub struct PairsArgs {
+    /// The samples stage (prefloop generate …).
     #[arg(long)]
     samples: PathBuf,
+    /// The scores stage of those samples (prefloop score-tests …).
     #[arg(long)]
     scores: PathBuf,
     /// Problems stage, for the reference-solution fallback.
@@ -53,8 +55,10 @@ pub fn pairs(args: &PairsArgs) -> Result<()> {
 /// unbiased pass@k, the verdict histogram and completion lengths.
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
+    /// The samples stage (prefloop generate …).
     #[arg(long)]
     samples: PathBuf,
+    /// The scores stage of those samples (prefloop score-tests …).
     #[arg(long)]
     scores: PathBuf,
     /// Which pass@k to report, comma-separated.

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use prefloop_core::{Problem, TestCase};
+use prefloop_core::{Problem, TestCase, Verdict};
 use prefloop_pipeline::{Shard, read_problems, score_tests_stage};
 use prefloop_sandbox::{
-    Calibration, JudgeOptions, Language, Limits, Program, Sandbox, ScoreOptions, TestStyle,
-    TimePolicy, default_runtime_dir,
+    Calibration, Compare, JudgeOptions, Language, Limits, Program, Sandbox, ScoreOptions,
+    TestStyle, TimePolicy, default_runtime_dir, judge_run,
 };
 
 /// Commands of the sandbox.
@@ -20,8 +20,10 @@ pub enum Command {
     Run(RunArgs),
 }
 
-/// Run one program in the sandbox with stdin as its input; print its stdout, its stderr and
-/// the verdict-relevant facts (exit, time) on stderr. The program never runs outside wasm.
+/// Run one program in the sandbox with stdin as its input; print its stdout, then on stderr
+/// its stderr and its verdict as score-tests judges it (OK, RE with the exception, TLE, MLE,
+/// OLE, CE; WA against --expected) with the time and fuel used. Exits 1 for any verdict but
+/// OK. The program never runs outside wasm.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The program's language: python or cpp.
@@ -29,6 +31,10 @@ pub struct RunArgs {
     lang: String,
     /// The program's source file.
     file: PathBuf,
+    /// The expected output: the run is WA unless its output matches, token by token as
+    /// CodeContests' checker compares. Default: no comparison, a clean exit is OK.
+    #[arg(long)]
+    expected: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -80,6 +86,12 @@ fn run_one(args: &RunArgs) -> Result<()> {
     let language = Language::parse(&args.lang)?;
     let source = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
+    let expected = match &args.expected {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input)?;
     let sandbox = open_sandbox()?;
@@ -108,9 +120,14 @@ fn run_one(args: &RunArgs) -> Result<()> {
     if !stderr.trim().is_empty() {
         eprintln!("{}", stderr.trim_end_matches('\n'));
     }
+    let judged = judge_run(&run, &program, expected.as_deref(), Compare::Tokens);
+    let detail = match judged.detail.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", judged.detail),
+    };
     eprintln!(
-        "[sandbox] {:?} after {:.1} ms{}{}",
-        run.exit,
+        "[sandbox] {}{detail} after {:.1} ms{}{}",
+        judged.verdict.as_str(),
         run.wall.as_secs_f64() * 1e3,
         run.fuel_used
             .map_or(String::new(), |fuel| format!(", {fuel} fuel")),
@@ -119,6 +136,12 @@ fn run_one(args: &RunArgs) -> Result<()> {
         } else {
             ""
         }
+    );
+    anyhow::ensure!(
+        judged.verdict == Verdict::Ok,
+        "{} is {}{detail}",
+        args.file.display(),
+        judged.verdict.as_str()
     );
     Ok(())
 }

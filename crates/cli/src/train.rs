@@ -14,6 +14,7 @@ use prefloop_train::{
 };
 use serde::de::DeserializeOwned;
 
+/// Trainers: SFT, a reward model, DPO/IPO, PPO and the group estimators; each resumable.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Supervised fine-tuning on the chosen answers of a pairs stage or the reference
@@ -27,6 +28,7 @@ pub enum Command {
     },
     /// A Bradley–Terry reward model on a pairs stage; saves OUT/reward_model and OUT/eval.json.
     Rm {
+        /// The pairs stage to train on (`prefloop pairs …`, or TRL data through `import trl`).
         #[arg(long)]
         pairs: PathBuf,
         /// Share of pairs held out for evaluation.
@@ -57,6 +59,7 @@ pub enum Command {
     },
     /// DPO or IPO on a pairs stage, the starting policy as reference; saves OUT/policy.
     Dpo {
+        /// The pairs stage to train on (`prefloop pairs …`, or TRL data through `import trl`).
         #[arg(long)]
         pairs: PathBuf,
         /// β (default 0.1).
@@ -241,25 +244,31 @@ pub struct Common {
     /// and gradient sums.
     #[arg(long)]
     dtype: Option<Precision>,
+    /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
+    /// Passes over the data.
     #[arg(long)]
     epochs: Option<u32>,
     /// Examples (pairs) per micro-batch.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Micro-batches whose gradients make one optimiser step.
     #[arg(long)]
     accumulation_steps: Option<usize>,
     /// Stop after this many optimiser steps.
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Seeds the order of the examples.
     #[arg(long)]
     seed: Option<u64>,
+    /// Optimiser steps between checkpoints (a killed run resumes from the last).
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Prompt plus answer tokens kept.
     #[arg(long)]
     max_length: Option<usize>,
+    /// Prompt tokens kept (the prompt's start is cut beyond).
     #[arg(long)]
     max_prompt_tokens: Option<usize>,
     /// Use prompts as they are, without the chat template.

@@ -16,9 +16,9 @@ pub enum RecordError {
         found: DataType,
     },
 
-    /// `row` counts from the start of the batch until [`RecordError::at_offset`] moves it to
-    /// the row number within the file.
-    #[error("row {row}, column `{column}`: {message}")]
+    /// `row` counts from 0 at the start of the batch until [`RecordError::at_offset`] moves it
+    /// to the row within the file; the message counts from 1, as a person does.
+    #[error("row {}, column `{column}`: {message}", row + 1)]
     BadValue {
         column: String,
         row: u64,

@@ -320,7 +320,7 @@ mod tests {
                 .at_offset(100);
         assert_eq!(
             err.to_string(),
-            "row 102, column `verdict`: `MAYBE` is not a Verdict; expected one of \
+            "row 103, column `verdict`: `MAYBE` is not a Verdict; expected one of \
              OK, WA, TLE, MLE, RE, CE, OLE, SANDBOX_ERROR"
         );
 
@@ -333,7 +333,7 @@ mod tests {
         let err = conform(&batch_of(columns.clone()), &Score::schema()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "row 1, column `verdict`: null in a non-nullable column"
+            "row 2, column `verdict`: null in a non-nullable column"
         );
 
         columns[7].1 = batch.column(7).clone();
@@ -341,7 +341,7 @@ mod tests {
         let err = conform(&batch_of(columns.clone()), &Score::schema()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "row 2, column `sample_idx`: value does not fit UInt32"
+            "row 3, column `sample_idx`: value does not fit UInt32"
         );
 
         columns[1].1 = Arc::new(UInt32Array::from(vec![0, 1, 2, 3]));

@@ -22,8 +22,9 @@ pub enum DataError {
     #[error("{}: {message}", path.display())]
     Manifest { path: PathBuf, message: String },
 
-    /// A source row that does not convert (imports).
-    #[error("{}: row {row}, field `{field}`: {message}", path.display())]
+    /// A source row that does not convert (imports). `row` counts from 0; the message from 1
+    /// (a JSONL file's line number).
+    #[error("{}: row {}, field `{field}`: {message}", path.display(), row + 1)]
     BadRow {
         path: PathBuf,
         row: u64,

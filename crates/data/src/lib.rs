@@ -21,6 +21,6 @@ pub use jobs::{
 };
 pub use manifest::{MANIFEST_FILE, Manifest, ShardInfo};
 pub use shard::{RecordReader, ShardReader, ShardWriter, WriterOptions};
-pub use stage::{StageReader, StageWriter};
+pub use stage::{StageFiles, StageReader, StageWriter, kinds_matching, stage_files};
 
 pub type Result<T, E = DataError> = std::result::Result<T, E>;

@@ -639,7 +639,7 @@ mod tests {
             err.starts_with(&format!(
                 "{}: row {}, column `verdict`: `PASSED` is not a Verdict",
                 path.display(),
-                BATCH_ROWS + 3
+                BATCH_ROWS + 4 // counted from 1
             )),
             "{err}"
         );

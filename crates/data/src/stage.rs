@@ -134,52 +134,150 @@ fn remove_unlisted_parts(dir: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Reads the records of a complete stage, shard after shard, in the manifest's order.
+/// Where a stage's rows are read from: the shards its manifest lists, or Parquet files
+/// another tool wrote (pyarrow, pandas, polars, vLLM scripts), read as they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageFiles {
+    /// The record kind the manifest names; None for files without a manifest.
+    pub kind: Option<String>,
+    /// The Parquet files, in order.
+    pub files: Vec<PathBuf>,
+    /// Rows in all of them.
+    pub rows: u64,
+}
+
+/// Resolves `path` for reading: a stage directory (its manifest complete, of `kind` where
+/// one is asked for, its shards the sizes it lists), or, read-only, a Parquet file, a
+/// directory of Parquet files without a manifest, or a glob (`out/*.parquet`). Files without
+/// a manifest are checked column by column as their rows are read.
+pub fn stage_files(path: &Path, kind: Option<&str>) -> Result<StageFiles> {
+    if path.is_dir()
+        && let Some(manifest) = Manifest::load(path)?
+    {
+        let problem = match kind {
+            Some(kind) if manifest.kind != kind => {
+                Some(format!("holds {} shards, not {kind}", manifest.kind))
+            }
+            _ if !manifest.complete => {
+                Some("stage is not complete (resume the run that writes it)".into())
+            }
+            _ => None,
+        };
+        if let Some(message) = problem {
+            return Err(DataError::Manifest {
+                path: path.to_owned(),
+                message,
+            });
+        }
+        let mut files = Vec::with_capacity(manifest.shards.len());
+        for shard in &manifest.shards {
+            let file = path.join(&shard.path);
+            let bytes = fs::metadata(&file).map_err(DataError::io(&file))?.len();
+            if bytes != shard.bytes {
+                let message = format!("{bytes} bytes on disk, {} in the manifest", shard.bytes);
+                return Err(DataError::Manifest {
+                    path: file,
+                    message,
+                });
+            }
+            files.push(file);
+        }
+        return Ok(StageFiles {
+            rows: manifest.rows(),
+            kind: Some(manifest.kind),
+            files,
+        });
+    }
+    let files = foreign_files(path)?;
+    let mut rows = 0;
+    for file in &files {
+        rows += parquet_rows(file)?;
+    }
+    Ok(StageFiles {
+        kind: None,
+        files,
+        rows,
+    })
+}
+
+/// The Parquet files at `path` (a file, a directory without a manifest, a glob), in name order.
+fn foreign_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let not_a_stage = |message: &str| DataError::Manifest {
+        path: path.to_owned(),
+        message: message.into(),
+    };
+    let text = path.to_string_lossy();
+    let mut files: Vec<PathBuf> = if text.contains(['*', '?', '[']) && !path.exists() {
+        glob::glob(&text)
+            .map_err(|e| not_a_stage(&format!("not a glob: {e}")))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| not_a_stage(&e.to_string()))?
+    } else if path.is_dir() {
+        fs::read_dir(path)
+            .map_err(DataError::io(path))?
+            .map(|entry| Ok(entry.map_err(DataError::io(path))?.path()))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet") && p.is_file())
+            .collect()
+    } else {
+        fs::metadata(path).map_err(DataError::io(path))?;
+        vec![path.to_owned()]
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(not_a_stage(
+            "no MANIFEST.json and no Parquet files: neither a stage nor another tool's output",
+        ));
+    }
+    Ok(files)
+}
+
+/// Rows in a Parquet file, from its footer.
+fn parquet_rows(file: &Path) -> Result<u64> {
+    Ok(crate::shard::ShardReader::open(file)?.rows())
+}
+
+/// The record kinds (samples, scores, pairs, problems, reference_logps) whose columns a file
+/// of `schema` has, as the readers check them.
+pub fn kinds_matching(schema: &arrow_schema::Schema) -> Vec<&'static str> {
+    use prefloop_core::{Pair, Problem, ReferenceLogps, Sample, Score, check_schema};
+    [
+        (Sample::KIND, Sample::schema()),
+        (Score::KIND, Score::schema()),
+        (Pair::KIND, Pair::schema()),
+        (Problem::KIND, Problem::schema()),
+        (ReferenceLogps::KIND, ReferenceLogps::schema()),
+    ]
+    .into_iter()
+    .filter(|(_, expected)| check_schema(schema, expected).is_ok())
+    .map(|(kind, _)| kind)
+    .collect()
+}
+
+/// Reads the records of a complete stage, or of Parquet files another tool wrote (see
+/// [`stage_files`]), shard by shard.
 #[derive(Debug)]
 pub struct StageReader<R> {
-    dir: PathBuf,
-    manifest: Manifest,
-    next_shard: usize,
+    files: StageFiles,
+    next_file: usize,
     current: Option<RecordReader<R>>,
     _record: PhantomData<fn() -> R>,
 }
 
 impl<R: Record> StageReader<R> {
-    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
-        let dir = dir.into();
-        let manifest = Manifest::load(&dir)?.ok_or_else(|| DataError::Manifest {
-            path: dir.join(crate::MANIFEST_FILE),
-            message: "no manifest: the stage was never started".into(),
-        })?;
-        let problem = if manifest.kind != R::KIND {
-            Some(format!("holds {} shards, not {}", manifest.kind, R::KIND))
-        } else if !manifest.complete {
-            Some("stage is not complete (resume the run that writes it)".into())
-        } else {
-            None
-        };
-        if let Some(message) = problem {
-            return Err(DataError::Manifest { path: dir, message });
-        }
-        for shard in &manifest.shards {
-            let path = dir.join(&shard.path);
-            let bytes = fs::metadata(&path).map_err(DataError::io(&path))?.len();
-            if bytes != shard.bytes {
-                let message = format!("{bytes} bytes on disk, {} in the manifest", shard.bytes);
-                return Err(DataError::Manifest { path, message });
-            }
-        }
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
         Ok(Self {
-            dir,
-            manifest,
-            next_shard: 0,
+            files: stage_files(&path.into(), Some(R::KIND))?,
+            next_file: 0,
             current: None,
             _record: PhantomData,
         })
     }
 
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+    /// Rows in the stage.
+    pub fn rows(&self) -> u64 {
+        self.files.rows
     }
 }
 
@@ -191,9 +289,9 @@ impl<R: Record> Iterator for StageReader<R> {
             if let Some(rows) = self.current.as_mut().and_then(Iterator::next) {
                 return Some(rows);
             }
-            let shard = self.manifest.shards.get(self.next_shard)?;
-            self.next_shard += 1;
-            match RecordReader::open(self.dir.join(&shard.path)) {
+            let file = self.files.files.get(self.next_file)?;
+            self.next_file += 1;
+            match RecordReader::open(file) {
                 Ok(reader) => self.current = Some(reader),
                 Err(e) => return Some(Err(e)),
             }
@@ -203,7 +301,7 @@ impl<R: Record> Iterator for StageReader<R> {
 
 #[cfg(test)]
 mod tests {
-    use prefloop_core::{Finish, Sample};
+    use prefloop_core::{Finish, Pair, Sample};
 
     use super::*;
     use crate::MANIFEST_FILE;
@@ -346,5 +444,52 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let err = manifest.verify(dir.path()).unwrap_err().to_string();
         assert!(err.ends_with("SHA-256 differs from the manifest"), "{err}");
+    }
+
+    #[test]
+    fn parquet_files_without_a_manifest_read_as_a_stage_from_a_file_a_directory_or_a_glob() {
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = dir.path().join("vllm-out");
+        fs::create_dir(&foreign).unwrap();
+        for (name, range) in [("b.parquet", 5..9), ("a.parquet", 0..5)] {
+            let mut writer =
+                crate::ShardWriter::<Sample>::create(foreign.join(name), &WriterOptions::default())
+                    .unwrap();
+            writer.write(&samples(range)).unwrap();
+            writer.finish().unwrap();
+        }
+        fs::write(foreign.join("notes.txt"), "not data").unwrap();
+        let ids = |path: &Path| -> Vec<String> {
+            StageReader::<Sample>::open(path)
+                .unwrap()
+                .flat_map(Result::unwrap)
+                .map(|s| s.problem_id)
+                .collect()
+        };
+        let all: Vec<String> = (0..9).map(|i| format!("p{i}")).collect();
+        assert_eq!(
+            ids(&foreign),
+            all,
+            "a directory: its Parquet files in name order"
+        );
+        assert_eq!(ids(&foreign.join("*.parquet")), all, "a glob");
+        assert_eq!(ids(&foreign.join("b.parquet")), all[5..], "one file");
+        let files = stage_files(&foreign, Some(Sample::KIND)).unwrap();
+        assert_eq!((files.kind, files.rows), (None, 9));
+
+        let empty = dir.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        let err = StageReader::<Sample>::open(&empty).unwrap_err().to_string();
+        assert!(
+            err.contains("no MANIFEST.json and no Parquet files"),
+            "{err}"
+        );
+        // Wrong columns are an error naming the file, as for any shard.
+        let err = StageReader::<Pair>::open(&foreign)
+            .unwrap()
+            .find_map(Result::err)
+            .unwrap()
+            .to_string();
+        assert!(err.contains("a.parquet"), "{err}");
     }
 }

@@ -22,6 +22,9 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<usize>,
 }
 
+/// Positions whose RoPE tables a model may have (2^21, past every released context length).
+const MAX_POSITIONS: usize = 1 << 21;
+
 fn default_rope_theta() -> f64 {
     10_000.0
 }
@@ -86,6 +89,70 @@ impl Config {
             "llama" | "mistral" | "qwen2" => Ok(()),
             other => Err(ModelError::UnknownArchitecture(other.to_owned())),
         }
+    }
+
+    /// The sizes make a model: none zero, heads dividing evenly, and a model no bigger than
+    /// the `present` parameters its weights hold (so a damaged file is refused before the
+    /// model is allocated). The message names the field.
+    pub fn check_sizes(&self, present: u64) -> std::result::Result<(), String> {
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} is 0"));
+            }
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err("hidden_size is not a multiple of num_attention_heads".into());
+        }
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {} is not a positive even number",
+                self.head_dim()
+            ));
+        }
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
+            return Err("num_attention_heads is not a multiple of num_key_value_heads".into());
+        }
+        if self.max_position_embeddings > MAX_POSITIONS {
+            return Err(format!(
+                "max_position_embeddings {} is past the {MAX_POSITIONS} prefloop supports",
+                self.max_position_embeddings
+            ));
+        }
+        match self.parameter_count() {
+            Some(declared) if declared <= present => Ok(()),
+            declared => Err(format!(
+                "the sizes declare {} parameters, the weights hold {present}",
+                declared.map_or("more than 2^64".into(), |n| n.to_string())
+            )),
+        }
+    }
+
+    /// Parameters of the model these sizes describe (None past u64).
+    fn parameter_count(&self) -> Option<u64> {
+        let n = |v: usize| v as u64;
+        let (hidden, head) = (n(self.hidden_size), n(self.head_dim()));
+        let q = n(self.num_attention_heads).checked_mul(head)?;
+        let kv = n(self.num_kv_heads()).checked_mul(head)?;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let attention = hidden.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+        let mlp = hidden
+            .checked_mul(n(self.intermediate_size))?
+            .checked_mul(3)?;
+        let layer = attention.checked_add(mlp)?.checked_add(bias + 2 * hidden)?;
+        let embeddings = n(self.vocab_size).checked_mul(hidden)?;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        n(self.num_hidden_layers)
+            .checked_mul(layer)?
+            .checked_add(embeddings.checked_mul(heads)?)?
+            .checked_add(hidden)
     }
 
     pub fn num_kv_heads(&self) -> usize {

@@ -28,11 +28,19 @@ pub fn load(path: &Path) -> Result<GgufContents> {
         path: path.to_owned(),
         source,
     })?;
+    parse(&bytes, path)
+}
+
+/// The contents of the GGUF file `bytes`, read from `path` (for errors).
+fn parse(bytes: &[u8], path: &Path) -> Result<GgufContents> {
     let bad = |message: String| ModelError::Gguf {
         path: path.to_owned(),
         message,
     };
-    let gguf = GGuf::new(&bytes).map_err(|e| bad(e.to_string()))?;
+    // ggus trusts the file's layout (it slices, allocates and casts type ids as the file
+    // says), so a cut or damaged file is caught here first.
+    check_layout(bytes).map_err(bad)?;
+    let gguf = GGuf::new(bytes).map_err(|e| bad(e.to_string()))?;
     let arch = gguf
         .general_architecture()
         .map_err(|e| bad(format!("general.architecture: {e:?}")))?;
@@ -110,6 +118,175 @@ pub fn load(path: &Path) -> Result<GgufContents> {
         weights,
         vocab,
     })
+}
+
+/// The bytes of ggml type `id` per block of values, and the values per block (ggml.c's
+/// type traits), for the types whose layout ggus knows.
+fn ggml_block(id: u32) -> Option<(u64, u64)> {
+    Some(match id {
+        0 => (4, 1),       // F32
+        1 | 30 => (2, 1),  // F16, BF16
+        2 => (18, 32),     // Q4_0
+        3 => (20, 32),     // Q4_1
+        6 => (22, 32),     // Q5_0
+        7 => (24, 32),     // Q5_1
+        8 => (34, 32),     // Q8_0
+        9 => (36, 32),     // Q8_1
+        10 => (84, 256),   // Q2_K
+        11 => (110, 256),  // Q3_K
+        12 => (144, 256),  // Q4_K
+        13 => (176, 256),  // Q5_K
+        14 => (210, 256),  // Q6_K
+        15 => (292, 256),  // Q8_K
+        24 => (1, 1),      // I8
+        25 => (2, 1),      // I16
+        26 => (4, 1),      // I32
+        27 | 28 => (8, 1), // I64, F64
+        _ => return None,
+    })
+}
+
+/// Reads a GGUF file's fields in order, every read bounds-checked.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: u64, what: &str) -> std::result::Result<&'a [u8], String> {
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.at.checked_add(n))
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "cut short: {what} at byte {} needs {n} bytes, the file has {}",
+                    self.at,
+                    self.bytes.len()
+                )
+            })?;
+        let field = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(field)
+    }
+
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
+    }
+
+    fn string(&mut self, what: &str) -> std::result::Result<&'a str, String> {
+        let len = self.u64(what)?;
+        let bytes = self.take(len, what)?;
+        std::str::from_utf8(bytes).map_err(|_| format!("{what} at byte {} is not UTF-8", self.at))
+    }
+
+    /// One metadata value of type `ty` (gguf.md's value types); nested arrays allowed.
+    fn value(&mut self, ty: u32, key: &str) -> std::result::Result<(), String> {
+        match ty {
+            0 | 1 => drop(self.take(1, key)?),
+            2 | 3 => drop(self.take(2, key)?),
+            4..=6 => drop(self.take(4, key)?),
+            10..=12 => drop(self.take(8, key)?),
+            7 => {
+                let b = self.take(1, key)?;
+                if b[0] > 1 {
+                    return Err(format!("`{key}`: a bool of {}", b[0]));
+                }
+            }
+            8 => drop(self.string(key)?),
+            9 => {
+                let element = self.u32(key)?;
+                let count = self.u64(key)?;
+                // Each element takes at least a byte: a count past the file is damage.
+                if count > (self.bytes.len() - self.at) as u64 {
+                    return Err(format!(
+                        "`{key}`: an array of {count} elements runs past the end"
+                    ));
+                }
+                for _ in 0..count {
+                    self.value(element, key)?;
+                }
+            }
+            other => return Err(format!("`{key}`: unknown value type {other}")),
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `bytes` is a whole GGUF v3 file: a header, metadata and tensor table that
+/// parse within the file, known types, and tensor data that lies inside it.
+fn check_layout(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut f = Fields { bytes, at: 0 };
+    if f.take(4, "the magic")? != b"GGUF" {
+        return Err("not a GGUF file (no GGUF magic)".into());
+    }
+    let version = f.u32("the version")?;
+    if version != 3 {
+        return Err(format!("GGUF version {version}; prefloop reads version 3"));
+    }
+    let tensors = f.u64("the tensor count")?;
+    let kvs = f.u64("the metadata count")?;
+    let mut alignment = 32;
+    for _ in 0..kvs {
+        let key = f.string("a metadata key")?;
+        let ty = f.u32(key)?;
+        let start = f.at;
+        f.value(ty, key)?;
+        if key == "general.alignment" {
+            alignment = match (ty, &bytes[start..f.at]) {
+                (4, b) => u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                (10, b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+                _ => 0,
+            };
+            if alignment == 0 || !alignment.is_power_of_two() {
+                return Err("general.alignment is not a power of two".into());
+            }
+        }
+    }
+    let mut data_end = 0u64;
+    for _ in 0..tensors {
+        let name = f.string("a tensor name")?;
+        let dims = f.u32(name)?;
+        if !(1..=4).contains(&dims) {
+            return Err(format!("tensor `{name}` has {dims} dimensions (1 to 4)"));
+        }
+        let mut shape = Vec::with_capacity(dims as usize);
+        for _ in 0..dims {
+            shape.push(f.u64(name)?);
+        }
+        let ty = f.u32(name)?;
+        let offset = f.u64(name)?;
+        let (block_bytes, block_values) = ggml_block(ty).ok_or_else(|| {
+            format!("tensor `{name}` has ggml type {ty}, which prefloop cannot read")
+        })?;
+        let values = shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .filter(|_| shape.first().is_none_or(|d| d % block_values == 0))
+            .ok_or_else(|| format!("tensor `{name}` has an impossible shape {shape:?}"))?;
+        let end = (values / block_values)
+            .checked_mul(block_bytes)
+            .and_then(|n| n.checked_add(offset))
+            .ok_or_else(|| format!("tensor `{name}` has an impossible size"))?;
+        data_end = data_end.max(end);
+    }
+    let data_start = (f.at as u64).div_ceil(alignment) * alignment;
+    let present = (bytes.len() as u64).saturating_sub(data_start);
+    if data_end > present {
+        return Err(format!(
+            "cut short: the tensor data needs {data_end} bytes after byte {data_start}, the file \
+             holds {present}"
+        ));
+    }
+    Ok(())
 }
 
 /// Inverse of llama.cpp's `permute`: rows (H, 2, D/2) were stored as (H, D/2, 2).
@@ -207,6 +384,81 @@ mod tests {
     use tch::Kind;
 
     use super::*;
+
+    /// Byte positions of fields in the default GGUF: (what, offset, length).
+    fn fields_of(bytes: &[u8]) -> Vec<(String, usize, usize)> {
+        let mut fields = vec![
+            ("magic".to_owned(), 0, 4),
+            ("version".to_owned(), 4, 4),
+            ("tensor count".to_owned(), 8, 8),
+            ("metadata count".to_owned(), 16, 8),
+        ];
+        let mut f = Fields { bytes, at: 16 };
+        let kvs = f.u64("").unwrap();
+        for i in 0..kvs {
+            let at = f.at;
+            let key = f.string("").unwrap();
+            let ty = f.u32("").unwrap();
+            if i < 3 || key == "tokenizer.ggml.tokens" {
+                fields.push((format!("length of key {key}"), at, 8));
+                fields.push((format!("type of {key}"), f.at - 4, 4));
+            }
+            if ty == 9 {
+                fields.push((format!("array count of {key}"), f.at + 4, 8));
+            }
+            f.value(ty, key).unwrap();
+        }
+        for i in 0..4 {
+            let at = f.at;
+            let name = f.string("").unwrap().to_owned();
+            fields.push((format!("name length of tensor {i}"), at, 8));
+            fields.push((format!("dimensions of {name}"), f.at, 4));
+            let dims = f.u32("").unwrap();
+            fields.push((format!("first dimension of {name}"), f.at, 8));
+            f.take(8 * u64::from(dims), "").unwrap();
+            fields.push((format!("type of {name}"), f.at, 4));
+            fields.push((format!("offset of {name}"), f.at + 4, 8));
+            f.take(12, "").unwrap();
+        }
+        fields
+    }
+
+    #[test]
+    fn a_cut_or_damaged_gguf_is_an_error_naming_the_file_never_a_panic() {
+        let path = crate::default_model_path();
+        let Ok(bytes) = std::fs::read(&path) else {
+            eprintln!(
+                "skipping: no default model at {}; run scripts/setup",
+                path.display()
+            );
+            return;
+        };
+        let named = |result: Result<GgufContents>, case: &str| {
+            let err = result.expect_err(case).to_string();
+            assert!(err.contains(&path.display().to_string()), "{case}: {err}");
+        };
+        for i in 1..=20 {
+            let cut = bytes.len() * i / 21;
+            named(parse(&bytes[..cut], &path), &format!("cut at byte {cut}"));
+        }
+        for cut in [0, 3, 20, 100] {
+            named(parse(&bytes[..cut], &path), &format!("cut at byte {cut}"));
+        }
+        for (what, at, len) in fields_of(&bytes) {
+            let mut damaged = bytes.clone();
+            // The field's top byte: a count, length, offset or dimension past the file, a type
+            // or version no one defined.
+            damaged[at + len - 1] ^= 0x80;
+            named(
+                parse(&damaged, &path),
+                &format!("the top bit of the {what} flipped"),
+            );
+        }
+        let mut damaged = bytes.clone();
+        damaged[4] = 2;
+        named(parse(&damaged, &path), "GGUF version 2");
+        assert!(parse(&bytes, &path).is_ok(), "the file itself loads");
+    }
 
     #[test]
     fn q4_1_blocks_dequantise_low_nibbles_first() {

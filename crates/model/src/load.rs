@@ -83,6 +83,13 @@ impl Model {
             check_vocab(&tokenizer, &contents.config)?;
             (contents.config, contents.weights, tokenizer)
         };
+        let present = weights.iter().map(|(_, w)| w.numel() as u64).sum();
+        config
+            .check_sizes(present)
+            .map_err(|message| ModelError::Config {
+                path: path.clone(),
+                message,
+            })?;
         let mut vs = nn::VarStore::new(device);
         let llama = Llama::new(&vs, &config)?;
         fill(&vs, weights, &path)?;

@@ -238,7 +238,7 @@ fn read_parquet_prompts(path: &Path) -> Result<Vec<PromptRow>> {
         for i in 0..batch.num_rows() {
             let row = rows.len();
             if !prompts.is_valid(i) {
-                return Err(bad(path, format!("row {row}, column `prompt`: null")));
+                return Err(bad(path, format!("row {}, column `prompt`: null", row + 1)));
             }
             let problem_id = match ids {
                 Some(ids) if ids.is_valid(i) => ids.value(i).to_owned(),

@@ -138,7 +138,7 @@ fn score_stage(
     mut score: impl FnMut(&[Sample]) -> Result<Vec<Score>>,
 ) -> Result<ScoreReport> {
     let reader = StageReader::<Sample>::open(samples)?;
-    let slice = shard.range(reader.manifest().rows());
+    let slice = shard.range(reader.rows());
     let total = slice.end - slice.start;
     let mut writer = StageWriter::open(shard.dir(out), WriterOptions::default())?;
     let done = writer.committed_rows();

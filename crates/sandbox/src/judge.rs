@@ -228,7 +228,7 @@ impl Sandbox {
         options: &JudgeOptions,
     ) -> TestResult {
         match self.run_ready(ready, program, test, options) {
-            Ok(run) => verdict_of(&run, program, &test.output, options.compare),
+            Ok(run) => judge_run(&run, program, Some(&test.output), options.compare),
             Err(e) => TestResult {
                 verdict: Verdict::SandboxError,
                 wall: Duration::ZERO,
@@ -251,7 +251,14 @@ fn runner_status(stderr: &[u8]) -> Option<String> {
     Some(text[start + 1..].trim_end().to_owned())
 }
 
-fn verdict_of(run: &RunOutput, program: &Program, expected: &str, compare: Compare) -> TestResult {
+/// The verdict of one run of `program`, as the tests judge it: against `expected` output, or,
+/// with None, by how the run ended alone (a clean exit is OK).
+pub fn judge_run(
+    run: &RunOutput,
+    program: &Program,
+    expected: Option<&str>,
+    compare: Compare,
+) -> TestResult {
     let style = &program.style;
     // Only the Python runner reports; a C++ program's stderr is its own.
     let status = match program.language {
@@ -280,10 +287,12 @@ fn verdict_of(run: &RunOutput, program: &Program, expected: &str, compare: Compa
             _ if *code != 0 => (Verdict::RuntimeError, format!("exit code {code}")),
             _ => {
                 let output = String::from_utf8_lossy(&run.stdout);
-                let ok = match style {
-                    TestStyle::Check { .. } => true,
-                    TestStyle::Call { .. } => json_answer_matches(&output, expected),
-                    TestStyle::Stdio => match compare {
+                let ok = match (style, expected) {
+                    (TestStyle::Check { .. }, _) | (_, None) => true,
+                    (TestStyle::Call { .. }, Some(expected)) => {
+                        json_answer_matches(&output, expected)
+                    }
+                    (TestStyle::Stdio, Some(expected)) => match compare {
                         Compare::Tokens => tokens_match(&output, expected),
                         Compare::Apps => apps_match(&output, expected),
                     },

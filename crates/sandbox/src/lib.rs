@@ -17,7 +17,7 @@ mod score;
 pub use error::SandboxError;
 pub use judge::{
     Compare, JudgeOptions, Judgement, Language, Program, TestResult, TestStyle, apps_match,
-    json_answer_matches, tokens_match,
+    json_answer_matches, judge_run, tokens_match,
 };
 pub use runtime::{Exit, Limits, PYTHON_RUNNER, RunOutput, Sandbox, default_runtime_dir};
 pub use score::{

@@ -55,6 +55,7 @@ impl Shape {
 /// A Hugging Face directory of random weights in a real model's shape.
 #[derive(Debug, clap::Args)]
 pub struct RandomModelArgs {
+    /// The real model whose shape the weights take.
     #[arg(long, value_enum)]
     shape: Shape,
     /// Directory to write (must not exist).

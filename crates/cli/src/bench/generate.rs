@@ -20,10 +20,13 @@ pub struct Args {
     /// Batch sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,32,128,512")]
     batch_sizes: Vec<usize>,
+    /// Tokens in each prompt.
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
+    /// Tokens sampled per row (no EOS stops it early).
     #[arg(long, default_value_t = 256)]
     new_tokens: usize,
+    /// Top-k of the sampling (the paper's 200).
     #[arg(long, default_value_t = 200)]
     top_k: i64,
     /// Also time transformers' `generate` on the same shapes, with this python (a venv with

@@ -22,6 +22,7 @@ pub struct Args {
     /// Samples per prompt: rows of one prompt share its text, as in a real round.
     #[arg(long, default_value_t = 4)]
     samples_per_prompt: u32,
+    /// zstd compression level of the shards.
     #[arg(long, default_value_t = 3)]
     zstd_level: i32,
     /// Rows per shard file.

@@ -248,13 +248,16 @@ pub struct PpoArgs {
     /// Rollouts in the iteration (the paper's large batch is 512).
     #[arg(long, default_value_t = 64)]
     rollouts: usize,
+    /// Tokens each rollout may have.
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
     /// PPO epochs over the rollouts (5 dialogue, 16 code in the paper).
     #[arg(long, default_value_t = 1)]
     ppo_epochs: usize,
+    /// Optimiser steps the rollouts are cut into per epoch.
     #[arg(long, default_value_t = 4)]
     minibatches: usize,
+    /// Rows per forward pass inside a minibatch.
     #[arg(long, default_value_t = 8)]
     micro_batch_size: usize,
 }

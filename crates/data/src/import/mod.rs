@@ -481,7 +481,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "{}: row 2, field `chosen`: expected a string, found a number",
+                "{}: row 3, field `chosen`: expected a string, found a number",
                 src.display()
             )
         );
@@ -499,7 +499,7 @@ mod tests {
         let report = import(DatasetKind::Trl, &src, &out, &skip).unwrap();
         assert_eq!((report.rows, report.skipped), (3, 2));
         assert!(
-            report.examples[1].contains("row 3, field `(json)`"),
+            report.examples[1].contains("row 4, field `(json)`"),
             "{:?}",
             report.examples
         );

@@ -16,7 +16,7 @@ use prefloop_core::{Pair, Problem, Record, ReferenceLogps, Sample, Score};
 use super::{polars_error, streaming};
 use crate::shard::{RecordReader, WriterOptions};
 use crate::stage::StageWriter;
-use crate::{DataError, Manifest, Result};
+use crate::{DataError, Result};
 
 const ROW: &str = "__prefloop_row";
 
@@ -31,32 +31,36 @@ pub struct FilterReport {
 /// Writes the rows of the complete stage `input` for which `predicate` is true into the stage
 /// `out`. A row where the predicate is null (a null column compared) is dropped, as in SQL.
 pub fn filter_stage(input: &Path, predicate: &str, out: &Path) -> Result<FilterReport> {
-    let manifest = Manifest::load(input)?.ok_or_else(|| DataError::Manifest {
-        path: input.join(crate::MANIFEST_FILE),
-        message: "no manifest: not a stage directory".into(),
-    })?;
-    if !manifest.complete {
-        let message = "stage is not complete (resume the run that writes it)".into();
-        return Err(DataError::Manifest {
-            path: input.to_owned(),
-            message,
-        });
-    }
+    let source = crate::stage_files(input, None)?;
     let expr = sql_expr(predicate).map_err(|e| DataError::Manifest {
         path: input.to_owned(),
         message: format!("cannot parse the predicate {predicate:?}: {e}"),
     })?;
-    let shards: Vec<PathBuf> = manifest
-        .shards
-        .iter()
-        .map(|s| input.join(&s.path))
-        .collect();
-    let rows_out = match manifest.kind.as_str() {
-        Problem::KIND => copy_matching::<Problem>(&shards, &expr, out)?,
-        Sample::KIND => copy_matching::<Sample>(&shards, &expr, out)?,
-        Score::KIND => copy_matching::<Score>(&shards, &expr, out)?,
-        Pair::KIND => copy_matching::<Pair>(&shards, &expr, out)?,
-        ReferenceLogps::KIND => copy_matching::<ReferenceLogps>(&shards, &expr, out)?,
+    let shards = &source.files;
+    let kind = match &source.kind {
+        Some(kind) => kind.clone(),
+        // Another tool's files: the kind their columns make.
+        None => {
+            let first = crate::shard::ShardReader::open(&shards[0])?;
+            match crate::kinds_matching(first.schema()).as_slice() {
+                [kind] => (*kind).to_owned(),
+                _ => {
+                    return Err(DataError::Manifest {
+                        path: shards[0].clone(),
+                        message: "its columns are not those of one of prefloop's record kinds \
+                                  (prefloop inspect shows them)"
+                            .into(),
+                    });
+                }
+            }
+        }
+    };
+    let rows_out = match kind.as_str() {
+        Problem::KIND => copy_matching::<Problem>(shards, &expr, out)?,
+        Sample::KIND => copy_matching::<Sample>(shards, &expr, out)?,
+        Score::KIND => copy_matching::<Score>(shards, &expr, out)?,
+        Pair::KIND => copy_matching::<Pair>(shards, &expr, out)?,
+        ReferenceLogps::KIND => copy_matching::<ReferenceLogps>(shards, &expr, out)?,
         other => {
             return Err(DataError::Manifest {
                 path: input.to_owned(),
@@ -65,8 +69,8 @@ pub fn filter_stage(input: &Path, predicate: &str, out: &Path) -> Result<FilterR
         }
     };
     Ok(FilterReport {
-        kind: manifest.kind.clone(),
-        rows_in: manifest.rows(),
+        kind,
+        rows_in: source.rows,
         rows_out,
     })
 }
@@ -122,6 +126,7 @@ mod tests {
     use prefloop_core::{ProblemSource, Scorer, Verdict};
 
     use super::*;
+    use crate::Manifest;
     use crate::jobs::write_test_stage;
     use crate::stage::StageReader;
 

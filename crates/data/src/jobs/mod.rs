@@ -1,5 +1,6 @@
 //! Batch jobs over stages, on polars' lazy streaming engine: the inputs are scanned shard by
-//! shard from the stages' manifests and never loaded whole.
+//! shard (a stage's manifest lists them; other tools' Parquet files are read as they are) and
+//! never loaded whole.
 
 mod export;
 mod filter;
@@ -11,38 +12,20 @@ use std::sync::Arc;
 
 use polars::prelude::*;
 
-use crate::{DataError, Manifest, Result};
+use crate::{DataError, Result};
 
 pub use export::export_pairs;
 pub use filter::{FilterReport, filter_stage};
 pub use pairs::{PairsOptions, build_pairs};
 pub use stats::{RoundStats, pass_at_k, stage_stats};
 
-/// A complete stage's shards, as a lazy frame.
+/// A complete stage's shards, or Parquet files another tool wrote ([`crate::stage_files`]),
+/// as a lazy frame.
 fn scan_stage(dir: &Path, kind: &str) -> Result<LazyFrame> {
-    let manifest = Manifest::load(dir)?.ok_or_else(|| DataError::Manifest {
-        path: dir.join(crate::MANIFEST_FILE),
-        message: "no manifest: not a stage directory".into(),
-    })?;
-    if manifest.kind != kind || !manifest.complete {
-        let message = format!(
-            "expected a complete {kind} stage, found a {} {} stage",
-            if manifest.complete {
-                "complete"
-            } else {
-                "incomplete"
-            },
-            manifest.kind
-        );
-        return Err(DataError::Manifest {
-            path: dir.to_owned(),
-            message,
-        });
-    }
-    let paths: Vec<PlPath> = manifest
-        .shards
+    let paths: Vec<PlPath> = crate::stage_files(dir, Some(kind))?
+        .files
         .iter()
-        .map(|s| PlPath::Local(Arc::from(dir.join(&s.path).as_path())))
+        .map(|file| PlPath::Local(Arc::from(file.as_path())))
         .collect();
     LazyFrame::scan_parquet_files(paths.into(), ScanArgsParquet::default())
         .map_err(polars_error(dir))
