@@ -263,8 +263,7 @@ pub struct PpoArgs {
 }
 
 /// Generation, experience (reward model, actor, reference and critic passes), training and
-/// the EMA update, with the starting policy as an untrained reward model (the timing does not
-/// depend on what it says).
+/// the EMA update, with an untrained reward model (the timing does not depend on what it says).
 pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     let device = best_device();
     let models = PpoModels::load(args.model.model.as_deref(), device, args.model.dtype)?;
@@ -278,8 +277,7 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
         max_new_tokens: args.new_tokens,
         ..PpoConfig::default()
     };
-    // The starting policy as an untrained reward model.
-    let rm = RewardModel::new(args.model.load(device)?)?;
+    let rm = untrained_reward_model(&args.model, device)?;
     let mut reward = TimedReward::new(&rm, &config.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
     let records = train_ppo(
@@ -343,9 +341,8 @@ pub struct GroupArgs {
 }
 
 /// Generation, scoring, experience (the sampling policy's and the reference's log-probs) and
-/// the update of one group iteration, scored by the starting policy as an untrained reward
-/// model: its scores differ within every group, so no group is dropped and the update runs
-/// on all of them (the timing does not depend on what it says).
+/// the update of one group iteration, scored by an untrained reward model: its scores differ
+/// within every group, so no group is dropped and the update runs on all of them.
 pub fn run_group(args: &GroupArgs) -> Result<()> {
     let device = best_device();
     let config = GroupConfig {
@@ -365,8 +362,7 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         args.model.dtype,
         &config,
     )?;
-    // The starting policy as an untrained reward model.
-    let rm = RewardModel::new(args.model.load(device)?)?;
+    let rm = untrained_reward_model(&args.model, device)?;
     let mut reward = TimedReward::new(&rm, &config.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
     let records = train_group(
@@ -380,6 +376,10 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         |_, _| {},
     )?;
     let m = &records[0].metrics;
+    anyhow::ensure!(
+        m.contains_key("time/train"),
+        "every group's completions scored alike: nothing to time the update on"
+    );
     println!(
         "bench grpo: one {:?} iteration on {device:?} in {:?}, {} prompts × {} completions × {} new tokens, {} minibatches",
         args.estimator,
@@ -422,6 +422,20 @@ fn bench_prompts(n: usize) -> Vec<PromptExample> {
             prompt: format!("Write a short story about the number {i}."),
         })
         .collect()
+}
+
+/// The starting policy with a seeded random score head (a new head is zero, which would
+/// score every completion alike and leave a group estimator nothing to learn from): its
+/// scores differ between completions, as a trained reward model's do.
+fn untrained_reward_model(model: &ModelArgs, device: Device) -> Result<RewardModel> {
+    let rm = RewardModel::new(model.load(device)?)?;
+    let mut variables = rm.model.vs.variables();
+    let head = variables
+        .get_mut("score.weight")
+        .expect("the reward model's head");
+    tch::manual_seed(0);
+    tch::no_grad(|| head.copy_(&(head.randn_like() * 0.02)));
+    Ok(rm)
 }
 
 /// A reward model's scores, with the seconds it spent scoring.
