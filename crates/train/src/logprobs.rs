@@ -139,25 +139,37 @@ pub fn token_logprobs(llama: &Llama, batch: &TokenBatch) -> Tensor {
     })
 }
 
+/// Log-probs of `targets` (B, T) and the entropy at each position from `hidden` (B, T, C),
+/// `chunk` positions at a time: both (B, T) fp32.
+fn logprobs_and_entropy_of_hidden(
+    llama: &Llama,
+    hidden: &Tensor,
+    targets: &Tensor,
+    chunk: i64,
+) -> (Tensor, Tensor) {
+    let t = targets.size()[1];
+    let (mut logprobs, mut entropies) = (Vec::new(), Vec::new());
+    for_chunks(t, chunk, |start, len| {
+        let (picked, entropy) = chunk_logprobs_and_entropy(
+            llama,
+            &hidden.narrow(1, start, len),
+            &targets.narrow(1, start, len),
+        );
+        logprobs.push(picked);
+        entropies.push(entropy);
+    });
+    (Tensor::cat(&logprobs, 1), Tensor::cat(&entropies, 1))
+}
+
 /// Per-token log-probs and the policy's entropy at each position, both (B, T-1) fp32,
 /// without a graph (PPO's rollout statistics).
 pub fn token_logprobs_and_entropy(llama: &Llama, batch: &TokenBatch) -> (Tensor, Tensor) {
     tch::no_grad(|| {
         let hidden = batch.hidden(llama);
         let targets = batch.targets();
-        let (b, t) = targets.size2().expect("(B, T-1)");
+        let (b, _) = targets.size2().expect("(B, T-1)");
         let chunk = chunk_len(b, llama.config().vocab_size as i64);
-        let (mut logprobs, mut entropies) = (Vec::new(), Vec::new());
-        for_chunks(t, chunk, |start, len| {
-            let (picked, entropy) = chunk_logprobs_and_entropy(
-                llama,
-                &hidden.narrow(1, start, len),
-                &targets.narrow(1, start, len),
-            );
-            logprobs.push(picked);
-            entropies.push(entropy);
-        });
-        (Tensor::cat(&logprobs, 1), Tensor::cat(&entropies, 1))
+        logprobs_and_entropy_of_hidden(llama, &hidden, &targets, chunk)
     })
 }
 
@@ -234,17 +246,9 @@ impl TokenLogprobs {
             if !entropy {
                 return (logprobs_of_hidden(llama, &detached, &targets, chunk), None);
             }
-            let (mut values, mut entropies) = (Vec::new(), Vec::new());
-            for_chunks(t, chunk, |start, len| {
-                let (v, e) = chunk_logprobs_and_entropy(
-                    llama,
-                    &detached.narrow(1, start, len),
-                    &targets.narrow(1, start, len),
-                );
-                values.push(v);
-                entropies.push(e);
-            });
-            (Tensor::cat(&values, 1), Some(Tensor::cat(&entropies, 1)))
+            let (values, entropy) =
+                logprobs_and_entropy_of_hidden(llama, &detached, &targets, chunk);
+            (values, Some(entropy))
         });
         Self {
             values: values.set_requires_grad(true),
