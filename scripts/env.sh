@@ -1,6 +1,6 @@
 # Sourced by the other scripts after scripts/setup: where the cached tools are.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache=${PREFLOOP_CACHE:-$root/.prefloop}
+cache=$(realpath -m "${PREFLOOP_CACHE:-$root/.prefloop}")
 export PREFLOOP_CACHE=$cache
 # tch builds against the venv's torch (torch-sys runs `python` from an active venv).
 export VIRTUAL_ENV=$cache/venv

@@ -159,25 +159,15 @@ fn score_tests_names_a_sample_whose_problem_is_missing() {
 
 /// `sandbox run` with `program` on stdin `input`: exit code and stderr.
 fn sandbox_run(dir: &Path, program: &str, input: &str, extra: &[&str]) -> (Option<i32>, String) {
-    use std::io::Write;
     let file = dir.join("prog.py");
     std::fs::write(&file, program).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_prefloop"))
-        .args(["sandbox", "run"])
-        .args(extra)
-        .arg(&file)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::output_with_stdin(
+        std::process::Command::new(env!("CARGO_BIN_EXE_prefloop"))
+            .args(["sandbox", "run"])
+            .args(extra)
+            .arg(&file),
+        input,
+    );
     (out.status.code(), text(&out.stderr))
 }
 

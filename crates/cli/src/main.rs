@@ -2,6 +2,7 @@
 //! uses anyhow; it turns every error into one line on stderr and a non-zero exit code.
 
 mod bench;
+mod doctor;
 mod generate;
 mod import;
 mod inspect;
@@ -51,9 +52,22 @@ enum Command {
     Status(run::StatusArgs),
     Report(run::ReportArgs),
     Merge(run::MergeArgs),
+    Doctor(doctor::Args),
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os("MKL_DYNAMIC").is_none() {
+        // MKL picks fewer threads when the machine is busy, and its matrix products then round
+        // differently; a run resumed after a kill must repeat the same arithmetic. MKL reads
+        // this when it loads, so the process starts again with it set.
+        use std::os::unix::process::CommandExt as _;
+        let error = std::process::Command::new(std::env::current_exe().unwrap_or_default())
+            .args(std::env::args_os().skip(1))
+            .env("MKL_DYNAMIC", "FALSE")
+            .exec();
+        eprintln!("error: restarting with MKL_DYNAMIC=FALSE: {error}");
+        return ExitCode::FAILURE;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PREFLOOP_LOG")
@@ -78,6 +92,7 @@ fn main() -> ExitCode {
         Command::Resume(args) => run::resume(&args),
         Command::Status(args) => run::status(&args),
         Command::Report(args) => run::report(&args),
+        Command::Doctor(args) => doctor::run(&args),
         Command::Merge(args) => run::merge(&args),
     };
     match result {

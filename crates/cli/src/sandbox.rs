@@ -11,7 +11,7 @@ use prefloop_core::{Problem, TestCase, Verdict};
 use prefloop_pipeline::{Shard, read_problems, score_tests_stage};
 use prefloop_sandbox::{
     Calibration, Compare, JudgeOptions, Language, Limits, Program, Sandbox, ScoreOptions,
-    TestStyle, TimePolicy, default_runtime_dir, judge_run,
+    TestStyle, TimePolicy, judge_run,
 };
 
 /// Commands of the sandbox.
@@ -71,7 +71,7 @@ impl LimitArgs {
 
 fn open_sandbox() -> Result<Sandbox> {
     let started = Instant::now();
-    let sandbox = Sandbox::open(&default_runtime_dir())?;
+    let sandbox = Sandbox::open_default()?;
     tracing::debug!(elapsed = ?started.elapsed(), "sandbox ready");
     Ok(sandbox)
 }

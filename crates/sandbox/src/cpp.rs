@@ -82,7 +82,7 @@ static SCRATCH: AtomicU64 = AtomicU64::new(0);
 
 impl Compiler {
     /// The toolchain scripts/setup installed, or why there is none.
-    pub(crate) fn find(runtime_dir: &Path) -> Result<Self> {
+    pub(crate) fn find(runtime_dir: &Path, cache_dir: &Path) -> Result<Self> {
         let missing = |what: &str| SandboxError::MissingToolchain(what.to_owned());
         let clang =
             std::env::var_os("PREFLOOP_CLANGXX").map_or_else(|| CLANGXX.into(), PathBuf::from);
@@ -126,7 +126,7 @@ impl Compiler {
             .collect::<Result<_>>()?;
         let stub_bytes = fs::read(&stub).map_err(|e| io_error(&stub, &e))?;
         let stub_hash = format!("{:x}", Sha256::digest(&stub_bytes));
-        let cache = runtime_dir.join("cache").join("cpp");
+        let cache = cache_dir.join("cpp");
         fs::create_dir_all(&cache).map_err(|e| io_error(&cache, &e))?;
         Ok(Self {
             clang,

@@ -193,6 +193,8 @@ impl ResourceLimiter for MemoryLimiter {
 /// `Sync`); every run makes its own store.
 pub struct Sandbox {
     runtime_dir: PathBuf,
+    /// Where compiled machine code is kept (wasmtime's cache and C++ builds).
+    cache_dir: PathBuf,
     /// Runs with no fuel limit.
     timed: Runners,
     /// Runs with a fuel limit, built on the first one (or why they could not be).
@@ -232,13 +234,13 @@ impl std::fmt::Debug for Sandbox {
 impl Runners {
     /// Compiles (or loads from the cache) and links the runners for engines that count fuel
     /// or not; C++ only when there is a compiler.
-    fn new(runtime_dir: &Path, fuel: bool, cpp: bool) -> Result<Self> {
+    fn new(runtime_dir: &Path, cache_dir: &Path, fuel: bool, cpp: bool) -> Result<Self> {
         let runner = runtime_dir.join(PYTHON_RUNNER);
         if !runner.is_file() {
             return Err(SandboxError::MissingRuntime(runner));
         }
         let wasm = |e: wasmtime::Error| SandboxError::Wasmtime(format!("{e:#}"));
-        let engine = new_engine(runtime_dir, None, fuel)?;
+        let engine = new_engine(cache_dir, None, fuel)?;
 
         let started = Instant::now();
         let component = Component::from_file(&engine, &runner)
@@ -250,7 +252,7 @@ impl Runners {
         let python =
             CommandPre::new(linker.instantiate_pre(&component).map_err(wasm)?).map_err(wasm)?;
         let cpp = if cpp {
-            let engine = new_engine(runtime_dir, Some(cpp::WASM_STACK_BYTES), fuel)?;
+            let engine = new_engine(cache_dir, Some(cpp::WASM_STACK_BYTES), fuel)?;
             let linker = CppLinker::new(&engine).map_err(wasm)?;
             Some(CppRuntime { engine, linker })
         } else {
@@ -271,15 +273,31 @@ impl Runners {
 }
 
 impl Sandbox {
+    /// Loads the runners scripts/setup built from where this installation keeps them, with
+    /// the compile cache this user may write (`prefloop_core::paths`).
+    pub fn open_default() -> Result<Self> {
+        Self::open_with_cache(
+            &default_runtime_dir(),
+            &prefloop_core::paths::sandbox_cache_dir(),
+        )
+    }
+
     /// Loads the runners from `runtime_dir` (scripts/setup builds them into
     /// `.prefloop/sandbox`), compiling them on first use and caching the machine code in
-    /// `runtime_dir/cache`.
-    pub fn open(runtime_dir: &Path) -> Result<Self> {
-        let compiler = Compiler::find(runtime_dir).map_err(|e| e.to_string());
-        let timed = Runners::new(runtime_dir, false, compiler.is_ok())?;
+    /// `cache_dir`: code this process will run, so a directory only this user can write.
+    pub fn open_with_cache(runtime_dir: &Path, cache_dir: &Path) -> Result<Self> {
+        // wasmtime's cache refuses a relative directory.
+        let absolute = |dir: &Path| {
+            std::path::absolute(dir)
+                .map_err(|e| SandboxError::Io(format!("{}: {e}", dir.display())))
+        };
+        let (runtime_dir, cache_dir) = (&absolute(runtime_dir)?, &absolute(cache_dir)?);
+        let compiler = Compiler::find(runtime_dir, cache_dir).map_err(|e| e.to_string());
+        let timed = Runners::new(runtime_dir, cache_dir, false, compiler.is_ok())?;
         Ok(Self {
             ticker: Ticker::start(timed.engines()),
-            runtime_dir: runtime_dir.to_owned(),
+            runtime_dir: runtime_dir.clone(),
+            cache_dir: cache_dir.clone(),
             timed,
             metered: OnceLock::new(),
             compiler,
@@ -307,8 +325,13 @@ impl Sandbox {
         }
         self.metered
             .get_or_init(|| {
-                let runners = Runners::new(&self.runtime_dir, true, self.compiler.is_ok())
-                    .map_err(|e| e.to_string())?;
+                let runners = Runners::new(
+                    &self.runtime_dir,
+                    &self.cache_dir,
+                    true,
+                    self.compiler.is_ok(),
+                )
+                .map_err(|e| e.to_string())?;
                 self.ticker.add(runners.engines());
                 Ok(runners)
             })
@@ -529,7 +552,7 @@ impl Limited for CppState {
 /// An engine with epoch interruption and the on-disk cache of compiled code; `max_stack`
 /// raises the machine stack wasm may use (its runs must then be on threads that have it);
 /// `fuel` makes it count fuel.
-fn new_engine(runtime_dir: &Path, max_stack: Option<usize>, fuel: bool) -> Result<Engine> {
+fn new_engine(cache_dir: &Path, max_stack: Option<usize>, fuel: bool) -> Result<Engine> {
     let wasm = |e: wasmtime::Error| SandboxError::Wasmtime(format!("{e:#}"));
     let mut config = Config::new();
     config.epoch_interruption(true);
@@ -541,7 +564,7 @@ fn new_engine(runtime_dir: &Path, max_stack: Option<usize>, fuel: bool) -> Resul
         config.max_wasm_stack(bytes);
     }
     let mut cache = CacheConfig::new();
-    cache.with_directory(runtime_dir.join("cache"));
+    cache.with_directory(cache_dir);
     config.cache(Some(Cache::new(cache).map_err(wasm)?));
     Engine::new(&config).map_err(wasm)
 }
@@ -658,10 +681,8 @@ impl Drop for Ticker {
     }
 }
 
-/// Where scripts/setup puts the runners: `$PREFLOOP_SANDBOX_DIR`, else `.prefloop/sandbox`
-/// under the current directory.
+/// Where scripts/setup puts the runners and their compile cache
+/// (`prefloop_core::paths::sandbox_dir`, absolute and the same from any working directory).
 pub fn default_runtime_dir() -> PathBuf {
-    std::env::var_os("PREFLOOP_SANDBOX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(".prefloop/sandbox"))
+    prefloop_core::paths::sandbox_dir()
 }

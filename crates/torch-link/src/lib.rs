@@ -1,5 +1,8 @@
 //! Called from the build script of every package whose binaries or tests link tch.
 //!
+//! The binaries record where libtorch is (an rpath to the torch library directory they were
+//! linked against), so they start without `LD_LIBRARY_PATH` from any shell.
+//!
 //! torch-sys asks for `-ltorch_cuda`, but the linker's default `--as-needed` drops it (no
 //! symbol of ours points into it) and tch then reports no CUDA. Re-listing it after
 //! `--no-as-needed` keeps it. `rustc-link-arg` reaches only the calling package's own binaries
@@ -27,10 +30,14 @@ fn torch_lib_dir() -> Option<PathBuf> {
         .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 
-pub fn link_torch_cuda() {
+pub fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
-    if torch_lib_dir().is_some_and(|dir| dir.join("libtorch_cuda.so").exists()) {
+    let Some(dir) = torch_lib_dir() else {
+        return;
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
+    if dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 }

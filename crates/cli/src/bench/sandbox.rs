@@ -16,7 +16,7 @@ use prefloop_core::{Problem, TestCase, Verdict};
 use prefloop_data::StageReader;
 use prefloop_sandbox::{
     Compare, JudgeOptions, Language, Limits, Sandbox, TestStyle, TimePolicy, apps_match,
-    compare_for, default_runtime_dir, program_for, tokens_match,
+    compare_for, program_for, tokens_match,
 };
 use rayon::prelude::*;
 
@@ -57,7 +57,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     problems.truncate(args.limit.unwrap_or(problems.len()));
     let started = Instant::now();
-    let sandbox = Sandbox::open(&default_runtime_dir())?;
+    let sandbox = Sandbox::open_default()?;
     println!(
         "sandbox ready in {:.2} s (runner compiled or loaded from cache); {} problems, {} threads",
         started.elapsed().as_secs_f64(),

@@ -3,12 +3,12 @@
 
 use std::sync::OnceLock;
 
-use prefloop_sandbox::{Sandbox, default_runtime_dir};
+use prefloop_sandbox::Sandbox;
 
 pub fn sandbox() -> Option<&'static Sandbox> {
     static SANDBOX: OnceLock<Option<Sandbox>> = OnceLock::new();
     SANDBOX
-        .get_or_init(|| match Sandbox::open(&default_runtime_dir()) {
+        .get_or_init(|| match Sandbox::open_default() {
             Ok(sandbox) => Some(sandbox),
             Err(e) => {
                 eprintln!("skipping: {e}");
