@@ -49,6 +49,38 @@ fn write_config(dir: &Path, humaneval: &Path, model: &Path) -> PathBuf {
     path
 }
 
+/// The report as a browser shows it: headless Chromium loads the page, and the DOM it built
+/// holds the charts and the example pairs. Skips, saying so, where Chromium is absent
+/// (scripts/setup installs Debian's where it may use apt-get).
+fn in_chromium(report: &Path) {
+    let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+    else {
+        eprintln!("skipped the report's Chromium check: chromium is not installed");
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("file://{}", report.display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let html = std::fs::read_to_string(report).unwrap();
+    assert!(dom.matches("<svg").count() >= 5, "charts in the DOM: {dom}");
+    assert_eq!(dom.matches("<svg").count(), html.matches("<svg").count());
+    assert_eq!(
+        dom.matches("example example-pair").count(),
+        html.matches("example example-pair").count(),
+        "every example pair in the DOM"
+    );
+    assert!(dom.contains("Verdicts per round") && dom.contains("</details>"));
+}
+
 fn rows<R: Record>(dir: &Path) -> Vec<R> {
     Manifest::load(dir)
         .unwrap()
@@ -214,7 +246,32 @@ fn two_dpo_iter_rounds_generate_score_pair_train_and_sample_from_the_trained_pol
     assert!(html.matches("<svg").count() >= 5, "charts drawn");
     assert!(html.contains("pass@4") && html.contains("Training loss"));
     assert!(html.contains("KL to the reference"));
-    assert_eq!(html.matches("<tr><td>").count(), 3, "a table row per round");
+    assert_eq!(
+        html.matches("<th>round ").count(),
+        3,
+        "a table column per round"
+    );
+    assert!(
+        html.contains("<tr><td>pairs</td><td>3</td><td>3</td>"),
+        "counts as integers"
+    );
+    // Tests scored every round: a verdict histogram (chart and table), and what the policy
+    // wrote: example pairs and samples, escaped, folded away; the frozen config.
+    assert!(
+        html.contains("Verdicts of the samples, per round") && html.contains("Verdicts per round")
+    );
+    assert_eq!(
+        html.matches("<details class=\"round-examples\">").count(),
+        3
+    );
+    assert_eq!(
+        html.matches("example example-pair").count(),
+        6,
+        "3 pairs in rounds 0 and 1"
+    );
+    assert!(html.matches("example example-sample").count() >= 9);
+    assert!(html.contains("<h2>Config</h2>"));
+    in_chromium(&run.join("report.html"));
 
     let status = prefloop(&["status", run.to_str().unwrap()]);
     let status_text = text(&status.stdout);

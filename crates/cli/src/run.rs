@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use prefloop_pipeline::{
     CONFIG_FILE, METRICS_FILE, POLICY_LINK, RoundMetrics, Rounds, RunConfig, RunDir, Stage,
-    merge_shards, read_state, run_rounds, write_report,
+    TENSORBOARD_DIR, merge_shards, read_state, run_rounds, write_events, write_report,
 };
 
 /// Start a run from a config, or continue it: the same command again after a kill (or
@@ -45,8 +45,9 @@ pub struct ResumeArgs {
     rounds: Option<Rounds>,
 }
 
-/// Write RUN/report.html: charts of reward, pass@k, KL and loss per round, and every round's
-/// metrics (also written at the end of `prefloop run`).
+/// Write RUN/report.html (charts of reward, pass@k, KL, verdicts and loss; every round's
+/// metrics; example pairs and samples; the config) and RUN/tensorboard/ (the same metrics as
+/// TensorBoard event files). `prefloop run` writes both as it goes.
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
     /// The run directory.
@@ -123,15 +124,17 @@ fn rounds(dir: &RunDir, config: &RunConfig) -> Result<()> {
         println!("newest policy: {}", policy.display());
     }
     println!(
-        "done: metrics per round in {}, report in {}",
+        "done: metrics per round in {}, report in {}, TensorBoard logs in {}",
         dir.root().join(METRICS_FILE).display(),
-        write_report(dir.root())?.display()
+        write_report(dir.root())?.display(),
+        dir.root().join(TENSORBOARD_DIR).display()
     );
     Ok(())
 }
 
 pub fn report(args: &ReportArgs) -> Result<()> {
     println!("{}", write_report(&args.run)?.display());
+    println!("{}", write_events(&args.run)?.display());
     Ok(())
 }
 

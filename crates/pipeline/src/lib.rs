@@ -16,6 +16,7 @@ mod rounds;
 mod run_dir;
 mod score;
 mod shard;
+mod tensorboard;
 
 pub use config::{
     Algorithm, DataConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig, ScorerKind,
@@ -34,3 +35,4 @@ pub use run_dir::{
 };
 pub use score::{ScoreReport, read_problems, score_options, score_rm_stage, score_tests_stage};
 pub use shard::{Shard, merge_shards};
+pub use tensorboard::{TENSORBOARD_DIR, write_events};

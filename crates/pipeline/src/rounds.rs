@@ -674,8 +674,8 @@ fn round_metrics(dir: &RunDir, config: &RunConfig, round: &RoundState) -> Result
     Ok(metrics)
 }
 
-/// Rewrites the run's `metrics.jsonl` from the state: one line per finished round, never a
-/// duplicate however often the run was resumed.
+/// Rewrites the run's `metrics.jsonl` from the state, and the TensorBoard events from it: one
+/// line per finished round, never a duplicate however often the run was resumed.
 fn write_metrics(dir: &RunDir, state: &RunState) -> Result<()> {
     let mut text = String::new();
     for round in state.rounds.iter().filter(|r| !r.metrics.is_empty()) {
@@ -690,5 +690,6 @@ fn write_metrics(dir: &RunDir, state: &RunState) -> Result<()> {
         text.push('\n');
     }
     prefloop_data::write_atomic(&dir.root().join(METRICS_FILE), text.as_bytes())?;
+    crate::tensorboard::write_events(dir.root())?;
     Ok(())
 }
