@@ -238,10 +238,9 @@ fn parquet_rows(file: &Path) -> Result<u64> {
     Ok(crate::shard::ShardReader::open(file)?.rows())
 }
 
-/// The record kinds (samples, scores, pairs, problems, reference_logps) whose columns a file
-/// of `schema` has, as the readers check them.
-pub fn kinds_matching(schema: &arrow_schema::Schema) -> Vec<&'static str> {
-    use prefloop_core::{Pair, Problem, ReferenceLogps, Sample, Score, check_schema};
+/// Every record kind with its columns.
+fn record_schemas() -> [(&'static str, arrow_schema::SchemaRef); 5] {
+    use prefloop_core::{Pair, Problem, ReferenceLogps, Sample, Score};
     [
         (Sample::KIND, Sample::schema()),
         (Score::KIND, Score::schema()),
@@ -249,10 +248,24 @@ pub fn kinds_matching(schema: &arrow_schema::Schema) -> Vec<&'static str> {
         (Problem::KIND, Problem::schema()),
         (ReferenceLogps::KIND, ReferenceLogps::schema()),
     ]
-    .into_iter()
-    .filter(|(_, expected)| check_schema(schema, expected).is_ok())
-    .map(|(kind, _)| kind)
-    .collect()
+}
+
+/// The columns of a record kind (`samples`, `scores`, …), or None for an unknown kind.
+pub(crate) fn schema_of(kind: &str) -> Option<arrow_schema::SchemaRef> {
+    record_schemas()
+        .into_iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, schema)| schema)
+}
+
+/// The record kinds (samples, scores, pairs, problems, reference_logps) whose columns a file
+/// of `schema` has, as the readers check them.
+pub fn kinds_matching(schema: &arrow_schema::Schema) -> Vec<&'static str> {
+    record_schemas()
+        .into_iter()
+        .filter(|(_, expected)| prefloop_core::check_schema(schema, expected).is_ok())
+        .map(|(kind, _)| kind)
+        .collect()
 }
 
 /// Reads the records of a complete stage, or of Parquet files another tool wrote (see

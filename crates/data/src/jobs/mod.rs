@@ -20,15 +20,58 @@ pub use pairs::{PairsOptions, build_pairs};
 pub use stats::{RoundStats, pass_at_k, stage_stats};
 
 /// A complete stage's shards, or Parquet files another tool wrote ([`crate::stage_files`]),
-/// as a lazy frame.
+/// as a lazy frame. Other tools' files are checked as the record readers check them (every
+/// column there, of a compatible type: an error names the file and the column) and each is
+/// cast to our column types, so a pyarrow file's `int64` sample_idx joins our `uint32` one
+/// and files of one glob may differ in their types.
 fn scan_stage(dir: &Path, kind: &str) -> Result<LazyFrame> {
-    let paths: Vec<PlPath> = crate::stage_files(dir, Some(kind))?
+    let files = crate::stage_files(dir, Some(kind))?;
+    let scan = |paths: Vec<PlPath>| {
+        LazyFrame::scan_parquet_files(paths.into(), ScanArgsParquet::default())
+            .map_err(polars_error(dir))
+    };
+    let local = |file: &Path| PlPath::Local(Arc::from(file));
+    if files.kind.is_some() {
+        return scan(files.files.iter().map(|f| local(f)).collect());
+    }
+    let expected = crate::stage::schema_of(kind).expect("jobs scan record kinds");
+    let columns: Vec<Expr> = expected
+        .fields()
+        .iter()
+        .map(|field| {
+            let column = col(field.name().as_str());
+            match polars_type(field.data_type()) {
+                Some(dtype) => column.strict_cast(dtype),
+                None => column,
+            }
+        })
+        .collect();
+    let frames = files
         .files
         .iter()
-        .map(|file| PlPath::Local(Arc::from(file.as_path())))
-        .collect();
-    LazyFrame::scan_parquet_files(paths.into(), ScanArgsParquet::default())
-        .map_err(polars_error(dir))
+        .map(|file| {
+            let reader = crate::ShardReader::open(file)?;
+            prefloop_core::check_schema(reader.schema(), &expected)
+                .map_err(crate::DataError::record(file))?;
+            Ok(scan(vec![local(file)])?.select(columns.clone()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    concat(frames, UnionArgs::default()).map_err(polars_error(dir))
+}
+
+/// Polars' type for one of our flat column types (nested ones are read as they are).
+fn polars_type(arrow: &arrow_schema::DataType) -> Option<DataType> {
+    use arrow_schema::DataType as A;
+    Some(match arrow {
+        A::Utf8 | A::LargeUtf8 => DataType::String,
+        A::UInt32 => DataType::UInt32,
+        A::UInt64 => DataType::UInt64,
+        A::Int64 => DataType::Int64,
+        A::Float32 => DataType::Float32,
+        A::Float64 => DataType::Float64,
+        A::Boolean => DataType::Boolean,
+        _ => return None,
+    })
 }
 
 /// Runs a plan on polars' streaming engine. (`collect` alone picks the in-memory engine, which
