@@ -1073,3 +1073,90 @@ fn three_nights_each_with_one_new_prompt_file_and_one_command() {
             .ends_with("2026-12-03.jsonl")
     );
 }
+
+#[test]
+fn a_program_scored_run_killed_at_many_points_resumes_and_refuses_a_changed_program() {
+    if !model_ready() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let prompts = scratch.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"problem_id\": \"a\", \"prompt\": \"Write five letters.\", \"length\": 5}\n\
+         {\"problem_id\": \"b\", \"prompt\": \"Write twenty letters.\", \"length\": 20}\n\
+         {\"problem_id\": \"c\", \"prompt\": \"Write one letter.\", \"length\": 1}\n",
+    )
+    .unwrap();
+    let program = scratch.path().join("reward.py");
+    std::fs::write(
+        &program,
+        "def reward(prompt, completion, length):\n    return -abs(len(completion) - length) / 10\n",
+    )
+    .unwrap();
+    let config = scratch.path().join("program.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "rounds = 2\nmodel = {model:?}\n\
+             [data]\nprompts = {prompts:?}\n\
+             [generate]\nn = 3\nmax_new_tokens = 8\ntop_k = 20\nbatch_size = 9\n\
+             [score]\nscorer = \"program\"\nprogram = \"reward.py\"\n\
+             [dpo.train]\nbatch_size = 2\n[dpo.train.optim]\nlr = 1e-3\n"
+        ),
+    )
+    .unwrap();
+
+    let whole = scratch.path().join("whole");
+    let began = Instant::now();
+    let out = prefloop(&run_args(&config, &whole));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let unbroken = began.elapsed();
+    let scores: Vec<Score> = rows(&whole.join("round-0000/scores"));
+    assert_eq!(scores.len(), 9);
+    assert!(
+        scores
+            .iter()
+            .all(|s| s.verdict.as_str() == "OK" && s.reward <= 0.0)
+    );
+    let pairs: Vec<Pair> = rows(&whole.join("round-0000/pairs"));
+    assert!(!pairs.is_empty(), "samples of one prompt differ in length");
+    let lines = metrics(&whole);
+    let sha = lines[0]["score/program_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(sha.len(), 64);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["score/program_sha256"] == sha.as_str())
+    );
+
+    let killed = scratch.path().join("killed");
+    kill_at_then_resume(&config, &killed, unbroken, &[0.2, 0.35, 0.5, 0.65, 0.8]);
+    for round in 0..3 {
+        let (a, b) = (
+            whole.join(format!("round-{round:04}")),
+            killed.join(format!("round-{round:04}")),
+        );
+        assert_same_samples_and_scores(&a, &b, round);
+    }
+
+    // Another program under the same name: a run that would score with it stops (exit 4),
+    // naming the file and both hashes.
+    std::fs::write(
+        &program,
+        "def reward(prompt, completion, length):\n    return 1.0\n",
+    )
+    .unwrap();
+    let more = prefloop(&["resume", whole.to_str().unwrap(), "--rounds", "+1"]);
+    assert_eq!(more.status.code(), Some(4), "{}", text(&more.stderr));
+    let stderr = text(&more.stderr);
+    assert!(
+        stderr.contains("reward.py") && stderr.contains(&sha),
+        "{stderr}"
+    );
+}

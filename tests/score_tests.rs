@@ -1,6 +1,7 @@
 //! End-to-end: `prefloop score-tests` scores a samples stage against the unit tests of an
-//! imported problems stage, in the sandbox. Skipped with a message when scripts/setup has not
-//! built the sandbox runtime.
+//! imported problems stage, in the sandbox, and `prefloop score-program` scores one with a
+//! reward program there. Skipped with a message when scripts/setup has not built the sandbox
+//! runtime.
 
 mod common;
 
@@ -275,4 +276,101 @@ pq.write_table(pa.table({
         "{}",
         text(&err.stderr)
     );
+}
+
+/// Scores of `dir` by (problem, sample): reward and verdict.
+fn scores_of(dir: &Path) -> Vec<(String, u32, f32, Verdict)> {
+    let mut scores: Vec<_> = StageReader::<Score>::open(dir)
+        .unwrap()
+        .flat_map(Result::unwrap)
+        .map(|s| (s.problem_id, s.sample_idx, s.reward, s.verdict))
+        .collect();
+    scores.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    scores
+}
+
+#[test]
+fn score_program_scores_a_samples_stage_with_each_prompts_fields() {
+    if !runtime_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let samples = [
+        sample("a", 0, "5"),
+        sample("a", 1, "six"),
+        sample("b", 0, "7"),
+        sample("b", 1, "70"),
+        sample("c", 0, "anything"),
+    ];
+    let mut writer =
+        StageWriter::<Sample>::open(path("samples"), WriterOptions::default()).unwrap();
+    writer.write(&samples).unwrap();
+    writer.finish().unwrap();
+    std::fs::write(
+        path("prompts.jsonl"),
+        "{\"problem_id\": \"a\", \"prompt\": \"2 + 3?\", \"answer\": 5}\n\
+         {\"problem_id\": \"b\", \"prompt\": \"3 + 4?\", \"answer\": 7, \"unit\": \"apples\"}\n",
+    )
+    .unwrap();
+    // Problem c has no prompt row: its call lacks `answer` and raises.
+    std::fs::write(
+        path("reward.py"),
+        "def reward(prompt, completion, answer, **rest):\n    \
+         return 1.0 if completion.strip() == str(answer) else 0.25 * len(rest)\n",
+    )
+    .unwrap();
+    let score = |prompts: &str, out: &str| {
+        prefloop(&[
+            "score-program",
+            "--program",
+            &path("reward.py"),
+            "--samples",
+            &path("samples"),
+            "--prompts",
+            prompts,
+            "--out",
+            &path(out),
+            "--failure-reward",
+            "-1",
+        ])
+    };
+    let out = score(&path("prompts.jsonl"), "scores");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("scored 5 samples"),
+        "{}",
+        text(&out.stdout)
+    );
+    let expected = vec![
+        ("a".to_string(), 0, 1.0, Verdict::Ok),
+        ("a".to_string(), 1, 0.0, Verdict::Ok),
+        ("b".to_string(), 0, 1.0, Verdict::Ok),
+        ("b".to_string(), 1, 0.25, Verdict::Ok),
+        ("c".to_string(), 0, -1.0, Verdict::RuntimeError),
+    ];
+    assert_eq!(scores_of(&dir.path().join("scores")), expected);
+
+    // The same fields from a Parquet file's columns.
+    let Some(python) = venv_python() else {
+        eprintln!("skipped the Parquet prompts: no venv python with pyarrow");
+        return;
+    };
+    let made = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import sys, pyarrow as pa, pyarrow.parquet as pq\n\
+             pq.write_table(pa.table({'problem_id': ['a', 'b'], 'prompt': ['2 + 3?', '3 + 4?'], \
+             'answer': [5, 7], 'unit': [None, 'apples']}), sys.argv[1])",
+            &path("prompts.parquet"),
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let out = score(&path("prompts.parquet"), "scores-parquet");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // a's `unit` is null there: passed as None, so it counts among the extra fields.
+    let mut expected = expected;
+    expected[1].2 = 0.25;
+    assert_eq!(scores_of(&dir.path().join("scores-parquet")), expected);
 }

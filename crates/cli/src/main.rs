@@ -41,6 +41,7 @@ enum Command {
     Filter(jobs::FilterArgs),
     Export(jobs::ExportArgs),
     ScoreTests(sandbox::ScoreTestsArgs),
+    ScoreProgram(sandbox::ScoreProgramArgs),
     #[command(subcommand)]
     Sandbox(sandbox::Command),
     #[command(subcommand)]
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
         Command::Filter(args) => jobs::filter(&args),
         Command::Export(args) => jobs::export(&args),
         Command::ScoreTests(args) => sandbox::score_tests(&args),
+        Command::ScoreProgram(args) => sandbox::score_program(&args),
         Command::Sandbox(command) => sandbox::run(&command),
         Command::Train(command) => train::run(&command),
         Command::Bench(command) => bench::run(command),

@@ -1,5 +1,6 @@
-//! `prefloop sandbox run` (one program, for people) and `prefloop score-tests` (a samples stage
-//! against its problems' unit tests, into a scores stage).
+//! `prefloop sandbox run` (one program, for people), `prefloop score-tests` (a samples stage
+//! against its problems' unit tests, into a scores stage) and `prefloop score-program` (a
+//! samples stage through a reward program, into a scores stage).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -8,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use prefloop_core::{Problem, TestCase, Verdict};
-use prefloop_pipeline::{Shard, read_problems, score_tests_stage};
+use prefloop_pipeline::{
+    ProgramFields, Shard, read_problems, read_prompts, score_program_stage, score_tests_stage,
+};
 use prefloop_sandbox::{
-    Calibration, Compare, JudgeOptions, Language, Limits, Program, Sandbox, ScoreOptions,
-    TestStyle, TimePolicy, judge_run,
+    Calibration, Compare, JudgeOptions, Language, Limits, Program, RewardOptions, RewardProgram,
+    Sandbox, ScoreOptions, TestStyle, TimePolicy, judge_run,
 };
 
 /// Commands of the sandbox.
@@ -39,7 +42,7 @@ pub struct RunArgs {
     limits: LimitArgs,
 }
 
-/// Per-test limits.
+/// Per-test limits (per sample, for a reward program).
 #[derive(Debug, clap::Args)]
 struct LimitArgs {
     /// Time limit per test, in milliseconds (score-tests: for problems that state none).
@@ -244,5 +247,80 @@ pub fn score_tests(args: &ScoreTestsArgs) -> Result<()> {
             uncalibrated.join(", ")
         );
     }
+    Ok(())
+}
+
+/// Score a samples stage with a reward program in the sandbox: a Python file defining
+/// `reward(prompt, completion, **fields) -> float`, called once per sample in a fresh
+/// instance with the prompt row's other fields by name (from --prompts: JSONL keys or Parquet
+/// columns beside `prompt` and `problem_id`). A sample whose program raises (RE with the
+/// exception's type), runs out of time or memory (TLE, MLE), prints too much (OLE) or returns
+/// something other than a finite number (RE) gets --failure-reward and that verdict; nothing
+/// stops the stage. Resumable: run again after a kill, it continues after the scores written.
+#[derive(Debug, clap::Args)]
+pub struct ScoreProgramArgs {
+    /// The reward program (Python).
+    #[arg(long)]
+    program: PathBuf,
+    /// The samples stage (prefloop generate …), or other tools' Parquet.
+    #[arg(long)]
+    samples: PathBuf,
+    /// The prompts the samples came from, with the fields the program takes (JSONL or
+    /// Parquet, by problem_id). Default: no fields.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// The scores stage to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// The reward of a sample whose program failed.
+    #[arg(long, allow_negative_numbers = true, default_value_t = RewardOptions::default().failure_reward)]
+    failure_reward: f32,
+    /// Samples scored per batch (a batch's scores are written together).
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Score only slice i of n of the samples' rows (contiguous), into
+    /// OUT/shard-IIIII-of-NNNNN; `prefloop merge OUT` joins the slices once all are done.
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+}
+
+pub fn score_program(args: &ScoreProgramArgs) -> Result<()> {
+    anyhow::ensure!(args.batch > 0, "--batch must be positive");
+    let program = RewardProgram::read(&args.program)?;
+    let fields: ProgramFields = match &args.prompts {
+        Some(path) => read_prompts(path)?
+            .into_iter()
+            .map(|p| (p.problem_id, p.fields))
+            .collect(),
+        None => ProgramFields::new(),
+    };
+    let sandbox = open_sandbox()?;
+    let options = RewardOptions {
+        limits: args.limits.limits(),
+        failure_reward: args.failure_reward,
+    };
+    let report = score_program_stage(
+        &sandbox,
+        &program,
+        &fields,
+        &args.samples,
+        &options,
+        args.batch,
+        args.shard,
+        &args.out,
+    )?;
+    println!(
+        "scored {} samples ({} this run) in {:.1} s with {} (sha256 {}): {} returned a reward; \
+         wrote {}",
+        report.rows,
+        report.new_rows,
+        report.seconds,
+        args.program.display(),
+        program.sha256(),
+        report.passed,
+        args.shard.dir(&args.out).display()
+    );
     Ok(())
 }

@@ -117,6 +117,8 @@ labels! {
         RewardModel = "rm",
         /// Running the program against unit tests in the sandbox.
         Tests = "tests",
+        /// A reward program (`reward(prompt, completion, **fields)`) run in the sandbox.
+        Program = "program",
     }
 }
 

@@ -182,10 +182,21 @@ impl Default for GenerateConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ScoreConfig {
     /// `tests` runs each completion against its problem's unit tests in the sandbox; `rm`
-    /// scores it with `reward_model`. Default tests.
+    /// scores it with `reward_model`; `program` runs the reward program `program` on it in
+    /// the sandbox. Default tests.
     pub scorer: ScorerKind,
     /// A reward model directory (`prefloop train rm`), for `scorer = "rm"`.
     pub reward_model: Option<PathBuf>,
+    /// A Python file defining `reward(prompt, completion, **fields) -> float`, for `scorer =
+    /// "program"`: run in the sandbox, one fresh instance per sample, with the prompt row's
+    /// other fields (JSONL keys, Parquet columns) by name. Read once per process; its SHA-256
+    /// is recorded in the run (a resumed run refuses a changed program) and its metrics.
+    pub program: Option<PathBuf>,
+    /// Program: the time limit per sample, in milliseconds. Default 10000.
+    pub program_time_limit_ms: u64,
+    /// Program: the reward of a sample whose program raised, ran out of time or memory, or
+    /// returned something other than a finite number (its verdict says which). Default 0.
+    pub failure_reward: f32,
     /// Sequences per reward-model forward pass. Default 16.
     pub rm_batch_size: usize,
     /// Tests: reward 10 × passed / total instead of 10 only when all pass. Default false.
@@ -199,7 +210,7 @@ pub struct ScoreConfig {
     /// Tests: each test of a reference solution being timed gets this long (a ceiling of its
     /// own, so a slow reference is still measured). Default 120000.
     pub calibration_ceiling_ms: u64,
-    /// Tests: fuel per test (about one unit per wasm instruction). A run that uses it up is
+    /// Tests and programs: fuel per test or sample (about one unit per wasm instruction). A run that uses it up is
     /// TLE however loaded the machine is, so a round's scores are reproducible; the time
     /// limit stays as a backstop. `prefloop sandbox run --fuel` prints what a program uses.
     /// Default none (time limits alone).
@@ -214,6 +225,9 @@ impl Default for ScoreConfig {
         Self {
             scorer: ScorerKind::Tests,
             reward_model: None,
+            program: None,
+            program_time_limit_ms: prefloop_sandbox::Limits::default().time.as_millis() as u64,
+            failure_reward: 0.0,
             rm_batch_size: 16,
             partial_credit: false,
             time_floor_ms: time.floor.as_millis() as u64,
@@ -234,6 +248,7 @@ const PROBLEM_DATASETS: &[&str] = &["apps", "codecontests", "humaneval", "mbpp"]
 pub enum ScorerKind {
     Tests,
     Rm,
+    Program,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,6 +304,9 @@ impl RunConfig {
         }
         if let Some(rm) = &mut self.score.reward_model {
             resolve(rm);
+        }
+        if let Some(program) = &mut self.score.program {
+            resolve(program);
         }
     }
 
@@ -346,6 +364,9 @@ impl RunConfig {
         }
         if self.score.scorer == ScorerKind::Rm && self.score.reward_model.is_none() {
             return Err(fail("score.reward_model", "required when scorer = \"rm\""));
+        }
+        if self.score.scorer == ScorerKind::Program && self.score.program.is_none() {
+            return Err(fail("score.program", "required when scorer = \"program\""));
         }
         if self.score.batch_size == 0 || self.score.rm_batch_size == 0 {
             return Err(fail("score", "batch sizes must be at least 1"));

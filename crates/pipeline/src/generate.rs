@@ -18,11 +18,14 @@ use crate::config::GenerateConfig;
 use crate::error::{PipelineError, Result};
 use crate::shard::Shard;
 
-/// A prompt to sample from, and the problem it belongs to.
-#[derive(Debug, Clone, PartialEq)]
+/// A prompt to sample from, the problem it belongs to, and the row's other fields.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct PromptRow {
     pub problem_id: String,
     pub prompt: String,
+    /// Every other field of the prompt's row (JSONL keys, Parquet columns): what a reward
+    /// program receives by name (`reward(prompt, completion, answer=…)`).
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What a generate stage did in this process.
@@ -186,10 +189,12 @@ fn read_jsonl_prompts(path: &Path) -> Result<Vec<PromptRow>> {
         let at = |message: String| bad(path, format!("line {}: {message}", i + 1));
         let value: serde_json::Value =
             serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
-        let prompt = value
+        if !value
             .get("prompt")
-            .and_then(|p| p.as_str())
-            .ok_or_else(|| at("no string field `prompt`".into()))?;
+            .is_some_and(serde_json::Value::is_string)
+        {
+            return Err(at("no string field `prompt`".into()));
+        }
         let problem_id = match value.get("problem_id") {
             Some(id) => id
                 .as_str()
@@ -197,12 +202,43 @@ fn read_jsonl_prompts(path: &Path) -> Result<Vec<PromptRow>> {
                 .unwrap_or_else(|| id.to_string()),
             None => format!("prompt-{}", rows.len()),
         };
+        let mut fields = match value {
+            serde_json::Value::Object(fields) => fields,
+            _ => serde_json::Map::new(),
+        };
+        let prompt = fields
+            .remove("prompt")
+            .and_then(|p| p.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        fields.remove("problem_id");
         rows.push(PromptRow {
             problem_id,
-            prompt: prompt.to_owned(),
+            prompt,
+            fields,
         });
     }
     Ok(rows)
+}
+
+/// Row `i` of a Parquet column as JSON: strings as strings, numbers, booleans and lists as
+/// themselves, anything else as the text Arrow shows for it.
+fn json_value(
+    column: &dyn Array,
+    i: usize,
+) -> std::result::Result<serde_json::Value, arrow_schema::ArrowError> {
+    if column.is_null(i) {
+        return Ok(serde_json::Value::Null);
+    }
+    let options = arrow_cast::display::FormatOptions::default();
+    let text = arrow_cast::display::ArrayFormatter::try_new(column, &options)?
+        .value(i)
+        .to_string();
+    Ok(match column.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            serde_json::Value::String(text)
+        }
+        _ => serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    })
 }
 
 fn read_parquet_prompts(path: &Path) -> Result<Vec<PromptRow>> {
@@ -235,6 +271,13 @@ fn read_parquet_prompts(path: &Path) -> Result<Vec<PromptRow>> {
                 .expect("checked")
                 .as_string::<i32>()
         });
+        let others: Vec<(&str, &dyn Array)> = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .filter(|(f, _)| !["prompt", "problem_id"].contains(&f.name().as_str()))
+            .map(|(f, c)| (f.name().as_str(), c.as_ref()))
+            .collect();
         for i in 0..batch.num_rows() {
             let row = rows.len();
             if !prompts.is_valid(i) {
@@ -244,9 +287,15 @@ fn read_parquet_prompts(path: &Path) -> Result<Vec<PromptRow>> {
                 Some(ids) if ids.is_valid(i) => ids.value(i).to_owned(),
                 _ => format!("prompt-{row}"),
             };
+            let fields = others
+                .iter()
+                .map(|(name, column)| Ok(((*name).to_owned(), json_value(*column, i)?)))
+                .collect::<std::result::Result<_, arrow_schema::ArrowError>>()
+                .map_err(|e| bad(path, format!("row {}: {e}", row + 1)))?;
             rows.push(PromptRow {
                 problem_id,
                 prompt: prompts.value(i).to_owned(),
+                fields,
             });
         }
     }

@@ -33,6 +33,9 @@ pub use run_dir::{
     CONFIG_FILE, Extension, LOCK_FILE, METRICS_FILE, POLICY_LINK, RoundState, Rounds, RunDir,
     RunState, STATE_FILE, Stage, read_state,
 };
-pub use score::{ScoreReport, read_problems, score_options, score_rm_stage, score_tests_stage};
+pub use score::{
+    ProgramFields, ScoreReport, read_problems, reward_options, score_options, score_program_stage,
+    score_rm_stage, score_tests_stage,
+};
 pub use shard::{Shard, merge_shards};
 pub use tensorboard::{TENSORBOARD_DIR, write_events};

@@ -18,9 +18,9 @@ use prefloop_train::{Encoder, IterationRecord, PpoModels, Rollout, train_ppo};
 use crate::config::{RunConfig, ScorerKind};
 use crate::error::Result;
 use crate::online::Online;
-use crate::rounds::{RoundMetrics, Run, policy_name};
+use crate::rounds::{RoundMetrics, Run, policy_name, program_fields};
 use crate::run_dir::Stage;
-use crate::score::{rm_scores, score_options};
+use crate::score::{reward_options, rm_scores, score_options};
 
 /// Where the PPO trainer keeps its checkpoints, metrics, and finally `policy/` and `critic/`.
 pub const PPO_DIR: &str = "ppo";
@@ -99,6 +99,12 @@ impl Run<'_> {
                 let rm = self.scorer.reward_model(config)?;
                 let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
                 rm_scores(rm, &encoder, samples, config.score.rm_batch_size)?
+            }
+            ScorerKind::Program => {
+                let fields = program_fields(&self.inputs.prompts);
+                let (sandbox, program) = self.scorer.program(self.dir, config, &mut self.state)?;
+                let options = reward_options(&config.score);
+                program.score(sandbox, samples, &|id| fields.get(id).cloned(), &options)?
             }
         })
     }

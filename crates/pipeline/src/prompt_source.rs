@@ -263,6 +263,7 @@ mod tests {
             .map(|i| PromptRow {
                 problem_id: format!("p{i}"),
                 prompt: format!("prompt {i}"),
+                ..PromptRow::default()
             })
             .collect()
     }

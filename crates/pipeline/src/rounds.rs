@@ -18,7 +18,7 @@ use prefloop_data::{
     build_pairs, stage_stats,
 };
 use prefloop_model::{Model, best_device};
-use prefloop_sandbox::{Calibration, Sandbox};
+use prefloop_sandbox::{Calibration, RewardProgram, Sandbox};
 use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo};
 
 use crate::config::{Algorithm, RunConfig, ScorerKind};
@@ -28,7 +28,10 @@ use crate::prompt_source::{
     RoundPrompts, choose, is_growing, per_round, read_prompt_source, recorded,
 };
 use crate::run_dir::{METRICS_FILE, RoundState, RunDir, RunState, Stage};
-use crate::score::{read_problems, score_options, score_rm_stage, score_tests_stage};
+use crate::score::{
+    ProgramFields, read_problems, reward_options, score_options, score_program_stage,
+    score_rm_stage, score_tests_stage,
+};
 use crate::shard::Shard;
 
 /// Where an imported dataset's problems stage lives in the run directory.
@@ -80,6 +83,7 @@ impl Inputs {
             .map(|p| PromptRow {
                 problem_id: p.problem_id.clone(),
                 prompt: p.prompt.clone(),
+                ..PromptRow::default()
             })
             .collect();
         let by_id = problems
@@ -109,6 +113,10 @@ pub fn run_rounds(
         scorer: Scorers::default(),
         state,
     };
+    if config.score.scorer == ScorerKind::Program && !run.state.finished {
+        // A changed reward program stops the run before anything is sampled with it.
+        run.scorer.program(dir, config, &mut run.state)?;
+    }
     let start = config.model.clone().unwrap_or_default();
     let last_policy = match config.algorithm {
         Algorithm::DpoIter => {
@@ -299,6 +307,20 @@ impl Run<'_> {
                     let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
                     let batch = config.score.rm_batch_size;
                     score_rm_stage(rm, &encoder, &samples, batch, &out)?
+                }
+                ScorerKind::Program => {
+                    let fields = program_fields(&self.round_prompts(round)?);
+                    let (sandbox, program) = self.scorer.program(dir, config, &mut self.state)?;
+                    score_program_stage(
+                        sandbox,
+                        program,
+                        &fields,
+                        &samples,
+                        &reward_options(&config.score),
+                        config.score.batch_size,
+                        Shard::WHOLE,
+                        &out,
+                    )?
                 }
             };
             tracing::debug!(scored = report.new_rows, passed = report.passed, "scored");
@@ -564,6 +586,14 @@ fn select_problems(
     Ok(problems)
 }
 
+/// Each prompt row's fields by problem id, for a reward program.
+pub(crate) fn program_fields(prompts: &[PromptRow]) -> ProgramFields {
+    prompts
+        .iter()
+        .map(|p| (p.problem_id.clone(), p.fields.clone()))
+        .collect()
+}
+
 /// Scorers, opened once per process and only when a stage needs them.
 #[derive(Default)]
 pub(crate) struct Scorers {
@@ -571,6 +601,7 @@ pub(crate) struct Scorers {
     /// Reference solutions' times, measured once per problem for the whole run.
     calibration: Calibration,
     reward_model: Option<RewardModel>,
+    program: Option<RewardProgram>,
 }
 
 impl Scorers {
@@ -580,6 +611,45 @@ impl Scorers {
             self.sandbox = Some(Sandbox::open_default()?);
         }
         Ok((self.sandbox.as_ref().expect("opened"), &self.calibration))
+    }
+
+    /// The sandbox and the run's reward program, read once. The first read records the
+    /// program's hash in the run's state; a later process (a resume) refuses a program that
+    /// changed, so every round of a run is scored by the same function.
+    pub(crate) fn program(
+        &mut self,
+        dir: &RunDir,
+        config: &RunConfig,
+        state: &mut RunState,
+    ) -> Result<(&Sandbox, &RewardProgram)> {
+        if self.program.is_none() {
+            let path = config.score.program.as_deref().expect("validated");
+            let program = RewardProgram::read(path)?;
+            match &state.program_sha256 {
+                Some(recorded) if recorded != program.sha256() => {
+                    return Err(PipelineError::Config {
+                        path: path.to_owned(),
+                        message: format!(
+                            "the reward program changed since the run first read it (sha256 \
+                             {recorded}, now {}): restore it, or start a new run",
+                            program.sha256()
+                        ),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    state.program_sha256 = Some(program.sha256().to_owned());
+                    dir.save_state(state)?;
+                }
+            }
+            tracing::info!(program = %path.display(), sha256 = program.sha256(), "reward program");
+            self.program = Some(program);
+        }
+        self.tests()?;
+        Ok((
+            self.sandbox.as_ref().expect("opened"),
+            self.program.as_ref().expect("read"),
+        ))
     }
 
     /// With calibration on, how many problems kept the default limit (their reference is
@@ -609,6 +679,7 @@ impl std::fmt::Debug for Scorers {
         f.debug_struct("Scorers")
             .field("sandbox", &self.sandbox.is_some())
             .field("reward_model", &self.reward_model.is_some())
+            .field("program", &self.program.as_ref().map(|p| p.sha256()))
             .finish()
     }
 }
@@ -680,6 +751,9 @@ fn write_metrics(dir: &RunDir, state: &RunState) -> Result<()> {
     let mut text = String::new();
     for round in state.rounds.iter().filter(|r| !r.metrics.is_empty()) {
         let mut line = serde_json::to_value(&round.metrics).expect("serialises");
+        if let Some(sha256) = &state.program_sha256 {
+            line["score/program_sha256"] = serde_json::json!(sha256);
+        }
         if let Some(prompts) = &round.prompts {
             // Which files the round sampled and a hash of what it sampled.
             line["prompts/files"] = serde_json::json!(prompts.files);

@@ -67,6 +67,10 @@ pub struct RunState {
     /// Every `--rounds +N` extension, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extensions: Vec<Extension>,
+    /// SHA-256 of the reward program (`scorer = "program"`) as first read: every round is
+    /// scored by the same program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_sha256: Option<String>,
 }
 
 /// `--rounds N` (set) or `--rounds +N` (that many more than the run has trained).

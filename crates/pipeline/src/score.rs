@@ -1,6 +1,6 @@
 //! The score stage: a samples stage into a scores stage, by running each completion against
-//! its problem's unit tests in the sandbox, or with a reward model. Resumable: a killed stage
-//! continues after the scores already written.
+//! its problem's unit tests in the sandbox, with a reward model, or with a reward program in
+//! the sandbox. Resumable: a killed stage continues after the scores already written.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,7 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_core::{Problem, Sample, Score, Scorer, Verdict};
 use prefloop_data::{StageReader, StageWriter, WriterOptions};
 use prefloop_sandbox::{
-    Calibration, JudgeOptions, Limits, Sandbox, ScoreOptions, TimePolicy, score_samples,
+    Calibration, JudgeOptions, Limits, RewardOptions, RewardProgram, Sandbox, ScoreOptions,
+    TimePolicy, score_samples,
 };
 use prefloop_train::{Encoder, RewardModel};
 
@@ -25,7 +26,8 @@ pub struct ScoreReport {
     pub rows: u64,
     /// Rows scored by this call.
     pub new_rows: u64,
-    /// Of those, how many passed every test (tests scorer).
+    /// Of those, how many got the verdict OK: passed every test, or a reward program returned
+    /// a number (every reward-model score is OK).
     pub passed: u64,
     pub seconds: f64,
 }
@@ -49,6 +51,39 @@ pub fn score_options(config: &ScoreConfig) -> ScoreOptions {
         partial_credit: config.partial_credit,
         calibrate: config.calibrate,
     }
+}
+
+/// The reward program options of a config's `[score]` section.
+pub fn reward_options(config: &ScoreConfig) -> RewardOptions {
+    RewardOptions {
+        limits: Limits {
+            time: Duration::from_millis(config.program_time_limit_ms),
+            fuel: config.fuel,
+            ..Limits::default()
+        },
+        failure_reward: config.failure_reward,
+    }
+}
+
+/// A problem's fields for its reward program, by problem id.
+pub type ProgramFields = HashMap<String, serde_json::Map<String, serde_json::Value>>;
+
+/// Scores the samples of `shard` with a reward program into the scores stage `out`, `batch`
+/// samples at a time; `fields` holds each problem's fields (those it lacks get none).
+#[allow(clippy::too_many_arguments)] // each is one of the stage's independent inputs
+pub fn score_program_stage(
+    sandbox: &Sandbox,
+    program: &RewardProgram,
+    fields: &ProgramFields,
+    samples: &Path,
+    options: &RewardOptions,
+    batch: usize,
+    shard: Shard,
+    out: &Path,
+) -> Result<ScoreReport> {
+    score_stage(samples, batch, shard, out, |batch| {
+        Ok(program.score(sandbox, batch, &|id| fields.get(id).cloned(), options)?)
+    })
 }
 
 /// Every problem of a problems stage, by id.
@@ -75,13 +110,15 @@ pub fn score_tests_stage(
     shard: Shard,
     out: &Path,
 ) -> Result<ScoreReport> {
-    let mut passed = 0;
     score_stage(samples, batch, shard, out, |batch| {
-        let scores = score_samples(sandbox, problems, batch, options, calibration)?;
-        passed += scores.iter().filter(|s| s.verdict == Verdict::Ok).count() as u64;
-        Ok(scores)
+        Ok(score_samples(
+            sandbox,
+            problems,
+            batch,
+            options,
+            calibration,
+        )?)
     })
-    .map(|report| ScoreReport { passed, ..report })
 }
 
 /// Scores the samples stage `samples` with a reward model into the scores stage `out`.
@@ -129,7 +166,7 @@ pub fn rm_scores(
         .collect())
 }
 
-/// The resumable loop both scorers share: skip what `out` holds, score the rest in batches.
+/// The resumable loop the scorers share: skip what `out` holds, score the rest in batches.
 fn score_stage(
     samples: &Path,
     batch_size: usize,
@@ -151,9 +188,12 @@ fn score_stage(
     );
     let started = Instant::now();
     let (mut seen, mut batch) = (0u64, Vec::with_capacity(batch_size));
+    let mut passed = 0;
     let mut flush = |batch: &mut Vec<Sample>| -> Result<()> {
         if !batch.is_empty() {
-            writer.write(&score(batch)?)?;
+            let scores = score(batch)?;
+            passed += scores.iter().filter(|s| s.verdict == Verdict::Ok).count() as u64;
+            writer.write(&scores)?;
             bar.inc(batch.len() as u64);
             batch.clear();
         }
@@ -182,7 +222,7 @@ fn score_stage(
     Ok(ScoreReport {
         rows: manifest.rows(),
         new_rows: total - done,
-        passed: 0,
+        passed,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -11,6 +11,7 @@
 mod cpp;
 mod error;
 mod judge;
+mod reward;
 mod runtime;
 mod score;
 
@@ -19,6 +20,7 @@ pub use judge::{
     Compare, JudgeOptions, Judgement, Language, Program, TestResult, TestStyle, apps_match,
     json_answer_matches, judge_run, tokens_match,
 };
+pub use reward::{RewardOptions, RewardProgram};
 pub use runtime::{Exit, Limits, PYTHON_RUNNER, RunOutput, Sandbox, default_runtime_dir};
 pub use score::{
     Calibration, ScoreOptions, TimePolicy, compare_for, extract_program, program_for, score_samples,
