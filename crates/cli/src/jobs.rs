@@ -68,10 +68,11 @@ pub struct StatsArgs {
 
 pub fn stats(args: &StatsArgs) -> Result<()> {
     for round in stage_stats(&args.samples, &args.scores, &args.k)? {
-        let pass: Vec<String> = round
+        // pass@k only where tests scored the samples.
+        let pass: String = round
             .pass_at
             .iter()
-            .map(|(k, v)| format!("pass@{k} {v:.4}"))
+            .map(|(k, v)| format!("pass@{k} {v:.4}, "))
             .collect();
         let verdicts: Vec<String> = round
             .verdicts
@@ -79,12 +80,11 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
             .map(|(v, n)| format!("{v} {n}"))
             .collect();
         println!(
-            "round {}: {} scores, reward {:.4} ± {:.4}, {}, mean {:.1} tokens, verdicts: {}",
+            "round {}: {} scores, reward {:.4} ± {:.4}, {pass}mean {:.1} tokens, verdicts: {}",
             round.round,
             round.scores,
             round.reward_mean,
             round.reward_std,
-            pass.join(", "),
             round.mean_tokens,
             verdicts.join(", ")
         );

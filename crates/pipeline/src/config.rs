@@ -274,6 +274,15 @@ impl Default for PairsConfig {
     }
 }
 
+/// The directory a config's relative paths start from: the file's own (`.` for a bare file
+/// name, whose parent is the empty path).
+fn config_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 impl RunConfig {
     /// Reads `path`, resolving relative paths against its directory.
     pub fn load(path: &Path) -> Result<Self> {
@@ -282,7 +291,7 @@ impl RunConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let base = config_dir(path);
         let base = std::path::absolute(base).map_err(PipelineError::io(base))?;
         config.resolve_paths(&base);
         config.validate(path)?;
@@ -453,6 +462,17 @@ mod tests {
         let path = dir.join("run.toml");
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn a_config_named_without_a_directory_resolves_against_the_current_one() {
+        // `prefloop run --config exp.toml` failed: "cannot make an empty path absolute".
+        assert_eq!(config_dir(Path::new("exp.toml")), Path::new("."));
+        assert_eq!(
+            config_dir(Path::new("configs/demo.toml")),
+            Path::new("configs")
+        );
+        assert_eq!(config_dir(Path::new("/etc/x.toml")), Path::new("/etc"));
     }
 
     #[test]

@@ -138,8 +138,9 @@ impl RewardProgram {
             round: sample.round,
             reward,
             scorer: Scorer::Program,
-            passed: u32::from(verdict == Verdict::Ok),
-            total: 1,
+            // No tests ran (as for a reward model): pass@k is not this scorer's to report.
+            passed: 0,
+            total: 0,
             verdict,
             wall_ms: judged.wall.as_secs_f32() * 1e3,
         })

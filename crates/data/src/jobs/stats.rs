@@ -131,12 +131,16 @@ pub fn stage_stats(samples: &Path, scores: &Path, ks: &[u32]) -> Result<Vec<Roun
         }
     }
 
-    let passed = col("passed").eq(col("total")).and(col("total").gt(lit(0)));
+    // pass@k over test-scored samples only: a reward model or program runs no tests.
+    let passed = col("passed").eq(col("total"));
     let problems = collect(
-        scores_lf.group_by([col("round"), col("problem_id")]).agg([
-            len().alias("n"),
-            passed.cast(DataType::UInt32).sum().alias("c"),
-        ]),
+        scores_lf
+            .filter(col("total").gt(lit(0)))
+            .group_by([col("round"), col("problem_id")])
+            .agg([
+                len().alias("n"),
+                passed.cast(DataType::UInt32).sum().alias("c"),
+            ]),
         scores,
     )?;
     let (round, n, c) = (
@@ -244,6 +248,45 @@ mod tests {
         assert_eq!(round.verdicts.get("OK"), Some(&1));
         assert_eq!(round.verdicts.get("WA"), Some(&7));
         assert!((round.mean_tokens - 11.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_round_scored_without_tests_has_no_pass_at_k() {
+        // A reward program's scores are OK with no tests behind them: no pass@k, not 1.0.
+        let dir = tempfile::tempdir().unwrap();
+        let samples: Vec<Sample> = (0..2)
+            .map(|i| Sample {
+                problem_id: "p".into(),
+                prompt: String::new(),
+                completion: String::new(),
+                sample_idx: i,
+                round: 0,
+                policy: String::new(),
+                seed: 0,
+                num_tokens: 1,
+                logprob_sum: 0.0,
+                finish: Finish::Stop,
+            })
+            .collect();
+        let scores: Vec<Score> = (0..2)
+            .map(|i| Score {
+                problem_id: "p".into(),
+                sample_idx: i,
+                round: 0,
+                reward: i as f32,
+                scorer: Scorer::Program,
+                passed: 0,
+                total: 0,
+                verdict: Verdict::Ok,
+                wall_ms: 1.0,
+            })
+            .collect();
+        let (s, c) = (dir.path().join("samples"), dir.path().join("scores"));
+        write_test_stage(&s, &samples);
+        write_test_stage(&c, &scores);
+        let stats = stage_stats(&s, &c, &[1, 2]).unwrap();
+        assert_eq!(stats[0].pass_at, []);
+        assert!((stats[0].reward_mean - 0.5).abs() < 1e-9);
     }
 
     #[test]
