@@ -1075,7 +1075,7 @@ fn three_nights_each_with_one_new_prompt_file_and_one_command() {
 }
 
 #[test]
-fn a_program_scored_run_killed_at_many_points_resumes_and_refuses_a_changed_program() {
+fn a_program_scored_run_with_held_out_prompts_resumes_after_kills_and_refuses_a_changed_program() {
     if !model_ready() {
         return;
     }
@@ -1088,6 +1088,11 @@ fn a_program_scored_run_killed_at_many_points_resumes_and_refuses_a_changed_prog
         "{\"problem_id\": \"a\", \"prompt\": \"Write five letters.\", \"length\": 5}\n\
          {\"problem_id\": \"b\", \"prompt\": \"Write twenty letters.\", \"length\": 20}\n\
          {\"problem_id\": \"c\", \"prompt\": \"Write one letter.\", \"length\": 1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        scratch.path().join("held_out.jsonl"),
+        "{\"problem_id\": \"h\", \"prompt\": \"Write ten letters.\", \"length\": 10}\n",
     )
     .unwrap();
     let program = scratch.path().join("reward.py");
@@ -1104,6 +1109,7 @@ fn a_program_scored_run_killed_at_many_points_resumes_and_refuses_a_changed_prog
              [data]\nprompts = {prompts:?}\n\
              [generate]\nn = 3\nmax_new_tokens = 8\ntop_k = 20\nbatch_size = 9\n\
              [score]\nscorer = \"program\"\nprogram = \"reward.py\"\n\
+             [eval]\nprompts = \"held_out.jsonl\"\nn = 4\n\
              [dpo.train]\nbatch_size = 2\n[dpo.train.optim]\nlr = 1e-3\n"
         ),
     )
@@ -1134,6 +1140,19 @@ fn a_program_scored_run_killed_at_many_points_resumes_and_refuses_a_changed_prog
             .iter()
             .all(|l| l["score/program_sha256"] == sha.as_str())
     );
+    // Every policy measured on the held-out prompt, which no round trains on.
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["eval/reward/mean"].as_f64().unwrap() <= 0.0)
+    );
+    let held: Vec<Sample> = rows(&whole.join("round-0002/eval/samples"));
+    assert_eq!(held.len(), 4);
+    assert!(held.iter().all(|s| s.problem_id == "h"));
+    let pairs_of_all_rounds: Vec<Pair> = (0..2)
+        .flat_map(|r| rows::<Pair>(&whole.join(format!("round-{r:04}/pairs"))))
+        .collect();
+    assert!(pairs_of_all_rounds.iter().all(|p| p.problem_id != "h"));
 
     let killed = scratch.path().join("killed");
     kill_at_then_resume(&config, &killed, unbroken, &[0.2, 0.35, 0.5, 0.65, 0.8]);
@@ -1143,7 +1162,9 @@ fn a_program_scored_run_killed_at_many_points_resumes_and_refuses_a_changed_prog
             killed.join(format!("round-{round:04}")),
         );
         assert_same_samples_and_scores(&a, &b, round);
+        assert_same_samples_and_scores(&a.join("eval"), &b.join("eval"), round);
     }
+    assert_eq!(metrics(&whole).len(), metrics(&killed).len());
 
     // Another program under the same name: a run that would score with it stops (exit 4),
     // naming the file and both hashes.
@@ -1159,4 +1180,50 @@ fn a_program_scored_run_killed_at_many_points_resumes_and_refuses_a_changed_prog
         stderr.contains("reward.py") && stderr.contains(&sha),
         "{stderr}"
     );
+}
+
+/// configs/demo.toml as scripts/demo runs it, cut to one round on a third of the sums: the
+/// embedded default samples, a reward program scores, the held-out sums are measured each
+/// round, and the report draws the held-out curve.
+#[test]
+fn the_shipped_demo_config_runs_a_short_round_with_its_reward_program_and_held_out_sums() {
+    if !model_ready() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let shipped = std::fs::read_to_string(configs.join("demo.toml")).unwrap();
+    assert!(shipped.contains("rounds = 4\n") && shipped.contains("n = 8\n"));
+    let short = shipped
+        .replace("rounds = 4\n", "rounds = 1\n")
+        .replace("n = 8\n", "n = 2\n")
+        .replace("[data]\n", "[data]\nlimit = 18\n")
+        .replace("\"demo/", &format!("\"{}/", configs.join("demo").display()));
+    let config = scratch.path().join("demo.toml");
+    std::fs::write(&config, short).unwrap();
+    let run = scratch.path().join("run");
+    let out = prefloop(&run_args(&config, &run));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("held-out reward"),
+        "{}",
+        text(&out.stdout)
+    );
+    let lines = metrics(&run);
+    assert_eq!(lines.len(), 2, "a round and the final generation");
+    for line in &lines {
+        let held_out = line["eval/reward/mean"].as_f64().unwrap();
+        assert!((0.0..=1.5).contains(&held_out), "{line}");
+    }
+    let held: Vec<Sample> = rows(&run.join("round-0000/eval/samples"));
+    assert_eq!(held.len(), 27 * 2, "every held-out sum, n = 2");
+    let scores: Vec<Score> = rows(&run.join("round-0000/scores"));
+    assert_eq!(scores.len(), 18 * 2);
+    assert!(
+        scores
+            .iter()
+            .all(|s| s.scorer == prefloop_core::Scorer::Program)
+    );
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("eval/reward/mean (held out)"));
 }

@@ -145,6 +145,9 @@ fn summary(metrics: &RoundMetrics) -> String {
     if let (Some(mean), Some(std)) = (get("reward/mean"), get("reward/std")) {
         parts.push(format!("reward {mean:.2} ± {std:.2}"));
     }
+    if let (Some(mean), Some(std)) = (get("eval/reward/mean"), get("eval/reward/std")) {
+        parts.push(format!("held-out reward {mean:.3} ± {std:.2}"));
+    }
     for (key, value) in metrics.iter().filter(|(k, _)| k.starts_with("pass@")) {
         parts.push(format!("{key} {value:.3}"));
     }
@@ -163,9 +166,11 @@ fn summary(metrics: &RoundMetrics) -> String {
     if let Some(accuracy) = get("train/rewards/accuracies") {
         parts.push(format!("rewards/accuracies {accuracy:.2}"));
     }
-    let times: Vec<String> = [Stage::Generate, Stage::Score, Stage::Pairs, Stage::Train]
+    let stages = [Stage::Generate, Stage::Score, Stage::Pairs, Stage::Train].map(Stage::name);
+    let times: Vec<String> = stages
         .into_iter()
-        .filter_map(|s| get(&format!("time/{}", s.name())).map(|t| format!("{} {t:.0}s", s.name())))
+        .chain(["eval"])
+        .filter_map(|s| get(&format!("time/{s}")).map(|t| format!("{s} {t:.0}s")))
         .collect();
     if !times.is_empty() {
         parts.push(format!("({})", times.join(", ")));

@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub data: DataConfig,
     pub generate: GenerateConfig,
     pub score: ScoreConfig,
+    /// Held-out prompts every DPO-Iter round's policy is measured on (not trained on).
+    pub eval: EvalConfig,
     pub pairs: PairsConfig,
     /// The DPO update of each round (β, loss, optimiser, epochs…), as `prefloop train dpo`
     /// takes it. Defaults: the paper's (β 0.1, lr 1e-6, 1 epoch).
@@ -59,6 +61,7 @@ impl Default for RunConfig {
             data: DataConfig::default(),
             generate: GenerateConfig::default(),
             score: ScoreConfig::default(),
+            eval: EvalConfig::default(),
             pairs: PairsConfig::default(),
             dpo: DpoConfig::default(),
             ppo: PpoConfig::default(),
@@ -125,6 +128,20 @@ pub struct DataConfig {
     /// `reuse` samples every file again, `stop` ends the run there (exit 0) until a new file
     /// arrives. Default reuse.
     pub when_exhausted: WhenExhausted,
+}
+
+/// Held-out evaluation: each DPO-Iter round, and the final generation, also samples these
+/// prompts from the round's policy and scores them with the run's scorer, into
+/// `round-NNNN/eval/{samples,scores}`; the round's metrics gain `eval/reward/mean` and
+/// `eval/reward/std`. Nothing sampled here is paired or trained on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// A JSONL or Parquet prompts file (its rows' other fields go to a reward program).
+    /// Default: none, no evaluation.
+    pub prompts: Option<PathBuf>,
+    /// Samples per prompt. Default: `generate.n`.
+    pub n: Option<u32>,
 }
 
 /// See [`DataConfig::when_exhausted`].
@@ -317,6 +334,9 @@ impl RunConfig {
         if let Some(program) = &mut self.score.program {
             resolve(program);
         }
+        if let Some(prompts) = &mut self.eval.prompts {
+            resolve(prompts);
+        }
     }
 
     /// Checks what serde cannot: required fields and ranges. Errors name the field.
@@ -373,6 +393,15 @@ impl RunConfig {
         }
         if self.score.scorer == ScorerKind::Rm && self.score.reward_model.is_none() {
             return Err(fail("score.reward_model", "required when scorer = \"rm\""));
+        }
+        if self.eval.prompts.is_some() && self.score.scorer == ScorerKind::Tests {
+            return Err(fail(
+                "eval.prompts",
+                "held-out prompts carry no tests: evaluate with scorer = \"program\" or \"rm\"",
+            ));
+        }
+        if self.eval.n == Some(0) {
+            return Err(fail("eval.n", "must be at least 1"));
         }
         if self.score.scorer == ScorerKind::Program && self.score.program.is_none() {
             return Err(fail("score.program", "required when scorer = \"program\""));

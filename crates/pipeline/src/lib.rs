@@ -19,8 +19,8 @@ mod shard;
 mod tensorboard;
 
 pub use config::{
-    Algorithm, DataConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig, ScorerKind,
-    WhenExhausted,
+    Algorithm, DataConfig, EvalConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig,
+    ScorerKind, WhenExhausted,
 };
 pub use error::{PipelineError, Result};
 pub use generate::{GenerateReport, PromptRow, generate_stage, read_prompts, row_seed};
@@ -28,7 +28,7 @@ pub use group_rounds::GROUP_DIR;
 pub use ppo_rounds::PPO_DIR;
 pub use prompt_source::{RoundPrompts, SourceFile};
 pub use report::{REPORT_FILE, write_report};
-pub use rounds::{PROBLEMS_DIR, RoundMetrics, run_rounds};
+pub use rounds::{EVAL_DIR, PROBLEMS_DIR, RoundMetrics, run_rounds};
 pub use run_dir::{
     CONFIG_FILE, Extension, LOCK_FILE, METRICS_FILE, POLICY_LINK, RoundState, Rounds, RunDir,
     RunState, STATE_FILE, Stage, read_state,

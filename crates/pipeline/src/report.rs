@@ -54,10 +54,15 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     pass_keys.dedup();
 
     let mut charts = Vec::new();
+    let mut reward = vec![("reward/mean".into(), per_round("reward/mean"))];
+    let held_out = per_round("eval/reward/mean");
+    if !held_out.is_empty() {
+        reward.push(("eval/reward/mean (held out)".into(), held_out));
+    }
     charts.push(chart(
         "Reward (mean of the round's samples)",
         "round",
-        &[("reward/mean".into(), per_round("reward/mean"))],
+        &reward,
     )?);
     let pass: Vec<Series> = pass_keys
         .iter()

@@ -21,7 +21,7 @@ use prefloop_model::{Model, best_device};
 use prefloop_sandbox::{Calibration, RewardProgram, Sandbox};
 use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo};
 
-use crate::config::{Algorithm, RunConfig, ScorerKind};
+use crate::config::{Algorithm, GenerateConfig, RunConfig, ScorerKind};
 use crate::error::{PipelineError, Result};
 use crate::generate::{PromptRow, generate_stage, row_seed};
 use crate::prompt_source::{
@@ -245,7 +245,111 @@ impl Run<'_> {
         let mut model = None;
         self.generate_and_score(round, &mut model)?;
         self.measure_kl(round, &mut model)?;
+        self.evaluate(round, &mut model)?;
         Ok(model)
+    }
+
+    /// The round's policy on the held-out prompts (`[eval]`): sampled and scored into
+    /// `round-NNNN/eval/`, summarised in the round's metrics. Resumable as the round's own
+    /// stages are: a killed evaluation continues after the rows it wrote.
+    fn evaluate(&mut self, round: u32, model: &mut Option<Model>) -> Result<()> {
+        let (dir, config) = (self.dir, self.config);
+        let Some(path) = &config.eval.prompts else {
+            return Ok(());
+        };
+        if self.state.rounds[round as usize]
+            .measured
+            .contains_key(EVAL_REWARD)
+        {
+            return Ok(());
+        }
+        let began = Instant::now();
+        let prompts = crate::generate::read_prompts(path)?;
+        let eval_dir = dir.round_dir(round).join(EVAL_DIR);
+        let (samples, scores) = (
+            eval_dir.join(Stage::Generate.dir_name()),
+            eval_dir.join(Stage::Score.dir_name()),
+        );
+        let complete = |stage: &Path| -> Result<bool> {
+            Ok(prefloop_data::Manifest::load(stage)?.is_some_and(|m| m.complete))
+        };
+        if !complete(&samples)? {
+            self.generate_eval(round, model, &prompts, &samples)?;
+        }
+        if !complete(&scores)? {
+            self.score_eval(&prompts, &samples, &scores)?;
+        }
+        let stats = stage_stats(&samples, &scores, &[])?;
+        let entry = &mut self.state.rounds[round as usize];
+        if let Some(stats) = stats.first() {
+            entry.measured.insert(EVAL_REWARD.into(), stats.reward_mean);
+            entry
+                .measured
+                .insert("eval/reward/std".into(), stats.reward_std);
+        }
+        entry
+            .measured
+            .insert("time/eval".into(), began.elapsed().as_secs_f64());
+        dir.save_state(&self.state)
+    }
+
+    /// The held-out prompts sampled from the round's policy into `out`.
+    fn generate_eval(
+        &mut self,
+        round: u32,
+        model: &mut Option<Model>,
+        prompts: &[PromptRow],
+        out: &Path,
+    ) -> Result<()> {
+        let config = self.config;
+        self.load_policy(round, model)?;
+        let generate = GenerateConfig {
+            n: config.eval.n.unwrap_or(config.generate.n),
+            ..config.generate.clone()
+        };
+        // Seeds of their own: the held-out rows never repeat a training row's draws.
+        let seed = row_seed(config.generate.seed ^ EVAL_SEED, u64::from(round));
+        generate_stage(
+            model.as_ref().expect("loaded"),
+            prompts,
+            &generate,
+            &policy_name(config, round),
+            round,
+            seed,
+            Shard::WHOLE,
+            out,
+        )?;
+        Ok(())
+    }
+
+    /// The held-out samples scored by the run's scorer into `out`.
+    fn score_eval(&mut self, prompts: &[PromptRow], samples: &Path, scores: &Path) -> Result<()> {
+        let (dir, config) = (self.dir, self.config);
+        let batch = config.score.batch_size;
+        match config.score.scorer {
+            ScorerKind::Program => {
+                let fields = program_fields(prompts);
+                let (sandbox, program) = self.scorer.program(dir, config, &mut self.state)?;
+                let options = reward_options(&config.score);
+                score_program_stage(
+                    sandbox,
+                    program,
+                    &fields,
+                    samples,
+                    &options,
+                    batch,
+                    Shard::WHOLE,
+                    scores,
+                )?;
+            }
+            ScorerKind::Rm => {
+                let rm = self.scorer.reward_model(config)?;
+                let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
+                score_rm_stage(rm, &encoder, samples, config.score.rm_batch_size, scores)?;
+            }
+            ScorerKind::Tests => unreachable!("validate refuses eval with the tests scorer"),
+        }
+        Ok(())
     }
 
     /// Loads the round's policy into `model` unless it is there already.
@@ -585,6 +689,13 @@ fn select_problems(
     }
     Ok(problems)
 }
+
+/// Under a round's directory: the held-out evaluation's samples and scores stages.
+pub const EVAL_DIR: &str = "eval";
+/// The round metric of the held-out evaluation.
+const EVAL_REWARD: &str = "eval/reward/mean";
+/// Mixed into the held-out rows' seeds.
+const EVAL_SEED: u64 = 0x6576_616c; // "eval"
 
 /// Each prompt row's fields by problem id, for a reward program.
 pub(crate) fn program_fields(prompts: &[PromptRow]) -> ProgramFields {
