@@ -8,6 +8,7 @@
 //! Three messages with five fields are encoded by hand here; the Rust TensorBoard writers
 //! (tensorboard-rs, syntaxdot-summary) are unmaintained and pull in far more than that.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,28 +32,20 @@ pub fn write_events(run: &Path) -> Result<PathBuf> {
         &event(wall_time, 0, Payload::FileVersion("brain.Event:2")),
     );
     for line in read_jsonl(&run.join(METRICS_FILE))? {
-        let Some(&round) = line.get("round") else {
-            continue;
-        };
-        let values: Vec<(String, f32)> = line
-            .iter()
-            .filter(|(k, _)| k.as_str() != "round")
-            .map(|(k, v)| (format!("round/{k}"), *v as f32))
-            .collect();
-        record(
-            &mut file,
-            &event(wall_time, round as i64, Payload::Scalars(&values)),
-        );
+        if let Some(&round) = line.get("round") {
+            let values = scalars(&line, "round", "round");
+            record(
+                &mut file,
+                &event(wall_time, round as i64, Payload::Scalars(&values)),
+            );
+        }
     }
     for (step, line) in train_logs(run)?.into_iter().enumerate() {
-        let values: Vec<(String, f32)> = line
-            .iter()
-            .filter(|(k, _)| k.as_str() != "step")
-            .map(|(k, v)| (format!("train/{k}"), *v as f32))
-            .collect();
+        let values = scalars(&line, "train", "step");
+        let step = step as i64 + 1;
         record(
             &mut file,
-            &event(wall_time, step as i64 + 1, Payload::Scalars(&values)),
+            &event(wall_time, step, Payload::Scalars(&values)),
         );
     }
     let dir = run.join(TENSORBOARD_DIR);
@@ -60,6 +53,14 @@ pub fn write_events(run: &Path) -> Result<PathBuf> {
     let path = dir.join(EVENTS_FILE);
     prefloop_data::write_atomic(&path, &file)?;
     Ok(path)
+}
+
+/// A logged line's values as `prefix/<key>` scalars, less the key that is its step.
+fn scalars(line: &BTreeMap<String, f64>, prefix: &str, step_key: &str) -> Vec<(String, f32)> {
+    line.iter()
+        .filter(|(k, _)| k.as_str() != step_key)
+        .map(|(k, v)| (format!("{prefix}/{k}"), *v as f32))
+        .collect()
 }
 
 enum Payload<'a> {
