@@ -1227,3 +1227,115 @@ fn the_shipped_demo_config_runs_a_short_round_with_its_reward_program_and_held_o
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
     assert!(html.contains("eval/reward/mean (held out)"));
 }
+
+/// The online algorithms' held-out evaluation: the actor measured before the update of every
+/// `eval.every`-th iteration and after the last, with its KL to the start; a GRPO run killed
+/// at several points resumes to the same held-out rows.
+#[test]
+fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_same_rows() {
+    if !model_ready() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let prompts = scratch.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"problem_id\": \"a\", \"prompt\": \"Write five letters.\", \"length\": 5}\n\
+         {\"problem_id\": \"b\", \"prompt\": \"Write twenty letters.\", \"length\": 20}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        scratch.path().join("held_out.jsonl"),
+        "{\"problem_id\": \"h\", \"prompt\": \"Write ten letters.\", \"length\": 10}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        scratch.path().join("reward.py"),
+        "def reward(prompt, completion, length):\n    return -abs(len(completion) - length) / 10\n",
+    )
+    .unwrap();
+    let config = |algorithm: &str, section: &str| {
+        let path = scratch.path().join(format!("{algorithm}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "algorithm = \"{algorithm}\"\nrounds = 3\nmodel = {model:?}\n\
+                 [data]\nprompts = {prompts:?}\n\
+                 [generate]\nn = 2\nmax_new_tokens = 8\ntop_k = 20\n\
+                 [score]\nscorer = \"program\"\nprogram = \"reward.py\"\n\
+                 [eval]\nprompts = \"held_out.jsonl\"\nn = 3\nevery = 2\n\
+                 {section}"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let ppo = config(
+        "ppo",
+        "[ppo]\nrollout_batch_size = 2\nnum_minibatches = 1\nppo_epochs = 1\n\
+         max_new_tokens = 8\ntruncated = \"score\"\n[ppo.actor]\nlr = 1e-3\n",
+    );
+    let grpo = config(
+        "grpo",
+        "[group]\nrollout_batch_size = 2\ngroup_size = 3\nmax_new_tokens = 8\n\
+         max_extra_draws = 0\noverlong = \"keep\"\n[group.actor]\nlr = 1e-3\n",
+    );
+    let mut unbroken = Duration::ZERO;
+    for (name, config) in [("ppo", &ppo), ("grpo", &grpo)] {
+        let run = scratch.path().join(name);
+        let began = Instant::now();
+        let out = prefloop(&run_args(config, &run));
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        unbroken = began.elapsed();
+        let lines = metrics(&run);
+        assert_eq!(
+            lines.len(),
+            4,
+            "{name}: three iterations and the final generation"
+        );
+        // Rounds 0 and 2 (every = 2) and the final policy; round 1 is not measured.
+        for (round, line) in lines.iter().enumerate() {
+            let measured = line.get("eval/reward/mean").is_some();
+            assert_eq!(measured, round != 1, "{name} round {round}: {line}");
+            assert_eq!(
+                run.join(format!("round-{round:04}/eval")).exists(),
+                round != 1
+            );
+        }
+        assert_eq!(lines[0]["eval/kl_to_start"].as_f64(), Some(0.0), "{name}");
+        for round in [2, 3] {
+            let kl = lines[round]["eval/kl_to_start"].as_f64().unwrap();
+            assert!(
+                kl.is_finite() && kl != 0.0,
+                "{name} round {round}: the actor moved"
+            );
+        }
+        let held: Vec<Sample> = rows(&run.join("round-0002/eval/samples"));
+        assert_eq!(held.len(), 3);
+        assert!(held.iter().all(|s| s.problem_id == "h"));
+    }
+
+    let whole = scratch.path().join("grpo");
+    let killed = scratch.path().join("grpo-killed");
+    kill_at_then_resume(&grpo, &killed, unbroken, &[0.25, 0.5, 0.75]);
+    for round in [0, 2, 3] {
+        let (a, b) = (
+            whole.join(format!("round-{round:04}/eval")),
+            killed.join(format!("round-{round:04}/eval")),
+        );
+        assert_same_samples_and_scores(&a, &b, round);
+    }
+    let eval_line = |l: &serde_json::Value| {
+        (
+            l["eval/reward/mean"].as_f64(),
+            l["eval/kl_to_start"].as_f64(),
+        )
+    };
+    let (a, b) = (metrics(&whole), metrics(&killed));
+    assert_eq!(
+        a.iter().map(eval_line).collect::<Vec<_>>(),
+        b.iter().map(eval_line).collect::<Vec<_>>()
+    );
+}

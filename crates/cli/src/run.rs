@@ -21,6 +21,11 @@ pub struct RunArgs {
     /// The run directory. Default: runs/<config file name without .toml>.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Change one setting of the config: `--set generate.seed=1` (a dotted key and a TOML
+    /// value; a bare word is a string). Repeatable; the run freezes the result, so `prefloop
+    /// resume RUN` continues it without them.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// The problems the config names, replaced by this path (a problems stage, or the
     /// dataset file `data.import` reads).
     #[arg(long)]
@@ -83,7 +88,7 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    let mut config = RunConfig::load(&args.config)?;
+    let mut config = RunConfig::load_with(&args.config, &args.set)?;
     if let Some(problems) = &args.problems {
         config.data.problems = std::path::absolute(problems)?;
     }

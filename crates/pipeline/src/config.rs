@@ -32,7 +32,7 @@ pub struct RunConfig {
     pub data: DataConfig,
     pub generate: GenerateConfig,
     pub score: ScoreConfig,
-    /// Held-out prompts every DPO-Iter round's policy is measured on (not trained on).
+    /// Held-out prompts the rounds' policies are measured on (not trained on).
     pub eval: EvalConfig,
     pub pairs: PairsConfig,
     /// The DPO update of each round (β, loss, optimiser, epochs…), as `prefloop train dpo`
@@ -130,11 +130,13 @@ pub struct DataConfig {
     pub when_exhausted: WhenExhausted,
 }
 
-/// Held-out evaluation: each DPO-Iter round, and the final generation, also samples these
-/// prompts from the round's policy and scores them with the run's scorer, into
-/// `round-NNNN/eval/{samples,scores}`; the round's metrics gain `eval/reward/mean` and
-/// `eval/reward/std`. Nothing sampled here is paired or trained on.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Held-out evaluation (eval.rs): every `every`-th round's policy (DPO-Iter: the policy the
+/// round samples from; PPO and the group estimators: the actor before the round's update), and
+/// the final generation's, also samples these prompts and scores them with the run's scorer,
+/// into `round-NNNN/eval/{samples,scores}`; the round's metrics gain `eval/reward/mean`,
+/// `eval/reward/std` and `eval/kl_to_start`. Nothing sampled here is paired or trained on.
+/// Sampled with `generate`'s settings, whatever the algorithm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// A JSONL or Parquet prompts file (its rows' other fields go to a reward program).
@@ -142,6 +144,23 @@ pub struct EvalConfig {
     pub prompts: Option<PathBuf>,
     /// Samples per prompt. Default: `generate.n`.
     pub n: Option<u32>,
+    /// Rounds 0, every, 2 × every… are evaluated (and the final generation). Default 1.
+    pub every: u32,
+    /// Also measure KL(π_round ‖ π_start) on the held-out samples (the k1 estimate, summed
+    /// over a completion's tokens, averaged over samples): loads the starting policy for each
+    /// evaluation. Default true.
+    pub kl_to_start: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            prompts: None,
+            n: None,
+            every: 1,
+            kl_to_start: true,
+        }
+    }
 }
 
 /// See [`DataConfig::when_exhausted`].
@@ -291,6 +310,31 @@ impl Default for PairsConfig {
     }
 }
 
+/// Sets `key=value` (a dotted key, a TOML value or a bare string) in `table`, making the
+/// tables on the way.
+fn set_dotted(table: &mut toml::Table, item: &str) -> std::result::Result<(), String> {
+    let (key, value) = item
+        .split_once('=')
+        .ok_or("expected KEY=VALUE, e.g. generate.seed=1")?;
+    let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut parsed) => parsed.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(value.to_owned()),
+    };
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts.pop().filter(|k| !k.is_empty()).ok_or("empty key")?;
+    let mut at = table;
+    for part in parts {
+        let next = at
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = next
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a table"))?;
+    }
+    at.insert(last.to_owned(), value);
+    Ok(())
+}
+
 /// The directory a config's relative paths start from: the file's own (`.` for a bare file
 /// name, whose parent is the empty path).
 fn config_dir(path: &Path) -> &Path {
@@ -303,11 +347,25 @@ fn config_dir(path: &Path) -> &Path {
 impl RunConfig {
     /// Reads `path`, resolving relative paths against its directory.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(PipelineError::io(path))?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| PipelineError::Config {
+        Self::load_with(path, &[])
+    }
+
+    /// Reads `path` with `overrides` applied, each `dotted.key=VALUE` (a TOML value; a bare
+    /// word is a string), as `prefloop run --set` takes them: one config file, many variants
+    /// (seeds, learning rates), each frozen in full into its run directory.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
+        let fail = |message: String| PipelineError::Config {
             path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(PipelineError::io(path))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        for item in overrides {
+            set_dotted(&mut table, item).map_err(|e| fail(format!("--set {item}: {e}")))?;
+        }
+        let mut config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| fail(e.to_string()))?;
         let base = config_dir(path);
         let base = std::path::absolute(base).map_err(PipelineError::io(base))?;
         config.resolve_paths(&base);
@@ -402,6 +460,9 @@ impl RunConfig {
         }
         if self.eval.n == Some(0) {
             return Err(fail("eval.n", "must be at least 1"));
+        }
+        if self.eval.every == 0 {
+            return Err(fail("eval.every", "must be at least 1"));
         }
         if self.score.scorer == ScorerKind::Program && self.score.program.is_none() {
             return Err(fail("score.program", "required when scorer = \"program\""));
@@ -533,18 +594,81 @@ mod tests {
         assert_eq!(again.hash(), config.hash());
     }
 
-    #[test]
-    fn every_shipped_config_loads() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                RunConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
-                seen += 1;
+    /// `path` with its `..` components applied.
+    fn lexical(path: &Path) -> PathBuf {
+        let mut out = PathBuf::new();
+        for part in path.components() {
+            match part {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                other => out.push(other),
             }
         }
-        assert!(seen >= 2, "configs/ holds the demo and the code config");
+        out
+    }
+
+    #[test]
+    fn every_shipped_config_loads() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for dir in [configs.clone(), configs.join("study")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let config = RunConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    // The inputs shipped under configs/ exist (others come from earlier runs).
+                    let inputs = [
+                        &config.data.prompts,
+                        &config.eval.prompts,
+                        &config.score.program,
+                    ];
+                    for input in inputs.into_iter().flatten() {
+                        let shipped = lexical(input).starts_with(lexical(&configs));
+                        assert!(
+                            !shipped || input.exists(),
+                            "{}: {}",
+                            path.display(),
+                            input.display()
+                        );
+                    }
+                    seen += 1;
+                }
+            }
+        }
+        assert!(
+            seen >= 8,
+            "configs/ holds the demo, the code configs and the study's"
+        );
+    }
+
+    #[test]
+    fn set_overrides_dotted_keys_and_its_errors_name_the_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[data]\nproblems = \"/p\"\n[generate]\nn = 4\n");
+        let set = |items: &[&str]| {
+            let items: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+            RunConfig::load_with(&path, &items)
+        };
+        let config = set(&[
+            "generate.seed=7",
+            "dpo.train.optim.lr=2e-5",
+            "algorithm=ppo",
+        ])
+        .unwrap();
+        assert_eq!(config.generate.seed, 7);
+        assert_eq!(config.generate.n, 4, "the file's other keys stay");
+        assert_eq!(config.dpo.train.optim.lr, 2e-5);
+        assert_eq!(config.algorithm, Algorithm::Ppo);
+        let err = set(&["generate.sed=1"]).unwrap_err().to_string();
+        assert!(err.contains("run.toml") && err.contains("sed"), "{err}");
+        let err = set(&["generate.n.x=1"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--set generate.n.x=1") && err.contains("`n`"),
+            "{err}"
+        );
+        let err = set(&["seed"]).unwrap_err().to_string();
+        assert!(err.contains("KEY=VALUE"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use prefloop_core::Score;
-use prefloop_model::best_device;
+use prefloop_model::{Model, best_device};
 use prefloop_train::{GroupModels, IterationRecord, Rollout, train_group};
 
 use crate::error::Result;
@@ -46,7 +46,8 @@ impl Run<'_> {
         let pending: RefCell<Vec<Score>> = RefCell::new(Vec::new());
         let mut reward = |iteration: u64, rollouts: &[Rollout]| {
             let mut run = online.run.borrow_mut();
-            let scored = run.score_draw(iteration as u32, rollouts, &mut pending.borrow_mut());
+            let pending = &mut pending.borrow_mut();
+            let scored = run.score_draw(iteration as u32, &models.actor, rollouts, pending);
             scored.map_err(|e| online.fail(e))
         };
         let mut on_sampled = |iteration: u64, rollouts: &[Rollout], _: &[f32]| {
@@ -73,15 +74,18 @@ impl Run<'_> {
 
     /// The rewards of one draw: read back where the round's scores are already complete (an
     /// iteration redone after a kill during its update), else scored now and kept in
-    /// `pending` until the iteration's sampling is done.
+    /// `pending` until the iteration's sampling is done. The actor that sampled them, not yet
+    /// updated, is the round's policy for the held-out evaluation.
     fn score_draw(
         &mut self,
         round: u32,
+        actor: &Model,
         rollouts: &[Rollout],
         pending: &mut Vec<Score>,
     ) -> Result<Vec<f32>> {
         let (dir, config) = (self.dir, self.config);
         self.begin_round(round, &dir.root().join(GROUP_DIR))?;
+        self.evaluate_policy(round, actor)?;
         let samples = as_samples(config, round, rollouts);
         if self.state.is_complete(round, Stage::Score) {
             return stored_rewards(&dir.stage_dir(round, Stage::Score), &samples);

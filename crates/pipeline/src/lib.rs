@@ -6,6 +6,7 @@
 
 mod config;
 mod error;
+mod eval;
 mod generate;
 mod group_rounds;
 mod online;
@@ -23,12 +24,13 @@ pub use config::{
     ScorerKind, WhenExhausted,
 };
 pub use error::{PipelineError, Result};
+pub use eval::EVAL_DIR;
 pub use generate::{GenerateReport, PromptRow, generate_stage, read_prompts, row_seed};
 pub use group_rounds::GROUP_DIR;
 pub use ppo_rounds::PPO_DIR;
 pub use prompt_source::{RoundPrompts, SourceFile};
 pub use report::{REPORT_FILE, write_report};
-pub use rounds::{EVAL_DIR, PROBLEMS_DIR, RoundMetrics, run_rounds};
+pub use rounds::{PROBLEMS_DIR, RoundMetrics, run_rounds};
 pub use run_dir::{
     CONFIG_FILE, Extension, LOCK_FILE, METRICS_FILE, POLICY_LINK, RoundState, Rounds, RunDir,
     RunState, STATE_FILE, Stage, read_state,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use prefloop_core::{Sample, Score};
 use prefloop_data::{Manifest, StageReader, StageWriter, WriterOptions};
-use prefloop_model::best_device;
+use prefloop_model::{Model, best_device};
 use prefloop_sandbox::score_samples;
 use prefloop_train::{Encoder, IterationRecord, PpoModels, Rollout, train_ppo};
 
@@ -41,10 +41,11 @@ impl Run<'_> {
         let prompts = self.prompt_examples();
         let online = Online::new(self, "ppo", policy);
         let mut reward = |iteration: u64, rollouts: &[Rollout]| {
-            let recorded = online
-                .run
-                .borrow_mut()
-                .record_rollouts(iteration as u32, rollouts);
+            let recorded =
+                online
+                    .run
+                    .borrow_mut()
+                    .record_rollouts(iteration as u32, &models.actor, rollouts);
             recorded.map_err(|e| online.fail(e))
         };
         let on_iteration = |record: &IterationRecord, _: u64| {
@@ -62,10 +63,17 @@ impl Run<'_> {
     }
 
     /// The reward function's work for one iteration: the rollouts as the round's samples, their
-    /// scores as its scores; returns the rewards in rollout order.
-    fn record_rollouts(&mut self, round: u32, rollouts: &[Rollout]) -> Result<Vec<f32>> {
+    /// scores as its scores; returns the rewards in rollout order. The actor that sampled
+    /// them, not yet updated, is the round's policy for the held-out evaluation.
+    fn record_rollouts(
+        &mut self,
+        round: u32,
+        actor: &Model,
+        rollouts: &[Rollout],
+    ) -> Result<Vec<f32>> {
         let (dir, config) = (self.dir, self.config);
         self.begin_round(round, &dir.root().join(PPO_DIR))?;
+        self.evaluate_policy(round, actor)?;
         let samples = as_samples(config, round, rollouts);
         let samples_dir = dir.stage_dir(round, Stage::Generate);
         if !self.state.is_complete(round, Stage::Generate) {

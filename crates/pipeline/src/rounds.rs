@@ -21,7 +21,7 @@ use prefloop_model::{Model, best_device};
 use prefloop_sandbox::{Calibration, RewardProgram, Sandbox};
 use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo};
 
-use crate::config::{Algorithm, GenerateConfig, RunConfig, ScorerKind};
+use crate::config::{Algorithm, RunConfig, ScorerKind};
 use crate::error::{PipelineError, Result};
 use crate::generate::{PromptRow, generate_stage, row_seed};
 use crate::prompt_source::{
@@ -249,111 +249,8 @@ impl Run<'_> {
         Ok(model)
     }
 
-    /// The round's policy on the held-out prompts (`[eval]`): sampled and scored into
-    /// `round-NNNN/eval/`, summarised in the round's metrics. Resumable as the round's own
-    /// stages are: a killed evaluation continues after the rows it wrote.
-    fn evaluate(&mut self, round: u32, model: &mut Option<Model>) -> Result<()> {
-        let (dir, config) = (self.dir, self.config);
-        let Some(path) = &config.eval.prompts else {
-            return Ok(());
-        };
-        if self.state.rounds[round as usize]
-            .measured
-            .contains_key(EVAL_REWARD)
-        {
-            return Ok(());
-        }
-        let began = Instant::now();
-        let prompts = crate::generate::read_prompts(path)?;
-        let eval_dir = dir.round_dir(round).join(EVAL_DIR);
-        let (samples, scores) = (
-            eval_dir.join(Stage::Generate.dir_name()),
-            eval_dir.join(Stage::Score.dir_name()),
-        );
-        let complete = |stage: &Path| -> Result<bool> {
-            Ok(prefloop_data::Manifest::load(stage)?.is_some_and(|m| m.complete))
-        };
-        if !complete(&samples)? {
-            self.generate_eval(round, model, &prompts, &samples)?;
-        }
-        if !complete(&scores)? {
-            self.score_eval(&prompts, &samples, &scores)?;
-        }
-        let stats = stage_stats(&samples, &scores, &[])?;
-        let entry = &mut self.state.rounds[round as usize];
-        if let Some(stats) = stats.first() {
-            entry.measured.insert(EVAL_REWARD.into(), stats.reward_mean);
-            entry
-                .measured
-                .insert("eval/reward/std".into(), stats.reward_std);
-        }
-        entry
-            .measured
-            .insert("time/eval".into(), began.elapsed().as_secs_f64());
-        dir.save_state(&self.state)
-    }
-
-    /// The held-out prompts sampled from the round's policy into `out`.
-    fn generate_eval(
-        &mut self,
-        round: u32,
-        model: &mut Option<Model>,
-        prompts: &[PromptRow],
-        out: &Path,
-    ) -> Result<()> {
-        let config = self.config;
-        self.load_policy(round, model)?;
-        let generate = GenerateConfig {
-            n: config.eval.n.unwrap_or(config.generate.n),
-            ..config.generate.clone()
-        };
-        // Seeds of their own: the held-out rows never repeat a training row's draws.
-        let seed = row_seed(config.generate.seed ^ EVAL_SEED, u64::from(round));
-        generate_stage(
-            model.as_ref().expect("loaded"),
-            prompts,
-            &generate,
-            &policy_name(config, round),
-            round,
-            seed,
-            Shard::WHOLE,
-            out,
-        )?;
-        Ok(())
-    }
-
-    /// The held-out samples scored by the run's scorer into `out`.
-    fn score_eval(&mut self, prompts: &[PromptRow], samples: &Path, scores: &Path) -> Result<()> {
-        let (dir, config) = (self.dir, self.config);
-        let batch = config.score.batch_size;
-        match config.score.scorer {
-            ScorerKind::Program => {
-                let fields = program_fields(prompts);
-                let (sandbox, program) = self.scorer.program(dir, config, &mut self.state)?;
-                let options = reward_options(&config.score);
-                score_program_stage(
-                    sandbox,
-                    program,
-                    &fields,
-                    samples,
-                    &options,
-                    batch,
-                    Shard::WHOLE,
-                    scores,
-                )?;
-            }
-            ScorerKind::Rm => {
-                let rm = self.scorer.reward_model(config)?;
-                let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
-                score_rm_stage(rm, &encoder, samples, config.score.rm_batch_size, scores)?;
-            }
-            ScorerKind::Tests => unreachable!("validate refuses eval with the tests scorer"),
-        }
-        Ok(())
-    }
-
     /// Loads the round's policy into `model` unless it is there already.
-    fn load_policy(&self, round: u32, model: &mut Option<Model>) -> Result<()> {
+    pub(crate) fn load_policy(&self, round: u32, model: &mut Option<Model>) -> Result<()> {
         if model.is_none() {
             let policy = &self.state.round(round).expect("begun").policy;
             let path = (!policy.as_os_str().is_empty()).then_some(policy.as_path());
@@ -459,23 +356,12 @@ impl Run<'_> {
             let policy = model.as_ref().expect("loaded");
             let path = (!reference_path.as_os_str().is_empty()).then_some(reference_path.as_path());
             let reference = Model::load(path, best_device(), config.dtype)?;
-            let mut samples = Vec::new();
-            for rows in StageReader::<Sample>::open(dir.stage_dir(round, Stage::Generate))? {
-                samples.extend(rows?);
-            }
-            let texts: Vec<(&str, &str)> = samples
-                .iter()
-                .map(|s| (s.prompt.as_str(), s.completion.as_str()))
-                .collect();
-            // Prompts templated as generation templated them.
-            let encode = EncodeConfig {
-                raw_prompts: config.generate.raw_prompts,
-                ..config.dpo.encode.clone()
-            };
-            let encoder = Encoder::new(&policy.tokenizer, encode)?;
-            let batch = config.dpo.train.batch_size;
-            let ratios = log_ratios(policy, &reference, &encoder, &texts, batch)?;
-            ratios.iter().map(|&r| f64::from(r)).sum::<f64>() / ratios.len().max(1) as f64
+            mean_log_ratio(
+                config,
+                policy,
+                &reference,
+                &dir.stage_dir(round, Stage::Generate),
+            )?
         };
         let entry = &mut self.state.rounds[round as usize];
         entry.measured.insert("kl".into(), kl);
@@ -690,12 +576,36 @@ fn select_problems(
     Ok(problems)
 }
 
-/// Under a round's directory: the held-out evaluation's samples and scores stages.
-pub const EVAL_DIR: &str = "eval";
-/// The round metric of the held-out evaluation.
-const EVAL_REWARD: &str = "eval/reward/mean";
-/// Mixed into the held-out rows' seeds.
-const EVAL_SEED: u64 = 0x6576_616c; // "eval"
+/// The mean over the samples at `samples` (drawn from `policy`) of log π(y|x) − log π_ref(y|x):
+/// the k1 estimate of KL(π ‖ π_ref), prompts templated as generation templated them.
+pub(crate) fn mean_log_ratio(
+    config: &RunConfig,
+    policy: &Model,
+    reference: &Model,
+    samples: &Path,
+) -> Result<f64> {
+    let mut rows = Vec::new();
+    for shard in StageReader::<Sample>::open(samples)? {
+        rows.extend(shard?);
+    }
+    let texts: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|s| (s.prompt.as_str(), s.completion.as_str()))
+        .collect();
+    let encode = EncodeConfig {
+        raw_prompts: config.generate.raw_prompts,
+        ..config.score_encoding()
+    };
+    let encoder = Encoder::new(&policy.tokenizer, encode)?;
+    let ratios = log_ratios(
+        policy,
+        reference,
+        &encoder,
+        &texts,
+        config.dpo.train.batch_size,
+    )?;
+    Ok(ratios.iter().map(|&r| f64::from(r)).sum::<f64>() / ratios.len().max(1) as f64)
+}
 
 /// Each prompt row's fields by problem id, for a reward program.
 pub(crate) fn program_fields(prompts: &[PromptRow]) -> ProgramFields {
