@@ -588,9 +588,13 @@ pub(crate) fn mean_log_ratio(
     for shard in StageReader::<Sample>::open(samples)? {
         rows.extend(shard?);
     }
-    let texts: Vec<(&str, &str)> = rows
+    // A completion that stopped (EOS, or a stop string) is scored ending with EOS.
+    let texts: Vec<(&str, &str, bool)> = rows
         .iter()
-        .map(|s| (s.prompt.as_str(), s.completion.as_str()))
+        .map(|s| {
+            let ended = s.finish == prefloop_core::Finish::Stop;
+            (s.prompt.as_str(), s.completion.as_str(), ended)
+        })
         .collect();
     let encode = EncodeConfig {
         raw_prompts: config.generate.raw_prompts,

@@ -105,8 +105,16 @@ impl<'a> Encoder<'a> {
     }
 
     pub fn sequence(&self, prompt: &[u32], answer: &str) -> Result<Sequence> {
+        self.sampled(prompt, answer, true)
+    }
+
+    /// A sampled answer as the policy made it: ending with EOS only if the policy ended it
+    /// (`ended`), not when it was cut at the token budget.
+    pub fn sampled(&self, prompt: &[u32], answer: &str, ended: bool) -> Result<Sequence> {
         let mut ids = self.tokenizer.encode(answer)?;
-        ids.extend(self.tokenizer.eos_ids().first());
+        if ended {
+            ids.extend(self.tokenizer.eos_ids().first());
+        }
         ids.truncate(self.config.max_length - prompt.len());
         Ok(Sequence {
             prompt: prompt.to_vec(),

@@ -324,22 +324,25 @@ pub fn sequence_sum(per_token: &Tensor, loss_mask: &Tensor) -> Tensor {
     (per_token * loss_mask).sum_dim_intlist([1].as_slice(), false, Kind::Float)
 }
 
-/// `log π(y|x) − log π_ref(y|x)` of each (prompt, answer), summed over the answer's tokens,
-/// `batch_size` sequences at a time. Averaged over answers sampled from π it is the k1
-/// estimate of KL(π ‖ π_ref), which is how the pipeline measures how far a DPO-Iter round
-/// moved the policy.
+/// `log π(y|x) − log π_ref(y|x)` of each (prompt, answer, whether the policy ended it with
+/// EOS), summed over the answer's tokens, `batch_size` sequences at a time. Averaged over
+/// answers sampled from π it is the k1 estimate of KL(π ‖ π_ref), which is how the pipeline
+/// measures how far the policy moved. An answer cut at the token budget is scored without an
+/// EOS: the policy never sampled one there.
 pub fn log_ratios(
     policy: &prefloop_model::Model,
     reference: &prefloop_model::Model,
     encoder: &crate::Encoder,
-    texts: &[(&str, &str)],
+    texts: &[(&str, &str, bool)],
     batch_size: usize,
 ) -> crate::Result<Vec<f32>> {
     let mut ratios = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(batch_size.max(1)) {
         let sequences: Vec<crate::Sequence> = chunk
             .iter()
-            .map(|(prompt, answer)| encoder.sequence(&encoder.prompt(prompt)?, answer))
+            .map(|(prompt, answer, ended)| {
+                encoder.sampled(&encoder.prompt(prompt)?, answer, *ended)
+            })
             .collect::<crate::Result<_>>()?;
         let parts: Vec<(&[u32], &[u32])> = sequences.iter().map(|s| s.parts()).collect();
         let logps = |model: &prefloop_model::Model| -> crate::Result<Vec<f32>> {
