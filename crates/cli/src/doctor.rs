@@ -293,9 +293,10 @@ fn sdpa(model: Option<&Model>) -> Check {
     Check::ok(
         "SDPA backends",
         format!(
-            "training forward (causal): {}; decode step (key mask): {}",
-            llama.sdpa_backend(4, 256, 256, false),
-            llama.sdpa_backend(32, 1, 256, true)
+            "training forward and prefill (causal): {}; decode step (query groups folded, \
+             key mask): {}",
+            llama.causal_attention_backend(4, 256),
+            llama.decode_attention_backend(32, 256)
         ),
     )
 }

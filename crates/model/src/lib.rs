@@ -1,6 +1,6 @@
 //! prefloop-model: the policy. A Llama-family causal LM in tch that loads Hugging Face
 //! safetensors directories and llama.cpp GGUF files, tokenises with the model's own tokenizer
-//! and chat template, and samples in large batches over a preallocated KV cache.
+//! and chat template, and samples with continuous batching over a per-row KV cache.
 
 mod config;
 mod error;
@@ -15,9 +15,11 @@ mod tokenizer;
 
 pub use config::{Config, RopeScaling};
 pub use error::{ModelError, Result};
-pub use generate::{Generation, Request, SamplingParams, generate};
+pub use generate::{
+    Batching, GenerateStats, Generation, Request, SamplingParams, collect, generate, generate_each,
+};
 pub use head::ScalarHead;
-pub use llama::{KvCache, Llama};
+pub use llama::Llama;
 pub use load::{
     DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, Model, best_device, default_model_path, fill,
 };

@@ -1,6 +1,14 @@
 //! A Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2) in tch: RMSNorm, rotary
-//! position embeddings, grouped-query attention over a preallocated KV cache, SwiGLU MLP.
-//! Parameter names are Hugging Face's, so a saved VarStore is a transformers checkpoint.
+//! position embeddings, grouped-query attention, SwiGLU MLP. Two ways through it: the
+//! training forward (whole sequences, causal) and the sampler's (generate.rs): a prefill that
+//! hands back each layer's keys and values, and a decode step over a slot cache in which every
+//! row has its own length.
+//!
+//! Built for few kernels per layer: q/k/v are one matmul (`qkv_proj`), gate/up another
+//! (`gate_up_proj`), fused when the weights are loaded and split again when they are saved, so
+//! checkpoints keep Hugging Face's names (`fuse_projections`, `split_projections`); RoPE's
+//! cos/sin are gathered once per forward and q and k rotated together; RMSNorm is libtorch's
+//! (fused where the device has a kernel for it).
 
 use tch::nn::{self, Init, Module};
 use tch::{Device, Kind, Tensor};
@@ -27,11 +35,10 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        // As transformers: normalise in f32, cast back, then scale.
-        let kind = x.kind();
-        let x32 = x.to_kind(Kind::Float);
-        let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        (x32 * (variance + self.eps).rsqrt()).to_kind(kind) * &self.weight
+        // As transformers: normalised in f32 and cast back (libtorch's rms_norm, one call),
+        // then scaled in the input's dtype. Handing rms_norm the weight would scale before
+        // the cast, which rounds differently in bf16.
+        x.rms_norm([x.size()[x.dim() - 1]], None::<&Tensor>, self.eps) * &self.weight
     }
 }
 
@@ -39,6 +46,13 @@ impl RmsNorm {
 /// rotate-half layout.
 #[derive(Debug)]
 struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The rotation at one forward's positions, (B, 1, T, D) each, in the compute dtype: gathered
+/// once and used by every layer.
+struct RopeAt {
     cos: Tensor,
     sin: Tensor,
 }
@@ -91,39 +105,44 @@ impl Rope {
         })
     }
 
-    /// Rotates q or k, (B, H, T, D), at `positions`, (B, T).
-    fn apply(&self, x: &Tensor, positions: &Tensor) -> Tensor {
-        let (b, _, t, d) = x.size4().expect("(B, H, T, D)");
-        let flat = positions.flatten(0, 1);
-        let cos = self
-            .cos
-            .index_select(0, &flat)
-            .view([b, 1, t, d])
-            .to_kind(x.kind());
-        let sin = self
-            .sin
-            .index_select(0, &flat)
-            .view([b, 1, t, d])
-            .to_kind(x.kind());
-        let halves = x.chunk(2, -1);
-        let rotated = Tensor::cat(&[&(-&halves[1]), &halves[0]], -1);
-        x * cos + rotated * sin
+    /// The rotation at `positions`, (B, T), in `kind`.
+    fn at(&self, positions: &Tensor, kind: Kind) -> RopeAt {
+        let (b, t) = positions.size2().expect("(B, T)");
+        let d = self.cos.size()[1];
+        let gather = |table: &Tensor| {
+            table
+                .index_select(0, &positions.flatten(0, 1))
+                .view([b, 1, t, d])
+                .to_kind(kind)
+        };
+        RopeAt {
+            cos: gather(&self.cos),
+            sin: gather(&self.sin),
+        }
     }
 }
 
-/// Keys and values of every layer, preallocated for the whole generation:
-/// each (B, n_kv_heads, capacity, head_dim). Steps write into it in place.
-#[derive(Debug)]
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    /// Positions filled so far (the same for every row: rows are left-padded).
-    len: i64,
+impl RopeAt {
+    /// Rotates x, (B, heads, T, D): q and k together, as one tensor.
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let halves = x.chunk(2, -1);
+        let rotated = Tensor::cat(&[&(-&halves[1]), &halves[0]], -1);
+        x * &self.cos + rotated * &self.sin
+    }
 }
 
-impl KvCache {
-    pub fn new(cfg: &Config, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+/// Keys and values of every layer for a batch of slots, each (S, n_kv_heads, capacity,
+/// head_dim). Row r's positions 0..len_r hold its tokens, in order; the sampler keeps the
+/// lengths (generate.rs).
+#[derive(Debug)]
+pub(crate) struct SlotCache {
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
+impl SlotCache {
+    pub fn new(cfg: &Config, slots: i64, capacity: i64, kind: Kind, device: Device) -> Self {
         let shape = [
-            batch,
+            slots,
             cfg.num_kv_heads() as i64,
             capacity,
             cfg.head_dim() as i64,
@@ -136,23 +155,18 @@ impl KvCache {
                 )
             })
             .collect();
-        Self { layers, len: 0 }
-    }
-
-    pub fn len(&self) -> i64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+        Self { layers }
     }
 }
 
+/// A prefill's keys and values: each layer's (k, v), (B, KV, T, D), for the sampler to place
+/// in its slots.
+pub(crate) type LayerKv = Vec<(Tensor, Tensor)>;
+
 #[derive(Debug)]
 struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
+    /// q, k and v stacked, (H + 2 KV) · D rows.
+    qkv_proj: nn::Linear,
     o_proj: nn::Linear,
     heads: i64,
     kv_heads: i64,
@@ -175,10 +189,9 @@ impl Attention {
             };
             nn::linear(&p / name, in_dim, out_dim, config)
         };
+        let qkv = (heads + 2 * kv_heads) * head_dim;
         Self {
-            q_proj: proj("q_proj", hidden, heads * head_dim, cfg.attention_bias),
-            k_proj: proj("k_proj", hidden, kv_heads * head_dim, cfg.attention_bias),
-            v_proj: proj("v_proj", hidden, kv_heads * head_dim, cfg.attention_bias),
+            qkv_proj: proj("qkv_proj", hidden, qkv, cfg.attention_bias),
             o_proj: proj("o_proj", heads * head_dim, hidden, false),
             heads,
             kv_heads,
@@ -186,49 +199,76 @@ impl Attention {
         }
     }
 
-    /// x: (B, T, C); positions: (B, T); mask: (B, 1, T, S) true where a query may attend,
-    /// S = keys so far. With a cache, the new keys/values are written at its current length.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        positions: &Tensor,
-        mask: Option<&Tensor>,
-        cache: Option<(&mut (Tensor, Tensor), i64)>,
-    ) -> Tensor {
+    /// x: (B, T, C) → (B, T, C), causal; the keys and values pushed to `kv` if given.
+    fn forward(&self, x: &Tensor, rope: &RopeAt, kv: Option<&mut LayerKv>) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, C)");
-        let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
-        let q = rope.apply(&split(self.q_proj.forward(x), self.heads), positions); // (B, H, T, D)
-        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads), positions); // (B, KV, T, D)
-        let v = split(self.v_proj.forward(x), self.kv_heads);
-        let (k, v) = match cache {
-            Some(((k_cache, v_cache), offset)) => {
-                k_cache.narrow(2, offset, t).copy_(&k);
-                v_cache.narrow(2, offset, t).copy_(&v);
-                (
-                    k_cache.narrow(2, 0, offset + t),
-                    v_cache.narrow(2, 0, offset + t),
-                ) // (B, KV, S, D)
-            }
-            None => (k, v),
-        };
-        // Without a mask the attention is plain causal, which lets torch pick its fused
-        // (flash / memory-efficient) kernels: O(T) memory instead of (B, H, T, T) scores.
-        let causal = mask.is_none();
-        let y =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, ENABLE_GQA);
+        let (h, g) = (self.heads, self.kv_heads);
+        let qkv = self
+            .qkv_proj
+            .forward(x)
+            .view([b, t, h + 2 * g, self.head_dim])
+            .transpose(1, 2); // (B, H + 2 KV, T, D)
+        let qk = rope.apply(&qkv.narrow(1, 0, h + g));
+        let (q, k) = (qk.narrow(1, 0, h), qk.narrow(1, h, g)); // (B, H | KV, T, D)
+        let v = qkv.narrow(1, h + g, g);
+        // Plain causal attention lets torch pick its fused (flash / memory-efficient)
+        // kernels: O(T) memory instead of (B, H, T, T) scores.
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            0.0,
+            true,
+            None,
+            ENABLE_GQA,
+        );
+        if let Some(kv) = kv {
+            kv.push((k.contiguous(), v.contiguous()));
+        }
         let y = y
             .transpose(1, 2)
             .contiguous()
-            .view([b, t, self.heads * self.head_dim]);
+            .view([b, t, h * self.head_dim]);
         self.o_proj.forward(&y)
+    }
+
+    /// One decode step, x: (S, 1, C), its keys and values written into the slots. The query
+    /// heads sharing a key/value head are folded into the query axis — q (S, KV, G, D) against
+    /// k, v (S, KV, W, D) under a key mask (S, 1, 1, W) — so SDPA gets the shapes its fused
+    /// kernels take, with no GQA expansion and no copy of the cache.
+    fn decode(
+        &self,
+        x: &Tensor,
+        rope: &RopeAt,
+        layer: &mut (Tensor, Tensor),
+        at: &Tensor,
+        mask: &Tensor,
+        width: i64,
+    ) -> Tensor {
+        let (s, _, _) = x.size3().expect("(S, 1, C)");
+        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        let qkv = self
+            .qkv_proj
+            .forward(x)
+            .view([s, 1, h + 2 * g, d])
+            .transpose(1, 2); // (S, H + 2 KV, 1, D)
+        let qk = rope.apply(&qkv.narrow(1, 0, h + g));
+        let (k_cache, v_cache) = layer;
+        let _ = k_cache.scatter_(2, at, &qk.narrow(1, h, g));
+        let _ = v_cache.scatter_(2, at, &qkv.narrow(1, h + g, g));
+        let q = qk.narrow(1, 0, h).reshape([s, g, h / g, d]); // (S, KV, G, D)
+        let (k, v) = (k_cache.narrow(2, 0, width), v_cache.narrow(2, 0, width));
+        let y =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false); // (S, KV, G, D)
+        self.o_proj.forward(&y.reshape([s, 1, h * d]))
     }
 }
 
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
+    /// gate and up stacked, 2 · intermediate rows.
+    gate_up_proj: nn::Linear,
     down_proj: nn::Linear,
 }
 
@@ -241,15 +281,14 @@ impl Mlp {
             bias: false,
         };
         Self {
-            gate_proj: nn::linear(&p / "gate_proj", hidden, inner, config),
-            up_proj: nn::linear(&p / "up_proj", hidden, inner, config),
+            gate_up_proj: nn::linear(&p / "gate_up_proj", hidden, 2 * inner, config),
             down_proj: nn::linear(&p / "down_proj", inner, hidden, config),
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        let gate_up = self.gate_up_proj.forward(x).chunk(2, -1);
+        self.down_proj.forward(&(gate_up[0].silu() * &gate_up[1]))
     }
 }
 
@@ -275,6 +314,13 @@ impl DecoderLayer {
             mlp: Mlp::new(&p / "mlp", cfg),
         }
     }
+
+    /// The MLP half, after attention's `h` is added to the residual `x`.
+    fn finish(&self, x: &Tensor, h: Tensor) -> Tensor {
+        // Out of place: the norms saved `x` for the backward pass.
+        let x = x + h;
+        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+    }
 }
 
 /// The decoder trunk and its language-model head.
@@ -290,7 +336,8 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Declares every parameter in `vs` under its Hugging Face name (zero-filled until loaded).
+    /// Declares every parameter in `vs` (zero-filled until loaded): Hugging Face's names, but
+    /// for the fused `qkv_proj` and `gate_up_proj` (see [`fuse_projections`]).
     pub fn new(vs: &nn::VarStore, cfg: &Config) -> Result<Self> {
         let root = vs.root();
         let model = &root / "model";
@@ -329,113 +376,114 @@ impl Llama {
         &self.lm_head
     }
 
-    /// Final hidden states, (B, T, C), for `input_ids` (B, T) at `positions` (B, T).
-    ///
-    /// `key_valid` (B, S) marks which key positions hold real tokens (false for left padding),
-    /// S = cache length + T with a cache, T without. A query attends to valid keys at or before
-    /// its own position, and always to itself, so a padding row stays finite.
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        positions: &Tensor,
-        key_valid: &Tensor,
-        mut cache: Option<&mut KvCache>,
-    ) -> Tensor {
-        let (_, t) = input_ids.size2().expect("(B, T)");
-        let offset = cache.as_ref().map_or(0, |c| c.len);
-        let s = offset + t;
-        let device = input_ids.device();
-        let query_pos = Tensor::arange_start(offset, s, (Kind::Int64, device)).view([t, 1]);
-        let key_pos = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
-        let causal = key_pos.le_tensor(&query_pos); // (T, S)
-        let own = key_pos.eq_tensor(&query_pos);
-        let mask = key_valid
-            .view([-1, 1, 1, s])
-            .logical_and(&causal)
-            .logical_or(&own); // (B, 1, T, S)
-
-        let x = self.decoder(input_ids, positions, Some(&mask), cache.as_deref_mut());
-        if let Some(cache) = cache {
-            cache.len = s;
-        }
-        x
-    }
-
     /// Final hidden states, (B, T, C), of sequences that are unpadded or right-padded, at
     /// positions 0..T under a plain causal mask: what training batches need. Real tokens never
     /// see the padding after them; padding rows' outputs are junk the losses mask out.
     pub fn forward_hidden_causal(&self, input_ids: &Tensor) -> Tensor {
-        let (b, t) = input_ids.size2().expect("(B, T)");
-        let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).expand([b, t], true);
-        self.decoder(input_ids, &positions, None, None)
+        self.decoder(input_ids, None)
     }
 
-    /// Embedding, decoder layers and final norm; `mask` None means causal.
-    fn decoder(
-        &self,
-        input_ids: &Tensor,
-        positions: &Tensor,
-        mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
-    ) -> Tensor {
-        let offset = cache.as_ref().map_or(0, |c| c.len);
+    /// A prefill of right-padded prompts (B, T): the final hidden states (B, T, C) and every
+    /// layer's keys and values, (B, KV, T, D), for the sampler to place in its slots.
+    pub(crate) fn prefill(&self, input_ids: &Tensor) -> (Tensor, LayerKv) {
+        let mut kv = Vec::with_capacity(self.layers.len());
+        let hidden = self.decoder(input_ids, Some(&mut kv));
+        (hidden, kv)
+    }
+
+    /// Embedding, decoder layers and final norm, causal at positions 0..T.
+    fn decoder(&self, input_ids: &Tensor, mut kv: Option<&mut LayerKv>) -> Tensor {
+        let (b, t) = input_ids.size2().expect("(B, T)");
+        let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).expand([b, t], true);
+        let rope = self.rope.at(&positions, self.kind());
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, C)
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], offset));
+        for layer in &self.layers {
             let h = layer.self_attn.forward(
                 &layer.input_layernorm.forward(&x),
-                &self.rope,
-                positions,
-                mask,
-                layer_cache,
+                &rope,
+                kv.as_deref_mut(),
             );
-            // Out of place: the norm above saved `x` for the backward pass.
-            x = &x + h;
-            x = &x
-                + layer
-                    .mlp
-                    .forward(&layer.post_attention_layernorm.forward(&x));
+            x = layer.finish(&x, h);
         }
         self.norm.forward(&x)
     }
 
-    /// The attention kernel libtorch picks for this model's attention (`_fused_sdp_choice`,
-    /// named as torch's `SDPBackend`): `query_len` positions against `key_len` keys, under
-    /// the key-validity mask generation passes (`masked`) or training's plain causal mask.
-    pub fn sdpa_backend(&self, batch: i64, query_len: i64, key_len: i64, masked: bool) -> String {
+    /// One decode step: `tokens` (S,) at positions `lens` (S,), each row's token written into
+    /// its slot at column lens[r] and attending to columns 0..=lens[r]; `width` > every lens[r]
+    /// bounds the columns read. Returns the final hidden states, (S, C).
+    pub(crate) fn decode_step(
+        &self,
+        tokens: &Tensor,
+        lens: &Tensor,
+        width: i64,
+        cache: &mut SlotCache,
+    ) -> Tensor {
+        let s = tokens.size()[0];
+        let (g, d) = (
+            self.config.num_kv_heads() as i64,
+            self.config.head_dim() as i64,
+        );
+        let rope = self.rope.at(&lens.view([s, 1]), self.kind());
+        let at = lens.view([s, 1, 1, 1]).expand([s, g, 1, d], false);
+        let columns = Tensor::arange(width, (Kind::Int64, lens.device()));
+        let mask = columns.le_tensor(&lens.view([s, 1])).view([s, 1, 1, width]);
+        let mut x = Tensor::embedding(&self.embed_tokens, &tokens.view([s, 1]), -1, false, false);
+        for (layer, slots) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.self_attn.decode(
+                &layer.input_layernorm.forward(&x),
+                &rope,
+                slots,
+                &at,
+                &mask,
+                width,
+            );
+            x = layer.finish(&x, h);
+        }
+        self.norm.forward(&x).view([s, -1])
+    }
+
+    /// The attention kernel libtorch picks (`_fused_sdp_choice`, named as torch's
+    /// `SDPBackend`) for the training forward's causal attention over `len` positions.
+    pub fn causal_attention_backend(&self, batch: i64, len: i64) -> String {
         let cfg = &self.config;
-        let (heads, kv, d) = (
+        let (h, g, d) = (
             cfg.num_attention_heads as i64,
             cfg.num_kv_heads() as i64,
             cfg.head_dim() as i64,
         );
         let options = (self.kind(), self.embed_tokens.device());
-        let q = Tensor::zeros([batch, heads, query_len, d], options);
-        let k = Tensor::zeros([batch, kv, key_len, d], options);
-        let mask = masked.then(|| {
-            Tensor::ones(
-                [batch, 1, query_len, key_len],
-                (Kind::Bool, self.embed_tokens.device()),
-            )
-        });
+        let q = Tensor::zeros([batch, h, len, d], options);
+        let k = Tensor::zeros([batch, g, len, d], options);
         let choice = Tensor::internal_fused_sdp_choice(
             &q,
             &k,
             &k,
-            mask.as_ref(),
+            None::<&Tensor>,
             0.0,
-            !masked,
+            true,
             None,
             ENABLE_GQA,
         );
-        match choice {
-            0 => "math".into(),
-            1 => "flash_attention".into(),
-            2 => "efficient_attention".into(),
-            3 => "cudnn_attention".into(),
-            4 => "overrideable".into(),
-            other => format!("error ({other})"),
-        }
+        backend_name(choice)
+    }
+
+    /// The kernel libtorch picks for a decode step's attention: the folded query groups
+    /// against `keys` cached keys under the key mask, as [`Llama::decode_step`] calls it.
+    pub fn decode_attention_backend(&self, batch: i64, keys: i64) -> String {
+        let cfg = &self.config;
+        let (h, g, d) = (
+            cfg.num_attention_heads as i64,
+            cfg.num_kv_heads() as i64,
+            cfg.head_dim() as i64,
+        );
+        let device = self.embed_tokens.device();
+        let options = (self.kind(), device);
+        let q = Tensor::zeros([batch, g, h / g, d], options);
+        let k = Tensor::zeros([batch, g, keys, d], options);
+        let mask = Tensor::ones([batch, 1, 1, keys], (Kind::Bool, device));
+        let choice =
+            Tensor::internal_fused_sdp_choice(&q, &k, &k, Some(&mask), 0.0, false, None, false);
+        backend_name(choice)
     }
 
     /// Logits, (B, T, V), of unpadded sequences (B, T): positions 0..T, every token valid.
@@ -447,4 +495,93 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.matmul(&self.lm_head.tr())
     }
+}
+
+fn backend_name(choice: i64) -> String {
+    match choice {
+        0 => "math".into(),
+        1 => "flash_attention".into(),
+        2 => "efficient_attention".into(),
+        3 => "cudnn_attention".into(),
+        4 => "overrideable".into(),
+        other => format!("error ({other})"),
+    }
+}
+
+/// The projections the decoder holds fused, each with its Hugging Face parts in row order.
+const FUSED: [(&str, [&str; 3]); 2] = [
+    (
+        "self_attn.qkv_proj",
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ),
+    ("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj", ""]),
+];
+
+/// Hugging Face checkpoints name q/k/v and gate/up apart: stacks each layer's parts (weights
+/// and biases) into the fused parameter the decoder declares. Fused names pass through, so a
+/// trainer's own checkpoint (saved under the VarStore's names) loads as well.
+pub(crate) fn fuse_projections(weights: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    let mut by_name: std::collections::BTreeMap<String, Tensor> = weights.into_iter().collect();
+    let prefixes: Vec<String> = by_name
+        .keys()
+        .filter_map(|n| n.strip_suffix("self_attn.q_proj.weight").map(str::to_owned))
+        .collect();
+    for prefix in prefixes {
+        for (fused, parts) in FUSED {
+            for suffix in ["weight", "bias"] {
+                let names: Vec<String> = parts
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .map(|p| format!("{prefix}{p}.{suffix}"))
+                    .collect();
+                if !names.iter().all(|n| by_name.contains_key(n)) {
+                    continue;
+                }
+                let tensors: Vec<Tensor> = names
+                    .iter()
+                    .map(|n| by_name.remove(n).expect("present"))
+                    .collect();
+                by_name.insert(
+                    format!("{prefix}{fused}.{suffix}"),
+                    Tensor::cat(&tensors, 0),
+                );
+            }
+        }
+    }
+    by_name.into_iter().collect()
+}
+
+/// The inverse of [`fuse_projections`] for saving: each fused parameter split back into its
+/// Hugging Face parts, so transformers and vLLM load the directory.
+pub(crate) fn split_projections(
+    named: Vec<(String, Tensor)>,
+    cfg: &Config,
+) -> Vec<(String, Tensor)> {
+    let d = cfg.head_dim() as i64;
+    let (h, g) = (cfg.num_attention_heads as i64, cfg.num_kv_heads() as i64);
+    let inner = cfg.intermediate_size as i64;
+    let mut out = Vec::with_capacity(named.len() + 3 * cfg.num_hidden_layers);
+    for (name, tensor) in named {
+        let split = FUSED.iter().find_map(|(fused, parts)| {
+            let (prefix, suffix) = name.split_once(&format!("{fused}."))?;
+            let sizes: &[i64] = match *fused {
+                "self_attn.qkv_proj" => &[h * d, g * d, g * d],
+                _ => &[inner, inner],
+            };
+            let pieces = tensor.split_with_sizes(sizes, 0);
+            Some(
+                parts
+                    .iter()
+                    .zip(pieces)
+                    .map(|(part, piece)| (format!("{prefix}{part}.{suffix}"), piece.contiguous()))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        match split {
+            Some(parts) => out.extend(parts),
+            None => out.push((name, tensor)),
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }

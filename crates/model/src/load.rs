@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::gguf;
-use crate::llama::Llama;
+use crate::llama::{Llama, fuse_projections};
 use crate::precision::Precision;
 use crate::tokenizer::Tokenizer;
 
@@ -161,10 +161,11 @@ fn read_safetensors(dir: &Path) -> Result<Weights> {
 }
 
 /// Copies loaded tensors into the declared variables, checking names and shapes (a missing
-/// or misshapen one is an error naming `source`; extra ones are ignored). Trainers restore
-/// checkpoints with it too.
+/// or misshapen one is an error naming `source`; extra ones are ignored). Hugging Face's
+/// separate q/k/v and gate/up projections are stacked into the decoder's fused ones first.
+/// Trainers restore checkpoints with it too.
 pub fn fill(vs: &nn::VarStore, weights: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
-    let mut weights: HashMap<String, Tensor> = weights.into_iter().collect();
+    let mut weights: HashMap<String, Tensor> = fuse_projections(weights).into_iter().collect();
     let mut variables = vs.variables();
     let mut names: Vec<&String> = variables.keys().collect();
     names.sort();

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tch::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::llama::split_projections;
 use crate::load::Model;
 
 impl Model {
@@ -36,13 +37,14 @@ impl Model {
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {
-        let mut named: Vec<(String, Tensor)> = self
+        let named: Vec<(String, Tensor)> = self
             .vs
             .variables()
             .into_iter()
             .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
             .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
+        // Hugging Face's names: the fused projections split back into q/k/v and gate/up.
+        let named = split_projections(named, self.llama.config());
         Tensor::write_safetensors(&named, dir.join("model.safetensors"))?;
 
         let config = self.llama.config();

@@ -2,6 +2,7 @@
 //! shard by shard with a seed per row, so a resumed stage writes the rows an uninterrupted one
 //! would have. Also where prompts come from (JSONL, Parquet, or a problems stage).
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
 use std::time::Instant;
@@ -12,7 +13,7 @@ use arrow_schema::DataType;
 use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_core::Sample;
 use prefloop_data::{ShardReader, StageWriter, WriterOptions};
-use prefloop_model::{Model, Request, SamplingParams, generate};
+use prefloop_model::{Batching, Generation, Model, Request, SamplingParams, generate_each};
 
 use crate::config::GenerateConfig;
 use crate::error::{PipelineError, Result};
@@ -102,19 +103,27 @@ pub fn generate_stage(
     );
     let (start, mut tokens) = (Instant::now(), 0u64);
     let rows: Vec<u64> = (first + done..first + total).collect();
-    for chunk in rows.chunks(config.batch_size) {
-        let requests: Vec<Request> = chunk
-            .iter()
-            .map(|&row| Request {
-                prompt: templated[(row / n) as usize].clone(),
-                seed: row_seed(seed, row),
-            })
-            .collect();
-        let generations = generate(model, &requests, &params)?;
-        let samples: Vec<Sample> = chunk
-            .iter()
-            .zip(generations)
-            .map(|(&row, g)| {
+    let requests: Vec<Request> = rows
+        .iter()
+        .map(|&row| Request {
+            prompt: templated[(row / n) as usize].clone(),
+            seed: row_seed(seed, row),
+        })
+        .collect();
+    // Rows finish out of order (continuous batching); they are written in order, a batch's
+    // worth at a time, so a killed stage resumes after the rows it wrote.
+    let mut finished: BTreeMap<usize, Generation> = BTreeMap::new();
+    let mut written = 0;
+    let batching = Batching::new(config.batch_size);
+    generate_each(model, &requests, &params, batching, |index, generation| {
+        finished.insert(index, generation);
+        let ready = (written..).take_while(|i| finished.contains_key(i)).count();
+        if ready < config.batch_size && written + ready < requests.len() {
+            return Ok::<(), PipelineError>(());
+        }
+        let samples: Vec<Sample> = (written..written + ready)
+            .map(|i| {
+                let (row, g) = (rows[i], finished.remove(&i).expect("ready"));
                 let p = &prompts[(row / n) as usize];
                 tokens += g.tokens.len() as u64;
                 Sample {
@@ -132,12 +141,14 @@ pub fn generate_stage(
             })
             .collect();
         writer.write(&samples)?;
+        written += ready;
         bar.inc(samples.len() as u64);
         bar.set_message(format!(
             "{:.0} tok/s",
             tokens as f64 / start.elapsed().as_secs_f64()
         ));
-    }
+        Ok(())
+    })?;
     let manifest = writer.finish()?;
     bar.finish_and_clear();
     Ok(GenerateReport {

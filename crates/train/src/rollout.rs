@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use prefloop_core::Finish;
-use prefloop_model::{Model, Request, SamplingParams, generate};
+use prefloop_model::{Batching, Model, Request, SamplingParams, collect};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -223,7 +223,7 @@ pub(crate) struct Sampled {
     pub tokens: usize,
 }
 
-/// Samples `requests` from `actor`, `batch_size` rows at a time.
+/// Samples `requests` from `actor`, `batch_size` rows at a time (continuous batching).
 pub(crate) fn sample(
     actor: &Model,
     encoded: &[Vec<u32>],
@@ -232,17 +232,14 @@ pub(crate) fn sample(
     params: &SamplingParams,
     batch_size: usize,
 ) -> Result<Sampled> {
-    let mut completions = Vec::with_capacity(requests.len());
-    for rows in requests.chunks(batch_size.max(1)) {
-        let batch: Vec<Request> = rows
-            .iter()
-            .map(|r| Request {
-                prompt: encoded[r.prompt].clone(),
-                seed: r.seed,
-            })
-            .collect();
-        completions.extend(generate(actor, &batch, params)?);
-    }
+    let batch: Vec<Request> = requests
+        .iter()
+        .map(|r| Request {
+            prompt: encoded[r.prompt].clone(),
+            seed: r.seed,
+        })
+        .collect();
+    let completions = collect(actor, &batch, params, Batching::new(batch_size))?;
     let tokens = completions.iter().map(|g| g.tokens.len()).sum();
     let answers = completions
         .iter()

@@ -21,6 +21,10 @@ pub enum Shape {
     Qwen2_1_5b,
     /// 2 layers, hidden 64, SmolLM2's vocabulary: for dry runs on a CPU.
     Tiny,
+    /// SmolLM2-135M's depth and head layout (30 layers, 9 heads / 3 KV heads) at hidden 64
+    /// (head dim 8): each step costs what its kernels' launches cost, the CPU's stand-in for
+    /// a GPU's overhead-bound decode.
+    DeepNarrow,
 }
 
 impl Shape {
@@ -30,6 +34,7 @@ impl Shape {
             Shape::Smollm2_135m => ("llama", 49152, 576, 1536, 30, 9, 3, 1e5, 8192),
             Shape::Qwen2_1_5b => ("qwen2", 151_936, 1536, 8960, 28, 12, 2, 1e6, 32768),
             Shape::Tiny => ("llama", 49152, 64, 128, 2, 4, 2, 1e5, 2048),
+            Shape::DeepNarrow => ("llama", 49152, 64, 192, 30, 9, 3, 1e5, 8192),
         };
         Config {
             model_type: model_type.into(),
@@ -39,7 +44,7 @@ impl Shape {
             num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: Some(kv),
-            head_dim: None,
+            head_dim: matches!(self, Shape::DeepNarrow).then_some(8),
             rms_norm_eps: 1e-5,
             rope_theta: theta,
             rope_scaling: None,
@@ -156,27 +161,14 @@ pub fn device(args: &DeviceArgs) -> Result<()> {
         model.kind()
     );
     let llama = &model.llama;
-    for (what, batch, query, keys, masked) in [
-        ("training forward (8 × 512, causal)", 8, 512, 512, false),
-        ("prefill (128 × 128, key mask)", 128, 128, 128, true),
-        (
-            "decode step (128 rows, 1 query, 384 keys, key mask)",
-            128,
-            1,
-            384,
-            true,
-        ),
-        (
-            "decode step (512 rows, 1 query, 384 keys, key mask)",
-            512,
-            1,
-            384,
-            true,
-        ),
-    ] {
+    println!(
+        "sdpa backend, training forward and prefill (8 × 512, causal): {}",
+        llama.causal_attention_backend(8, 512)
+    );
+    for rows in [128, 512] {
         println!(
-            "sdpa backend, {what}: {}",
-            llama.sdpa_backend(batch, query, keys, masked)
+            "sdpa backend, decode step ({rows} rows, 384 keys, query groups folded, key mask): {}",
+            llama.decode_attention_backend(rows, 384)
         );
     }
 

@@ -20,6 +20,7 @@ use rand::{Rng, SeedableRng};
 pub enum Command {
     Shards(shards::Args),
     Generate(generate::Args),
+    RoundGenerate(generate::RoundArgs),
     Jobs(jobs::Args),
     Sandbox(sandbox::Args),
     Train(train::Args),
@@ -34,6 +35,7 @@ pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Shards(args) => shards::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::RoundGenerate(args) => generate::run_round(&args),
         Command::Jobs(args) => jobs::run(&args),
         Command::Sandbox(args) => sandbox::run(&args),
         Command::Train(args) => train::run(&args),
