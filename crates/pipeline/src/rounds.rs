@@ -333,13 +333,15 @@ impl Run<'_> {
     }
 
     /// DPO-Iter: KL(π_k ‖ π_{k-1}) on round k's own samples (drawn from π_k), the k1 estimate:
-    /// how far round k-1's update moved the policy. Round 0 has nothing to compare with.
+    /// how far round k-1's update moved the policy. Round 0 has nothing to compare with;
+    /// `kl_to_previous = false` skips it.
     fn measure_kl(&mut self, round: u32, model: &mut Option<Model>) -> Result<()> {
         let (dir, config) = (self.dir, self.config);
         let measured = self.state.rounds[round as usize]
             .measured
             .contains_key("kl");
-        if round == 0 || config.algorithm != Algorithm::DpoIter || measured {
+        let wanted = config.algorithm == Algorithm::DpoIter && config.kl_to_previous;
+        if round == 0 || !wanted || measured {
             return Ok(());
         }
         let began = Instant::now();
