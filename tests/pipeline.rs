@@ -49,6 +49,16 @@ fn write_config(dir: &Path, humaneval: &Path, model: &Path) -> PathBuf {
     path
 }
 
+/// A scratch directory holding the tiny model and the two-round DPO-Iter config over it.
+fn tiny_dpo_iter() -> Option<(tempfile::TempDir, PathBuf)> {
+    let humaneval = ready()?;
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let config = write_config(scratch.path(), &humaneval, &model);
+    Some((scratch, config))
+}
+
 /// The report as a browser shows it: headless Chromium loads the page, and the DOM it built
 /// holds the charts and the example pairs. Skips, saying so, where Chromium is absent
 /// (scripts/setup installs Debian's where it may use apt-get).
@@ -162,11 +172,9 @@ fn kill_at_then_resume(config: &Path, run: &Path, unbroken: Duration, fractions:
 
 #[test]
 fn two_dpo_iter_rounds_generate_score_pair_train_and_sample_from_the_trained_policy() {
-    let Some(humaneval) = ready() else { return };
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
-    let config = write_config(scratch.path(), &humaneval, &model);
+    let Some((scratch, config)) = tiny_dpo_iter() else {
+        return;
+    };
     let run = scratch.path().join("run");
 
     let out = prefloop(&run_args(&config, &run));
@@ -296,12 +304,55 @@ fn two_dpo_iter_rounds_generate_score_pair_train_and_sample_from_the_trained_pol
 }
 
 #[test]
+fn dpo_iter_with_lora_trains_a_fresh_adapter_each_round_and_saves_merged_policies() {
+    let Some((scratch, config)) = tiny_dpo_iter() else {
+        return;
+    };
+    let run = scratch.path().join("run");
+    let mut args = run_args(&config, &run).to_vec();
+    args.extend(["--set", "dpo.lora.rank=4", "--set", "dpo.lora.alpha=8"]);
+    let out = prefloop(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let policy = |round: u32| run.join(format!("round-{round:04}/policy"));
+    for round in 0..2 {
+        let adapter = policy(round).join(prefloop_model::ADAPTER_DIR);
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["r"], 4, "round {round}");
+        // A fresh adapter per round: round 1's is trained on round 0's merged policy, whose
+        // path it records as its base.
+        let base = Path::new(config["base_model_name_or_path"].as_str().unwrap());
+        let expected = if round == 0 {
+            "tiny"
+        } else {
+            "round-0000/policy"
+        };
+        assert!(
+            base.ends_with(expected),
+            "round {round}: {}",
+            base.display()
+        );
+    }
+    assert_ne!(
+        std::fs::read(policy(0).join("model.safetensors")).unwrap(),
+        std::fs::read(policy(1).join("model.safetensors")).unwrap(),
+        "round 1 trained on from round 0's policy"
+    );
+    let frozen = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        frozen.contains("[dpo.lora]") && frozen.contains("rank = 4"),
+        "{frozen}"
+    );
+}
+
+#[test]
 fn a_run_killed_at_many_points_resumes_to_the_shards_and_policy_of_an_unbroken_run() {
-    let Some(humaneval) = ready() else { return };
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
-    let config = write_config(scratch.path(), &humaneval, &model);
+    let Some((scratch, config)) = tiny_dpo_iter() else {
+        return;
+    };
 
     let whole = scratch.path().join("whole");
     let began = Instant::now();
@@ -369,11 +420,9 @@ fn a_run_killed_at_many_points_resumes_to_the_shards_and_policy_of_an_unbroken_r
 /// `state.json` recorded the stage failed to resume with "stage is already complete".
 #[test]
 fn a_kill_between_a_complete_manifest_and_the_state_resumes_without_rewriting_the_stage() {
-    let Some(humaneval) = ready() else { return };
-    let scratch = tempfile::tempdir().unwrap();
-    let model = scratch.path().join("tiny");
-    tiny_model(&model);
-    let config = write_config(scratch.path(), &humaneval, &model);
+    let Some((scratch, config)) = tiny_dpo_iter() else {
+        return;
+    };
     let one_round = std::fs::read_to_string(&config)
         .unwrap()
         .replace("rounds = 2", "rounds = 1\nfinal_generation = false");

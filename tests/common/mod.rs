@@ -92,6 +92,7 @@ fn tiny(dir: &Path, reward_head: bool) {
         llama,
         tokenizer: base.tokenizer,
         source: PathBuf::from("tiny"),
+        adapters: None,
     };
     model.save(dir).unwrap();
 }

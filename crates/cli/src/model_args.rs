@@ -15,11 +15,19 @@ pub struct ModelArgs {
     /// command runs beside it use the same one.
     #[arg(long, default_value_t = Precision::Auto)]
     pub dtype: Precision,
+    /// A PEFT LoRA adapter directory applied on top of --model, unmerged (peft's
+    /// `save_pretrained`, or the `adapter/` of a policy prefloop trained with LoRA).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
     /// The model on `device` in the chosen precision.
     pub fn load(&self, device: Device) -> Result<Model> {
-        Ok(Model::load(self.model.as_deref(), device, self.dtype)?)
+        let model = Model::load(self.model.as_deref(), device, self.dtype)?;
+        Ok(match &self.adapter {
+            Some(dir) => model.load_adapter(dir)?,
+            None => model,
+        })
     }
 }

@@ -8,9 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_model::{Model, Precision, best_device};
 use prefloop_train::{
     DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, GroupModels, IterationRecord,
-    LoopConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss, PromptExample, REWARD_MODEL_DIR,
-    RewardConfig, RewardModel, Rollout, SftConfig, StepRecord, train_dpo, train_group, train_ppo,
-    train_reward_model, train_sft,
+    LoopConfig, LoraConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss, PromptExample,
+    REWARD_MODEL_DIR, RewardConfig, RewardModel, Rollout, SftConfig, StepRecord, train_dpo,
+    train_group, train_ppo, train_reward_model, train_sft, with_lora,
 };
 use serde::de::DeserializeOwned;
 
@@ -24,6 +24,8 @@ pub enum Command {
         #[arg(long)]
         data: PathBuf,
         #[command(flatten)]
+        lora: LoraArgs,
+        #[command(flatten)]
         common: Common,
     },
     /// A Bradley–Terry reward model on a pairs stage; saves OUT/reward_model and OUT/eval.json.
@@ -35,14 +37,20 @@ pub enum Command {
         #[arg(long)]
         eval_fraction: Option<f64>,
         #[command(flatten)]
+        lora: LoraRankArgs,
+        #[command(flatten)]
         common: Common,
     },
     /// PPO from prompts with a reward model: actor, critic and reference start from --model;
     /// saves OUT/policy and OUT/critic. The paper's tricks are config switches
     /// (advantage_normalisation, rollout_batch_size, ema_reference, value_normalisation).
+    /// With --lora-rank the actor and critic train adapters and the reference is the actor's
+    /// base with its adapters off, which cannot move: ema_reference is turned off.
     Ppo {
         #[command(flatten)]
         online: OnlineArgs,
+        #[command(flatten)]
+        lora: LoraRankArgs,
     },
     /// A group estimator (GRPO, RLOO, REINFORCE++-baseline) from prompts with a reward model:
     /// group_size completions per prompt, advantages from each group, no critic; saves
@@ -56,6 +64,8 @@ pub enum Command {
         /// Completions sampled per prompt.
         #[arg(long)]
         group_size: Option<usize>,
+        #[command(flatten)]
+        lora: LoraRankArgs,
     },
     /// DPO or IPO on a pairs stage, the starting policy as reference; saves OUT/policy.
     Dpo {
@@ -72,8 +82,61 @@ pub enum Command {
         #[arg(long)]
         sft_weight: Option<f64>,
         #[command(flatten)]
+        lora: LoraArgs,
+        #[command(flatten)]
         common: Common,
     },
+}
+
+/// Fresh LoRA adapters of a rank instead of full fine-tuning.
+#[derive(Debug, clap::Args)]
+pub struct LoraRankArgs {
+    /// Train LoRA adapters of this rank (on every projection unless the config's `[lora]`
+    /// table says otherwise) instead of every weight.
+    #[arg(long)]
+    lora_rank: Option<u32>,
+    /// LoRA's α (default 2 × rank); the update is scaled by α / rank.
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f64>,
+}
+
+impl LoraRankArgs {
+    /// The flags over the config file's `[lora]` table.
+    fn apply(&self, lora: &mut Option<LoraConfig>) {
+        if let Some(rank) = self.lora_rank {
+            let mut config = lora.take().unwrap_or_default();
+            config.rank = rank;
+            config.alpha = self.lora_alpha.unwrap_or(2.0 * f64::from(rank));
+            *lora = Some(config);
+        }
+    }
+}
+
+/// LoRA instead of full fine-tuning: fresh adapters of a rank, or a PEFT adapter to continue.
+#[derive(Debug, clap::Args)]
+pub struct LoraArgs {
+    #[command(flatten)]
+    rank: LoraRankArgs,
+    /// A PEFT LoRA adapter directory (peft's `save_pretrained`, or a policy's `adapter/`) to
+    /// load onto --model and go on training.
+    #[arg(long, conflicts_with = "lora_rank")]
+    adapter: Option<PathBuf>,
+}
+
+impl LoraArgs {
+    fn apply(&self, lora: &mut Option<LoraConfig>) {
+        self.rank.apply(lora);
+    }
+
+    /// `model` with the adapter it is to train: --adapter's, or fresh ones per `lora`.
+    fn attach(&self, model: Model, lora: Option<&LoraConfig>, seed: u64) -> Result<Model> {
+        Ok(match &self.adapter {
+            Some(dir) => model
+                .load_adapter(dir)
+                .with_context(|| format!("loading the adapter {}", dir.display()))?,
+            None => with_lora(model, lora, seed)?,
+        })
+    }
 }
 
 fn parse_loss(s: &str) -> Result<PreferenceLoss, String> {
@@ -362,10 +425,12 @@ fn summarise(records: &[StepRecord], saved: &Path) {
 
 pub fn run(command: &Command) -> Result<()> {
     match command {
-        Command::Sft { data, common } => {
+        Command::Sft { data, lora, common } => {
             let (mut config, dtype): (SftConfig, _) = read_config(common.config.as_deref())?;
             common.apply(&mut config.train, &mut config.encode);
+            lora.apply(&mut config.lora);
             let model = common.load_model(dtype)?;
+            let model = lora.attach(model, config.lora.as_ref(), config.train.seed)?;
             let (bar, on_step) = progress();
             let records = train_sft(&model, data, &config, &common.out, on_step)?;
             bar.finish();
@@ -374,6 +439,7 @@ pub fn run(command: &Command) -> Result<()> {
         Command::Rm {
             pairs,
             eval_fraction,
+            lora,
             common,
         } => {
             let (mut config, dtype): (RewardConfig, _) = read_config(common.config.as_deref())?;
@@ -381,7 +447,13 @@ pub fn run(command: &Command) -> Result<()> {
             if let Some(f) = eval_fraction {
                 config.eval_fraction = *f;
             }
-            let rm = RewardModel::new(common.load_model(dtype)?)?;
+            lora.apply(&mut config.lora);
+            let model = with_lora(
+                common.load_model(dtype)?,
+                config.lora.as_ref(),
+                config.train.seed,
+            )?;
+            let rm = RewardModel::new(model)?;
             let (bar, on_step) = progress();
             let (records, report) = train_reward_model(&rm, pairs, &config, &common.out, on_step)?;
             bar.finish();
@@ -402,10 +474,12 @@ pub fn run(command: &Command) -> Result<()> {
             beta,
             loss,
             sft_weight,
+            lora,
             common,
         } => {
             let (mut config, dtype): (DpoConfig, _) = read_config(common.config.as_deref())?;
             common.apply(&mut config.train, &mut config.encode);
+            lora.apply(&mut config.lora);
             if let Some(b) = beta {
                 config.beta = *b;
             }
@@ -416,21 +490,27 @@ pub fn run(command: &Command) -> Result<()> {
                 config.sft_weight = *w;
             }
             let model = common.load_model(dtype)?;
+            let model = lora.attach(model, config.lora.as_ref(), config.train.seed)?;
             let (bar, on_step) = progress();
             let records = train_dpo(&model, pairs, &config, &common.out, on_step)?;
             bar.finish();
             summarise(&records, &common.out.join(POLICY_DIR));
         }
-        Command::Ppo { online } => {
-            let (config, precision) = online.config(|c: &mut PpoConfig| OnlineFields {
+        Command::Ppo { online, lora } => {
+            let (mut config, precision) = online.config(|c: &mut PpoConfig| OnlineFields {
                 iterations: &mut c.iterations,
                 rollout_batch_size: &mut c.rollout_batch_size,
                 max_new_tokens: &mut c.max_new_tokens,
                 seed: &mut c.seed,
                 encode: &mut c.encode,
             })?;
+            if lora.lora_rank.is_some() {
+                lora.apply(&mut config.lora);
+                config.ema_reference = false;
+            }
             let prompts = online.prompts()?;
-            let models = PpoModels::load(online.model.as_deref(), best_device(), precision)?;
+            let models =
+                PpoModels::load(online.model.as_deref(), best_device(), precision, &config)?;
             let scorer = online.reward_model(precision, config.encode.clone())?;
             let mut reward = |_: u64, r: &[Rollout]| scorer.score(r, config.micro_batch_size);
             let (bar, on_iteration) = iteration_progress(config.iterations);
@@ -450,6 +530,7 @@ pub fn run(command: &Command) -> Result<()> {
             online,
             estimator,
             group_size,
+            lora,
         } => {
             let (mut config, precision) = online.config(|c: &mut GroupConfig| OnlineFields {
                 iterations: &mut c.iterations,
@@ -459,6 +540,7 @@ pub fn run(command: &Command) -> Result<()> {
                 encode: &mut c.encode,
             })?;
             set(&mut config.group_size, *group_size);
+            lora.apply(&mut config.lora);
             let prompts = online.prompts()?;
             let models =
                 GroupModels::load(online.model.as_deref(), best_device(), precision, &config)?;

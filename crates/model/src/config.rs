@@ -136,7 +136,7 @@ impl Config {
     }
 
     /// Parameters of the model these sizes describe (None past u64).
-    fn parameter_count(&self) -> Option<u64> {
+    pub fn parameter_count(&self) -> Option<u64> {
         let n = |v: usize| v as u64;
         let (hidden, head) = (n(self.hidden_size), n(self.head_dim()));
         let q = n(self.num_attention_heads).checked_mul(head)?;

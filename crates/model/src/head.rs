@@ -25,9 +25,12 @@ impl ScalarHead {
         }
     }
 
-    /// One scalar per position: (B, T, C) → (B, T).
+    /// One scalar per position: (B, T, C) → (B, T), in the head's dtype (fp32 beside a LoRA
+    /// trunk in bf16, the trunk's own otherwise).
     pub fn per_token(&self, hidden: &Tensor) -> Tensor {
-        self.proj.forward(hidden).squeeze_dim(-1)
+        self.proj
+            .forward(&hidden.to_kind(self.proj.ws.kind()))
+            .squeeze_dim(-1)
     }
 
     /// The scalar at the last position where `valid` (B, T) is true, whichever side the

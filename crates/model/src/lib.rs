@@ -9,6 +9,7 @@ mod gguf;
 mod head;
 mod llama;
 mod load;
+mod lora;
 mod precision;
 mod save;
 mod tokenizer;
@@ -23,5 +24,7 @@ pub use llama::Llama;
 pub use load::{
     DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, Model, best_device, default_model_path, fill,
 };
+pub use lora::{LoraConfig, PROJECTIONS};
 pub use precision::Precision;
+pub use save::ADAPTER_DIR;
 pub use tokenizer::Tokenizer;

@@ -10,11 +10,34 @@
 //! cos/sin are gathered once per forward and q and k rotated together; RMSNorm is libtorch's
 //! (fused where the device has a kernel for it).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tch::nn::{self, Init, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::lora::{Adapters, LayerAdapters, LoraConfig, ProjectionAdapters};
+
+/// A layer's adapters as one forward pass applies them: dropout only in a training pass.
+#[derive(Clone, Copy)]
+struct Active<'a> {
+    adapters: &'a LayerAdapters,
+    dropout: f64,
+}
+
+/// `base`, the output of a projection of `x`, plus its adapters' update when a pass has them.
+fn adapted(
+    base: Tensor,
+    x: &Tensor,
+    lora: Option<Active>,
+    projection: fn(&LayerAdapters) -> &ProjectionAdapters,
+) -> Tensor {
+    match lora {
+        Some(active) => projection(active.adapters).add_to(x, base, active.dropout),
+        None => base,
+    }
+}
 
 /// Grouped-query attention is handed to SDPA as it is (fewer key/value heads than query
 /// heads), never expanded by hand.
@@ -200,12 +223,16 @@ impl Attention {
     }
 
     /// x: (B, T, C) → (B, T, C), causal; the keys and values pushed to `kv` if given.
-    fn forward(&self, x: &Tensor, rope: &RopeAt, kv: Option<&mut LayerKv>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeAt,
+        kv: Option<&mut LayerKv>,
+        lora: Option<Active>,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, C)");
         let (h, g) = (self.heads, self.kv_heads);
-        let qkv = self
-            .qkv_proj
-            .forward(x)
+        let qkv = adapted(self.qkv_proj.forward(x), x, lora, |a| &a.qkv)
             .view([b, t, h + 2 * g, self.head_dim])
             .transpose(1, 2); // (B, H + 2 KV, T, D)
         let qk = rope.apply(&qkv.narrow(1, 0, h + g));
@@ -230,7 +257,7 @@ impl Attention {
             .transpose(1, 2)
             .contiguous()
             .view([b, t, h * self.head_dim]);
-        self.o_proj.forward(&y)
+        adapted(self.o_proj.forward(&y), &y, lora, |a| &a.o)
     }
 
     /// One decode step, x: (S, 1, C), its keys and values written into the slots. The query
@@ -242,15 +269,13 @@ impl Attention {
         x: &Tensor,
         rope: &RopeAt,
         layer: &mut (Tensor, Tensor),
-        at: &Tensor,
-        mask: &Tensor,
-        width: i64,
+        step: &Step,
+        lora: Option<Active>,
     ) -> Tensor {
+        let Step { at, mask, width } = step;
         let (s, _, _) = x.size3().expect("(S, 1, C)");
         let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
-        let qkv = self
-            .qkv_proj
-            .forward(x)
+        let qkv = adapted(self.qkv_proj.forward(x), x, lora, |a| &a.qkv)
             .view([s, 1, h + 2 * g, d])
             .transpose(1, 2); // (S, H + 2 KV, 1, D)
         let qk = rope.apply(&qkv.narrow(1, 0, h + g));
@@ -258,11 +283,22 @@ impl Attention {
         let _ = k_cache.scatter_(2, at, &qk.narrow(1, h, g));
         let _ = v_cache.scatter_(2, at, &qkv.narrow(1, h + g, g));
         let q = qk.narrow(1, 0, h).reshape([s, g, h / g, d]); // (S, KV, G, D)
-        let (k, v) = (k_cache.narrow(2, 0, width), v_cache.narrow(2, 0, width));
+        let (k, v) = (k_cache.narrow(2, 0, *width), v_cache.narrow(2, 0, *width));
         let y =
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false); // (S, KV, G, D)
-        self.o_proj.forward(&y.reshape([s, 1, h * d]))
+        let y = y.reshape([s, 1, h * d]);
+        adapted(self.o_proj.forward(&y), &y, lora, |a| &a.o)
     }
+}
+
+/// Where one decode step writes and reads the slot cache, shared by every layer.
+struct Step {
+    /// Each row's column for its new key and value, expanded to (S, KV, 1, D) for `scatter_`.
+    at: Tensor,
+    /// (S, 1, 1, W): true at the columns a row attends to.
+    mask: Tensor,
+    /// W: the columns read, more than every row's length.
+    width: i64,
 }
 
 #[derive(Debug)]
@@ -286,9 +322,10 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let gate_up = self.gate_up_proj.forward(x).chunk(2, -1);
-        self.down_proj.forward(&(gate_up[0].silu() * &gate_up[1]))
+    fn forward(&self, x: &Tensor, lora: Option<Active>) -> Tensor {
+        let gate_up = adapted(self.gate_up_proj.forward(x), x, lora, |a| &a.gate_up).chunk(2, -1);
+        let h = gate_up[0].silu() * &gate_up[1];
+        adapted(self.down_proj.forward(&h), &h, lora, |a| &a.down)
     }
 }
 
@@ -316,10 +353,12 @@ impl DecoderLayer {
     }
 
     /// The MLP half, after attention's `h` is added to the residual `x`.
-    fn finish(&self, x: &Tensor, h: Tensor) -> Tensor {
+    fn finish(&self, x: &Tensor, h: Tensor, lora: Option<Active>) -> Tensor {
         // Out of place: the norms saved `x` for the backward pass.
         let x = x + h;
-        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+        &x + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x), lora)
     }
 }
 
@@ -333,6 +372,12 @@ pub struct Llama {
     lm_head: Tensor,
     rope: Rope,
     config: Config,
+    /// LoRA adapters beside the projections, if attached (lora.rs).
+    lora: Option<Adapters>,
+    /// Whether forward passes apply the adapters: off, the model is its base.
+    adapters_on: AtomicBool,
+    /// Whether forward passes are training updates (the adapters' dropout applies).
+    training: AtomicBool,
 }
 
 impl Llama {
@@ -358,7 +403,71 @@ impl Llama {
             embed_tokens,
             lm_head,
             config: cfg.clone(),
+            lora: None,
+            adapters_on: AtomicBool::new(true),
+            training: AtomicBool::new(false),
         })
+    }
+
+    /// Declares LoRA adapters (fp32, B zero, so the model is unchanged) in `vs`, a store of
+    /// their own, and applies them from the next forward pass.
+    pub(crate) fn attach_lora(&mut self, vs: &nn::VarStore, lora: &LoraConfig) {
+        self.lora = Some(Adapters::new(vs, &self.config, lora));
+    }
+
+    pub(crate) fn adapters(&self) -> Option<&Adapters> {
+        self.lora.as_ref()
+    }
+
+    /// The LoRA settings of the attached adapters, if any.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|a| &a.config)
+    }
+
+    /// Runs `f` with the adapters switched off: the base model, i.e. the starting policy a
+    /// LoRA run's reference is, without a second copy of the weights.
+    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
+        let was = self.adapters_on.swap(false, Ordering::SeqCst);
+        let out = f();
+        self.adapters_on.store(was, Ordering::SeqCst);
+        out
+    }
+
+    /// Runs `f` as a training pass: the adapters' dropout applies (drawn from libtorch's
+    /// generator, which the trainer seeds per step).
+    pub fn training<T>(&self, f: impl FnOnce() -> T) -> T {
+        let was = self.training.swap(true, Ordering::SeqCst);
+        let out = f();
+        self.training.store(was, Ordering::SeqCst);
+        out
+    }
+
+    /// Each layer's adapters as this pass applies them; None for every layer without any.
+    fn active(&self) -> Vec<Option<Active<'_>>> {
+        let adapters = self
+            .lora
+            .as_ref()
+            .filter(|_| self.adapters_on.load(Ordering::SeqCst));
+        match adapters {
+            Some(adapters) => {
+                let dropout = if self.training.load(Ordering::SeqCst) {
+                    adapters.config.dropout
+                } else {
+                    0.0
+                };
+                adapters
+                    .layers
+                    .iter()
+                    .map(|layer| {
+                        Some(Active {
+                            adapters: layer,
+                            dropout,
+                        })
+                    })
+                    .collect()
+            }
+            None => vec![None; self.layers.len()],
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -397,13 +506,14 @@ impl Llama {
         let positions = Tensor::arange(t, (Kind::Int64, input_ids.device())).expand([b, t], true);
         let rope = self.rope.at(&positions, self.kind());
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, C)
-        for layer in &self.layers {
+        for (layer, lora) in self.layers.iter().zip(self.active()) {
             let h = layer.self_attn.forward(
                 &layer.input_layernorm.forward(&x),
                 &rope,
                 kv.as_deref_mut(),
+                lora,
             );
-            x = layer.finish(&x, h);
+            x = layer.finish(&x, h, lora);
         }
         self.norm.forward(&x)
     }
@@ -424,20 +534,23 @@ impl Llama {
             self.config.head_dim() as i64,
         );
         let rope = self.rope.at(&lens.view([s, 1]), self.kind());
-        let at = lens.view([s, 1, 1, 1]).expand([s, g, 1, d], false);
         let columns = Tensor::arange(width, (Kind::Int64, lens.device()));
-        let mask = columns.le_tensor(&lens.view([s, 1])).view([s, 1, 1, width]);
+        let step = Step {
+            at: lens.view([s, 1, 1, 1]).expand([s, g, 1, d], false),
+            mask: columns.le_tensor(&lens.view([s, 1])).view([s, 1, 1, width]),
+            width,
+        };
         let mut x = Tensor::embedding(&self.embed_tokens, &tokens.view([s, 1]), -1, false, false);
-        for (layer, slots) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let layers = self.layers.iter().zip(self.active());
+        for ((layer, lora), slots) in layers.zip(cache.layers.iter_mut()) {
             let h = layer.self_attn.decode(
                 &layer.input_layernorm.forward(&x),
                 &rope,
                 slots,
-                &at,
-                &mask,
-                width,
+                &step,
+                lora,
             );
-            x = layer.finish(&x, h);
+            x = layer.finish(&x, h, lora);
         }
         self.norm.forward(&x).view([s, -1])
     }

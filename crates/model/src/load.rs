@@ -40,6 +40,9 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// Where the weights came from (for logs and the `policy` column).
     pub source: PathBuf,
+    /// The LoRA adapters' own store when adapters are attached (lora.rs); the base in `vs` is
+    /// then frozen.
+    pub adapters: Option<nn::VarStore>,
 }
 
 impl Model {
@@ -95,6 +98,7 @@ impl Model {
             llama,
             tokenizer,
             source: path,
+            adapters: None,
         })
     }
 }
@@ -145,19 +149,23 @@ fn read_safetensors(dir: &Path) -> Result<Weights> {
     };
     let mut weights = Vec::new();
     for file in files {
-        if !file.exists() {
-            return Err(ModelError::Io {
-                path: file,
-                source: std::io::ErrorKind::NotFound.into(),
-            });
-        }
-        let tensors = Tensor::read_safetensors(&file).map_err(|e| ModelError::Config {
-            path: file.clone(),
-            message: format!("not a readable safetensors file: {e}"),
-        })?;
-        weights.extend(tensors);
+        weights.extend(read_safetensors_file(&file)?);
     }
     Ok(weights)
+}
+
+/// The named tensors of one safetensors file; a missing or unreadable file names its path.
+pub(crate) fn read_safetensors_file(file: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !file.exists() {
+        return Err(ModelError::Io {
+            path: file.to_path_buf(),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    Tensor::read_safetensors(file).map_err(|e| ModelError::Config {
+        path: file.to_path_buf(),
+        message: format!("not a readable safetensors file: {e}"),
+    })
 }
 
 /// Copies loaded tensors into the declared variables, checking names and shapes (a missing

@@ -1,6 +1,8 @@
 //! Saving a model as a Hugging Face directory that `transformers` loads:
 //! model.safetensors, config.json, tokenizer.json, tokenizer_config.json,
 //! generation_config.json (a reward model, with its `score` head, as a sequence classifier).
+//! A model with LoRA adapters is saved merged (base + (α / r) · B A), plus the adapters alone
+//! in `adapter/`, a PEFT directory.
 //! Written to a hidden sibling directory first and renamed into place,
 //! so the directory either is complete or does not exist.
 
@@ -12,6 +14,9 @@ use tch::{Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::llama::split_projections;
 use crate::load::Model;
+
+/// Where a saved model with LoRA adapters keeps them alone, as a PEFT directory.
+pub const ADAPTER_DIR: &str = "adapter";
 
 impl Model {
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -37,12 +42,16 @@ impl Model {
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {
+        // With LoRA adapters attached: the base with the adapters merged in, and the adapters
+        // alone as a PEFT directory beside it.
         let named: Vec<(String, Tensor)> = self
-            .vs
-            .variables()
+            .merged_weights()
             .into_iter()
             .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
             .collect();
+        if self.adapters.is_some() {
+            self.save_adapter(&dir.join(ADAPTER_DIR))?;
+        }
         // Hugging Face's names: the fused projections split back into q/k/v and gate/up.
         let named = split_projections(named, self.llama.config());
         Tensor::write_safetensors(&named, dir.join("model.safetensors"))?;

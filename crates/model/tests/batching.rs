@@ -3,32 +3,14 @@
 //! never what a row samples. Skipped with a message when scripts/setup has not installed the
 //! model.
 
+mod common;
+
+use common::{embedded, request};
+
 use prefloop_core::Finish;
 use prefloop_model::{
-    Batching, Generation, Model, Precision, Request, SamplingParams, collect, default_model_path,
-    generate, generate_each,
+    Batching, Generation, Model, Request, SamplingParams, collect, generate, generate_each,
 };
-use tch::Device;
-
-fn embedded() -> Option<Model> {
-    let path = default_model_path();
-    if !path.exists() {
-        eprintln!(
-            "skipped: {} is not installed (run scripts/setup)",
-            path.display()
-        );
-        return None;
-    }
-    Some(Model::load(None, Device::Cpu, Precision::Fp32).expect("the embedded default loads"))
-}
-
-fn request(model: &Model, user: &str, seed: u64) -> Request {
-    let text = model.tokenizer.apply_chat_template(user).unwrap();
-    Request {
-        prompt: model.tokenizer.encode(&text).unwrap(),
-        seed,
-    }
-}
 
 /// Prompts of different lengths whose completions end at different steps (EOS on), each
 /// sampled `n` times with its own seed.

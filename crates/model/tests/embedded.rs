@@ -1,28 +1,12 @@
 //! The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end on the CPU.
 //! Skipped with a message when scripts/setup has not installed it.
 
+mod common;
+
+use common::{embedded, request, smollm_config};
+
 use prefloop_model::{Model, Precision, Request, SamplingParams, default_model_path, generate};
 use tch::Device;
-
-fn embedded() -> Option<Model> {
-    let path = default_model_path();
-    if !path.exists() {
-        eprintln!(
-            "skipped: {} is not installed (run scripts/setup)",
-            path.display()
-        );
-        return None;
-    }
-    Some(Model::load(None, Device::Cpu, Precision::Fp32).expect("the embedded default loads"))
-}
-
-fn request(model: &Model, user: &str, seed: u64) -> Request {
-    let text = model.tokenizer.apply_chat_template(user).unwrap();
-    Request {
-        prompt: model.tokenizer.encode(&text).unwrap(),
-        seed,
-    }
-}
 
 #[test]
 fn greedy_capital_of_france_is_paris() {
@@ -180,14 +164,6 @@ fn hf_dir(config: serde_json::Value, model: &Model) -> tempfile::TempDir {
     )
     .unwrap();
     dir
-}
-
-fn smollm_config(vocab_size: usize) -> serde_json::Value {
-    serde_json::json!({
-        "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 128, "tie_word_embeddings": true, "eos_token_id": 2
-    })
 }
 
 #[test]

@@ -37,7 +37,8 @@ impl Run<'_> {
         if self.already_trained(&policy, on_round)? {
             return Ok(policy);
         }
-        let models = PpoModels::load(config.model.as_deref(), best_device(), config.dtype)?;
+        let ppo = config.ppo_config();
+        let models = PpoModels::load(config.model.as_deref(), best_device(), config.dtype, &ppo)?;
         let prompts = self.prompt_examples();
         let online = Online::new(self, "ppo", policy);
         let mut reward = |iteration: u64, rollouts: &[Rollout]| {
@@ -51,14 +52,7 @@ impl Run<'_> {
         let on_iteration = |record: &IterationRecord, _: u64| {
             online.iteration(record, on_round, ["reward/mean", "kl"]);
         };
-        let trained = train_ppo(
-            &models,
-            &prompts,
-            &mut reward,
-            &config.ppo_config(),
-            &out,
-            on_iteration,
-        );
+        let trained = train_ppo(&models, &prompts, &mut reward, &ppo, &out, on_iteration);
         online.finish(trained)
     }
 

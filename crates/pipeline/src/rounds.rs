@@ -19,7 +19,7 @@ use prefloop_data::{
 };
 use prefloop_model::{Model, best_device};
 use prefloop_sandbox::{Calibration, RewardProgram, Sandbox};
-use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo};
+use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo, with_lora};
 
 use crate::config::{Algorithm, RunConfig, ScorerKind};
 use crate::error::{PipelineError, Result};
@@ -414,7 +414,11 @@ impl Run<'_> {
                 if !trained.exists() {
                     self.load_policy(round, model)?;
                     let train_dir = dir.stage_dir(round, Stage::Train);
-                    let model = model.as_ref().expect("loaded");
+                    // With `[dpo.lora]`, each round trains a fresh adapter on the policy it
+                    // started from (saved merged), so the reference stays the round's start.
+                    let policy = model.take().expect("loaded");
+                    let seed = config.dpo.train.seed ^ u64::from(round);
+                    let model = &with_lora(policy, config.dpo.lora.as_ref(), seed)?;
                     let bar = ProgressBar::new(0);
                     bar.set_style(
                         ProgressStyle::with_template(

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use prefloop_core::{Pair, ReferenceLogps};
 use prefloop_data::{Manifest, StageWriter, WriterOptions};
-use prefloop_model::Model;
+use prefloop_model::{LoraConfig, Model};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -35,6 +35,10 @@ pub struct DpoConfig {
     pub sft_weight: f64,
     pub encode: EncodeConfig,
     pub train: LoopConfig,
+    /// LoRA adapters trained instead of every weight (`[lora]`, e.g. `rank = 16`); the
+    /// trained policy is saved merged, with the adapter beside it. Default: none, full
+    /// fine-tuning.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for DpoConfig {
@@ -45,6 +49,7 @@ impl Default for DpoConfig {
             sft_weight: 0.0,
             encode: EncodeConfig::default(),
             train: LoopConfig::default(),
+            lora: None,
         }
     }
 }
@@ -53,6 +58,7 @@ impl DpoConfig {
     /// Every setting checked before any work starts; errors name the field.
     pub fn validate(&self) -> Result<()> {
         crate::error::ensure(self.beta > 0.0, "beta", "must be positive")?;
+        crate::validate_lora(self.lora.as_ref())?;
         self.encode.validate()?;
         self.train.validate()
     }
@@ -111,7 +117,9 @@ pub fn reference_logps(
     Ok(rows)
 }
 
-/// Trains `model` (the policy, which is also the reference) on the pairs stage `pairs_dir`.
+/// Trains `model` (the policy, which is also the reference) on the pairs stage `pairs_dir`:
+/// its adapters if it has them ([`crate::with_lora`]), else every weight. The reference is the
+/// model as it starts, adapters and all, so a continued adapter's reference is where it began.
 /// The trained policy is saved to `<out>/policy`; a run that finds it there has nothing to do.
 pub fn train_dpo(
     model: &Model,
@@ -139,7 +147,7 @@ pub fn train_dpo(
 
     let mut extra = serde_json::Value::Null;
     let records = fit(
-        &model.vs,
+        model.trainable(),
         examples.len(),
         ExampleWeights::Uniform,
         &config.train,
@@ -175,7 +183,9 @@ pub fn dpo_backward(
     weight: f64,
 ) -> MicroBatch {
     let b = batch.input_ids.size()[0] / 2;
-    let logprobs = TokenLogprobs::forward(&model.llama, batch);
+    let logprobs = model
+        .llama
+        .training(|| TokenLogprobs::forward(&model.llama, batch));
     let sums = sequence_sum(&logprobs.values, &batch.loss_mask); // (2B,)
     let (chosen, rejected) = (sums.narrow(0, 0, b), sums.narrow(0, b, b));
     let out = preference_loss(

@@ -209,6 +209,9 @@ pub fn fit(
         let began = Instant::now();
         let lr = config.optim.lr_at(step, scheduled);
         let batches = config.micro_batches(examples, step);
+        // libtorch's generator (LoRA's dropout) is seeded per step, so a resumed run draws the
+        // masks an unbroken one would.
+        tch::manual_seed((config.seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407)) as i64);
         let step_weight: f64 = batches.iter().map(|b| weights.of(b)).sum();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0;

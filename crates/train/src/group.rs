@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
-use prefloop_model::{Model, Precision, SamplingParams};
+use prefloop_model::{LoraConfig, Model, Precision, SamplingParams};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -124,6 +124,9 @@ pub struct GroupConfig {
     pub seed: u64,
     /// Iterations between checkpoints. Default 1.
     pub checkpoint_every: u64,
+    /// LoRA adapters trained instead of every weight (`[lora]`); the reference is then the
+    /// base with the adapters off, not a second model. Default: none.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for GroupConfig {
@@ -160,6 +163,7 @@ impl Default for GroupConfig {
             encode: EncodeConfig::default(),
             seed: 0,
             checkpoint_every: 1,
+            lora: None,
         }
     }
 }
@@ -205,6 +209,12 @@ impl GroupConfig {
             "overlong_buffer",
             "must not exceed max_new_tokens",
         )?;
+        check(
+            !(self.ema_reference && self.lora.is_some()),
+            "ema_reference",
+            "needs full fine-tuning: with LoRA the reference is the base, the adapters off",
+        )?;
+        crate::validate_lora(self.lora.as_ref())?;
         self.encode.validate()?;
         self.actor.validate()
     }
@@ -232,7 +242,7 @@ impl GroupConfig {
 }
 
 /// The models a group estimator holds: the policy, and the reference when a KL penalty needs
-/// one.
+/// one and the policy has no LoRA adapters to switch off.
 #[derive(Debug)]
 pub struct GroupModels {
     pub actor: Model,
@@ -240,15 +250,16 @@ pub struct GroupModels {
 }
 
 impl GroupModels {
-    /// The policy (and, when `config` has a KL penalty, the reference) from the weights at
-    /// `path` (the embedded default when None), in `precision`.
+    /// The policy (with fresh adapters when `config` has `lora`; and, when `config` has a KL
+    /// penalty and no LoRA, the reference) from the weights at `path` (the embedded default
+    /// when None), in `precision`.
     pub fn load(
         path: Option<&Path>,
         device: tch::Device,
         precision: Precision,
         config: &GroupConfig,
     ) -> Result<Self> {
-        let reference = match config.uses_reference() {
+        let reference = match config.uses_reference() && config.lora.is_none() {
             true => {
                 let mut reference = Model::load(path, device, precision)?;
                 reference.vs.freeze();
@@ -256,8 +267,9 @@ impl GroupModels {
             }
             false => None,
         };
+        let actor = Model::load(path, device, precision)?;
         Ok(Self {
-            actor: Model::load(path, device, precision)?,
+            actor: crate::with_lora(actor, config.lora.as_ref(), config.seed)?,
             reference,
         })
     }
@@ -267,7 +279,7 @@ impl GroupModels {
         actor: &'a mut AdamW,
         ema: Option<&'a mut EmaReference>,
     ) -> Vec<Part<'a>> {
-        let mut parts = vec![Part::trained("policy", &self.actor.vs, actor)];
+        let mut parts = vec![Part::trained("policy", self.actor.trainable(), actor)];
         if let Some(reference) = &self.reference {
             parts.push(Part {
                 name: "reference",
@@ -326,7 +338,7 @@ pub fn train_group(
     let Some(encoded) = encode_prompts(actor, prompts, &config.encode, out)? else {
         return Ok(Vec::new());
     };
-    let mut actor_opt = AdamW::new(&actor.vs, config.actor.clone())?;
+    let mut actor_opt = AdamW::new(actor.trainable(), config.actor.clone())?;
     let mut ema = match (&models.reference, config.ema_reference) {
         (Some(reference), true) => Some(EmaReference::new(&reference.vs, config.ema_eta)),
         _ => None,
@@ -621,8 +633,11 @@ fn make_experience(
     .to_device(device);
     let loss_mask = &batch.loss_mask * valid.unsqueeze(1);
     let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.llama, &batch);
+    let actor = &models.actor.llama;
     let reference_logprobs = match &models.reference {
         Some(reference) => token_logprobs(&reference.llama, &batch),
+        // LoRA: the reference is the base the adapters sit on.
+        None if config.uses_reference() => actor.without_adapters(|| token_logprobs(actor, &batch)),
         None => old_logprobs.shallow_clone(),
     };
     let rewards = Tensor::from_slice(&rewards).to_device(device);
@@ -666,6 +681,9 @@ fn train_on(
     let mut steps = 0.0;
     let mut rng =
         StdRng::seed_from_u64(config.seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    // LoRA's dropout draws from libtorch's generator: seeded per iteration, so an iteration a
+    // resumed run redoes draws the same masks.
+    tch::manual_seed((config.seed ^ iteration.wrapping_mul(0xA24B_AED4_963E_E407)) as i64);
     for _ in 0..config.epochs {
         let mut order: Vec<i64> = (0..n as i64).collect();
         order.shuffle(&mut rng);
@@ -688,10 +706,11 @@ fn train_on(
                 let batch = e.batch.select(&rows);
                 let pick = |t: &Tensor| t.index_select(0, &rows);
                 let mask = pick(&e.loss_mask);
-                let logprobs = match config.entropy_coef > 0.0 {
-                    true => TokenLogprobs::with_entropy(&models.actor.llama, &batch),
-                    false => TokenLogprobs::forward(&models.actor.llama, &batch),
-                };
+                let llama = &models.actor.llama;
+                let logprobs = llama.training(|| match config.entropy_coef > 0.0 {
+                    true => TokenLogprobs::with_entropy(llama, &batch),
+                    false => TokenLogprobs::forward(llama, &batch),
+                });
                 let out = policy_loss(
                     &logprobs.values,
                     &pick(&e.old_logprobs),

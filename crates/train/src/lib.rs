@@ -43,6 +43,7 @@ pub use losses::{
 };
 pub use optim::{AdamW, OptimConfig, Schedule};
 pub use ppo::{CRITIC_DIR, Experience, PpoConfig, PpoModels, Truncated, train_ppo};
+pub use prefloop_model::LoraConfig;
 pub use reward::{
     EVAL_FILE, REWARD_MODEL_DIR, RewardConfig, RewardEval, RewardModel, RewardReport, evaluate,
     train_reward_model,
@@ -57,4 +58,28 @@ pub const POLICY_DIR: &str = "policy";
 fn finish_policy(model: &prefloop_model::Model, out: &Path) -> Result<()> {
     model.save(&out.join(POLICY_DIR))?;
     Ok(())
+}
+
+/// The model a trainer is handed: with fresh LoRA adapters (A seeded by `seed`, B zero, the
+/// base frozen) when `lora` is set, else as it is.
+pub fn with_lora(
+    model: prefloop_model::Model,
+    lora: Option<&prefloop_model::LoraConfig>,
+    seed: u64,
+) -> Result<prefloop_model::Model> {
+    Ok(match lora {
+        Some(lora) => model.with_lora(lora, seed)?,
+        None => model,
+    })
+}
+
+/// A trainer config's `lora` table checked before any work starts.
+fn validate_lora(lora: Option<&prefloop_model::LoraConfig>) -> Result<()> {
+    match lora.map(prefloop_model::LoraConfig::validate) {
+        Some(Err(message)) => Err(TrainError::Config {
+            field: "lora",
+            message,
+        }),
+        _ => Ok(()),
+    }
 }

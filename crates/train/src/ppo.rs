@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use prefloop_model::{Model, Precision, SamplingParams};
+use prefloop_model::{LoraConfig, Model, Precision, SamplingParams};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -93,6 +93,11 @@ pub struct PpoConfig {
     pub seed: u64,
     /// Iterations between checkpoints. Default 1.
     pub checkpoint_every: u64,
+    /// LoRA adapters trained instead of every weight (`[lora]`), on the actor and on the
+    /// critic (its adapters and value head); the reference is then the actor with its
+    /// adapters switched off, with no second copy of the model, so `ema_reference` must be
+    /// off. Default: none, full fine-tuning.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for PpoConfig {
@@ -127,6 +132,7 @@ impl Default for PpoConfig {
             encode: EncodeConfig::default(),
             seed: 0,
             checkpoint_every: 1,
+            lora: None,
         }
     }
 }
@@ -185,6 +191,13 @@ impl PpoConfig {
             "ema_eta",
             "must be in [0, 1]",
         )?;
+        check(
+            !(self.ema_reference && self.lora.is_some()),
+            "ema_reference",
+            "with lora the reference is the base with the adapters off and cannot move: \
+             set ema_reference = false",
+        )?;
+        crate::validate_lora(self.lora.as_ref())?;
         self.encode.validate()?;
         self.actor.validate()?;
         self.critic.validate()
@@ -219,26 +232,53 @@ pub struct Experience {
     pub entropy: Tensor,
 }
 
-/// The three models PPO holds: the actor (the policy being trained), the critic (a trunk with a
-/// value head) and the reference.
+/// The models PPO holds: the actor (the policy being trained), the critic (a trunk with a
+/// value head) and the reference, which with LoRA is the actor's base (adapters off).
 #[derive(Debug)]
 pub struct PpoModels {
     pub actor: Model,
     pub critic: RewardModel,
-    pub reference: Model,
+    /// None with LoRA.
+    pub reference: Option<Model>,
 }
 
 impl PpoModels {
     /// Actor, critic trunk and reference all start from the weights at `path` (the embedded
-    /// default when None), in `precision`; the critic's value head starts at zero.
-    pub fn load(path: Option<&Path>, device: tch::Device, precision: Precision) -> Result<Self> {
-        let mut reference = Model::load(path, device, precision)?;
-        reference.vs.freeze();
+    /// default when None), in `precision`; the critic's value head starts at zero. With
+    /// `config.lora`, actor and critic get fresh adapters and there is no reference copy.
+    pub fn load(
+        path: Option<&Path>,
+        device: tch::Device,
+        precision: Precision,
+        config: &PpoConfig,
+    ) -> Result<Self> {
+        let lora = config.lora.as_ref();
+        let reference = match lora {
+            Some(_) => None,
+            None => {
+                let mut reference = Model::load(path, device, precision)?;
+                reference.vs.freeze();
+                Some(reference)
+            }
+        };
+        let actor = Model::load(path, device, precision)?;
+        let critic = Model::load(path, device, precision)?;
         Ok(Self {
-            actor: Model::load(path, device, precision)?,
-            critic: RewardModel::new(Model::load(path, device, precision)?)?,
+            actor: crate::with_lora(actor, lora, config.seed)?,
+            critic: RewardModel::new(crate::with_lora(critic, lora, !config.seed)?)?,
             reference,
         })
+    }
+
+    /// log π_ref of the batch's tokens: the reference's, or the actor's with its adapters off.
+    fn reference_logprobs(&self, batch: &TokenBatch) -> Tensor {
+        match &self.reference {
+            Some(reference) => token_logprobs(&reference.llama, batch),
+            None => self
+                .actor
+                .llama
+                .without_adapters(|| token_logprobs(&self.actor.llama, batch)),
+        }
     }
 }
 
@@ -250,17 +290,20 @@ impl PpoModels {
         actor: &'a mut AdamW,
         critic: &'a mut AdamW,
         ema: Option<&'a mut EmaReference>,
-    ) -> [Part<'a>; 3] {
-        [
-            Part::trained("policy", &self.actor.vs, actor),
-            Part::trained("critic", &self.critic.model.vs, critic),
-            Part {
+    ) -> Vec<Part<'a>> {
+        let mut parts = vec![
+            Part::trained("policy", self.actor.trainable(), actor),
+            Part::trained("critic", self.critic.model.trainable(), critic),
+        ];
+        if let Some(reference) = &self.reference {
+            parts.push(Part {
                 name: "reference",
-                vs: &self.reference.vs,
+                vs: &reference.vs,
                 optimizer: None,
                 ema,
-            },
-        ]
+            });
+        }
+        parts
     }
 }
 
@@ -276,15 +319,16 @@ pub fn train_ppo(
     mut on_iteration: impl FnMut(&IterationRecord, u64),
 ) -> Result<Vec<IterationRecord>> {
     config.validate()?;
-    let (actor, critic, reference) = (&models.actor, &models.critic, &models.reference);
+    let (actor, critic) = (&models.actor, &models.critic);
     let Some(encoded) = encode_prompts(actor, prompts, &config.encode, out)? else {
         return Ok(Vec::new());
     };
-    let mut actor_opt = AdamW::new(&actor.vs, config.actor.clone())?;
-    let mut critic_opt = AdamW::new(&critic.model.vs, config.critic.clone())?;
-    let mut ema = config
-        .ema_reference
-        .then(|| EmaReference::new(&reference.vs, config.ema_eta));
+    let mut actor_opt = AdamW::new(actor.trainable(), config.actor.clone())?;
+    let mut critic_opt = AdamW::new(critic.model.trainable(), config.critic.clone())?;
+    let mut ema = match (&models.reference, config.ema_reference) {
+        (Some(reference), true) => Some(EmaReference::new(&reference.vs, config.ema_eta)),
+        _ => None,
+    };
     let (mut log, start, mut moments): (_, _, RunningMoments) = Iterations::resume(
         out,
         &mut models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut()),
@@ -424,7 +468,7 @@ fn make_experience(
     let mask = batch.loss_mask.shallow_clone();
     let t = mask.size()[1];
     let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.llama, &batch);
-    let reference_logprobs = token_logprobs(&models.reference.llama, &batch);
+    let reference_logprobs = models.reference_logprobs(&batch);
     let all_values = tch::no_grad(|| critic_values(&models.critic, &batch)); // (B, T)
     let values = all_values.narrow(1, 0, t) * &mask;
     let truncated = Tensor::from_slice(truncated).to_device(device);
@@ -531,6 +575,9 @@ fn train_on(
     let mut steps = 0.0;
     let mut rng =
         StdRng::seed_from_u64(config.seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    // LoRA's dropout draws from libtorch's generator: seeded per iteration, so an iteration a
+    // resumed run redoes draws the same masks.
+    tch::manual_seed((config.seed ^ iteration.wrapping_mul(0xA24B_AED4_963E_E407)) as i64);
     for _ in 0..config.ppo_epochs {
         let mut order: Vec<i64> = (0..b as i64).collect();
         order.shuffle(&mut rng);
@@ -547,7 +594,8 @@ fn train_on(
                 let pick = |t: &Tensor| t.index_select(0, &rows);
                 let mask = &batch.loss_mask;
 
-                let logprobs = TokenLogprobs::forward(&models.actor.llama, &batch);
+                let actor = &models.actor.llama;
+                let logprobs = actor.training(|| TokenLogprobs::forward(actor, &batch));
                 let out = policy_loss(
                     &logprobs.values,
                     &pick(&e.old_logprobs),
@@ -564,7 +612,8 @@ fn train_on(
                 add("clip_fraction", out.clip_fraction.double_value(&[]), weight);
                 add("approx_kl", out.approx_kl.double_value(&[]), weight);
 
-                let hidden = batch.hidden(&models.critic.model.llama);
+                let critic = &models.critic.model.llama;
+                let hidden = critic.training(|| batch.hidden(critic));
                 let t = hidden.size()[1] - 1;
                 let values = models
                     .critic

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use prefloop_model::{Model, ScalarHead};
+use prefloop_model::{LoraConfig, Model, ScalarHead};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -32,11 +32,14 @@ pub struct RewardModel {
 
 impl RewardModel {
     /// Adds a reward head to `model`: the saved one when the model's directory has a
-    /// `score.weight` (a prefloop or transformers reward model), else a new zero head.
+    /// `score.weight` (a prefloop or transformers reward model), else a new zero head. On a
+    /// model with LoRA adapters the head is trained whole beside them, in their store and
+    /// dtype (fp32); otherwise it is one more weight of the model, in its dtype.
     pub fn new(model: Model) -> Result<Self> {
-        // The head is declared in fp32 and takes the trunk's dtype below.
+        // The head is declared in fp32 and, without adapters, takes the trunk's dtype below.
         let kind = model.kind();
-        let head = ScalarHead::new(model.vs.root() / "score", model.llama.config().hidden_size);
+        let store = model.trainable();
+        let head = ScalarHead::new(store.root() / "score", model.llama.config().hidden_size);
         let file = model.source.join("model.safetensors");
         if model.source.is_dir() && file.exists() {
             let saved = Tensor::read_safetensors(&file).map_err(|e| TrainError::Checkpoint {
@@ -44,7 +47,7 @@ impl RewardModel {
                 message: e.to_string(),
             })?;
             if let Some((_, weight)) = saved.into_iter().find(|(n, _)| n == "score.weight") {
-                let mut variables = model.vs.variables();
+                let mut variables = store.variables();
                 let var = variables.get_mut("score.weight").expect("declared above");
                 if weight.size() != var.size() {
                     return Err(TrainError::Checkpoint {
@@ -60,7 +63,7 @@ impl RewardModel {
             }
         }
         let mut model = model;
-        if kind != Kind::Float {
+        if kind != Kind::Float && model.adapters.is_none() {
             model.vs.set_kind(kind);
         }
         Ok(Self { model, head })
@@ -111,6 +114,10 @@ pub struct RewardConfig {
     pub encode: EncodeConfig,
     /// The loop; its learning rate defaults to 1e-5 here.
     pub train: LoopConfig,
+    /// LoRA adapters trained with the `score` head instead of every weight (`[lora]`); the
+    /// reward model is saved merged, with the adapter and head beside it as a PEFT `SEQ_CLS`
+    /// directory. Default: none, full fine-tuning.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for RewardConfig {
@@ -119,6 +126,7 @@ impl Default for RewardConfig {
             eval_fraction: 0.1,
             encode: EncodeConfig::default(),
             train: LoopConfig::with_lr(1e-5),
+            lora: None,
         }
     }
 }
@@ -177,8 +185,10 @@ pub struct RewardReport {
     pub after: RewardEval,
 }
 
-/// Trains a reward model on the pairs stage `pairs_dir`; saves `<out>/reward_model` and
-/// `<out>/eval.json`. A run that finds the saved model has nothing to do.
+/// Trains a reward model on the pairs stage `pairs_dir`: its adapters and head when `rm` was
+/// made from a model with LoRA adapters ([`crate::with_lora`] per `config.lora`), else every
+/// weight. Saves `<out>/reward_model` and `<out>/eval.json`. A run that finds the saved model
+/// has nothing to do.
 pub fn train_reward_model(
     rm: &RewardModel,
     pairs_dir: &Path,
@@ -192,6 +202,7 @@ pub fn train_reward_model(
             message: "must be in [0, 1)".into(),
         });
     }
+    crate::validate_lora(config.lora.as_ref())?;
     if out.join(REWARD_MODEL_DIR).exists() {
         return Ok((Vec::new(), None));
     }
@@ -206,7 +217,7 @@ pub fn train_reward_model(
 
     let mut extra = serde_json::Value::Null;
     let records = fit(
-        &rm.model.vs,
+        rm.model.trainable(),
         train_indices.len(),
         ExampleWeights::Uniform,
         &config.train,
@@ -216,7 +227,7 @@ pub fn train_reward_model(
             let indices: Vec<usize> = positions.iter().map(|&p| train_indices[p]).collect();
             let b = indices.len() as i64;
             let batch = pair_batch(&examples, &indices, &rm.model);
-            let scores = rm.scores(&batch);
+            let scores = rm.model.llama.training(|| rm.scores(&batch));
             let (chosen, rejected) = (scores.narrow(0, 0, b), scores.narrow(0, b, b));
             let loss = bradley_terry_loss(&chosen, &rejected);
             (&loss * weight).backward();

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use prefloop_model::Model;
+use prefloop_model::{LoraConfig, Model};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -20,6 +20,9 @@ pub struct SftConfig {
     pub encode: EncodeConfig,
     /// The loop; its learning rate defaults to 1e-5 here.
     pub train: LoopConfig,
+    /// LoRA adapters trained instead of every weight (`[lora]`); see [`crate::with_lora`].
+    /// Default: none.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for SftConfig {
@@ -27,11 +30,13 @@ impl Default for SftConfig {
         Self {
             encode: EncodeConfig::default(),
             train: LoopConfig::with_lr(1e-5),
+            lora: None,
         }
     }
 }
 
-/// Fine-tunes `model` on the pairs or problems stage at `data`; saves `<out>/policy`.
+/// Fine-tunes `model` (its adapters if it has them) on the pairs or problems stage at `data`;
+/// saves `<out>/policy`.
 pub fn train_sft(
     model: &Model,
     data: &Path,
@@ -42,13 +47,14 @@ pub fn train_sft(
     if out.join(crate::POLICY_DIR).exists() {
         return Ok(Vec::new());
     }
+    crate::validate_lora(config.lora.as_ref())?;
     let encoder = Encoder::new(&model.tokenizer, config.encode.clone())?;
     let examples = sft_examples(data, &encoder)?;
     // The loss is a mean over answer tokens: micro-batches weigh by their tokens.
     let tokens: Vec<usize> = examples.iter().map(|e| e.loss_tokens()).collect();
     let mut extra = serde_json::Value::Null;
     let records = fit(
-        &model.vs,
+        model.trainable(),
         examples.len(),
         ExampleWeights::Tokens(&tokens),
         &config.train,
@@ -58,7 +64,9 @@ pub fn train_sft(
             let sequences: Vec<(&[u32], &[u32])> =
                 indices.iter().map(|&i| examples[i].parts()).collect();
             let batch = TokenBatch::new(&sequences, model.tokenizer.pad_id(), model.vs.device());
-            let logprobs = TokenLogprobs::forward(&model.llama, &batch);
+            let logprobs = model
+                .llama
+                .training(|| TokenLogprobs::forward(&model.llama, &batch));
             let loss = sft_loss(&logprobs.values, &batch.loss_mask);
             (&loss * weight).backward();
             logprobs.backward(&model.llama);

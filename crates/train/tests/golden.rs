@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use prefloop_model::{Config, Llama, fill};
+use prefloop_model::{Config, Llama, Model, Precision, fill};
 use prefloop_train::{
     AdamW, Estimator, LossAggregation, OptimConfig, PreferenceLoss, RunningMoments, TokenBatch,
     TokenLogprobs, bradley_terry_loss, ema_update, gae, group_advantages, k3_kl,
@@ -222,6 +222,37 @@ e["overlong.penalty"] = torch.tensor([overlong(L) for L in range(23)])
 ref_w, actor_w = torch.randn(5, 4), torch.randn(5, 4)
 e["ema.ref"], e["ema.actor"] = ref_w.clone(), actor_w
 e["ema.out"] = ref_w.mul_(1 - 0.001).add_(actor_w, alpha=0.001)
+
+# One DPO step with LoRA through peft (when the venv has it): an adapter on every projection
+# with random A and B (init_lora_weights=False), saved for prefloop to load; the same DPO
+# loss against the same reference, clipping at 0.5 and AdamW on the adapters alone.
+try:
+    from peft import LoraConfig, get_peft_model
+except ImportError:
+    LoraConfig = None
+if LoraConfig is not None:
+    base = LlamaForCausalLM.from_pretrained(out + "/model", torch_dtype=torch.float32)
+    torch.manual_seed(1)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+        init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+        "gate_proj", "up_proj", "down_proj"]))
+    lora.save_pretrained(out + "/adapter")
+    trained = {n.removeprefix("base_model.model.").replace(".default.", "."): p
+               for n, p in lora.named_parameters() if p.requires_grad}
+    for n, p in trained.items():
+        e["lora.before." + n] = p.detach().clone()
+    logits = lora(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    seq_lora = (logp * mask).sum(-1)
+    h_lora = (seq_lora[:2] - ref[:2]) - (seq_lora[2:] - ref[2:])
+    loss_lora = -F.logsigmoid(beta * h_lora).mean()
+    loss_lora.backward()
+    e["lora.loss"] = loss_lora.detach().reshape(1)
+    torch.nn.utils.clip_grad_norm_(list(trained.values()), 0.5)
+    opt = torch.optim.AdamW(list(trained.values()), lr=1e-3, weight_decay=0.1)
+    opt.step()
+    for n, p in trained.items():
+        e["lora.after." + n] = p.detach().clone()
 
 save_file({k: v.contiguous() for k, v in e.items()}, out + "/expected.safetensors")
 "#;
@@ -594,6 +625,68 @@ fn one_bf16_dpo_step_with_fp32_master_weights_matches_pytorch_in_bf16() {
             value.equal(&masters[&name].to_kind(Kind::BFloat16)),
             "{name}"
         );
+    }
+}
+
+#[test]
+fn one_lora_dpo_step_equals_the_same_step_in_peft() {
+    let g = golden_or_skip!();
+    let adapter = g.dir.join("adapter");
+    if !adapter.exists() {
+        eprintln!("skipped: needs peft in the venv (run scripts/setup)");
+        return;
+    }
+    // The tokenizer plays no part here; a Model needs one, the embedded default's will do.
+    let Ok(embedded) = Model::load(None, Device::Cpu, Precision::Fp32) else {
+        eprintln!("skipped: needs the embedded model (run scripts/setup)");
+        return;
+    };
+    let (vs, llama) = g.tiny_llama();
+    let model = Model {
+        vs,
+        llama,
+        tokenizer: embedded.tokenizer,
+        source: g.dir.join("model"),
+        adapters: None,
+    }
+    .load_adapter(&adapter)
+    .unwrap();
+    let (logprobs, out) = g.dpo_loss(&model.llama);
+    assert_scalar(
+        &out.loss,
+        g.scalar("lora.loss"),
+        "DPO loss with the adapter",
+    );
+    out.loss.backward();
+    logprobs.backward(&model.llama);
+    let config = OptimConfig {
+        lr: 1e-3,
+        weight_decay: 0.1,
+        max_grad_norm: 0.5,
+        ..OptimConfig::default()
+    };
+    let mut optimizer = AdamW::new(model.trainable(), config).unwrap();
+    optimizer.clip_grad_norm();
+    optimizer.step(1e-3);
+    let mut checked = 0;
+    for (name, value) in model.trainable().variables() {
+        let before = g.get(&format!("lora.before.{name}"));
+        let theirs = g.get(&format!("lora.after.{name}")) - before;
+        assert!(
+            theirs.abs().max().double_value(&[]) > 1e-5,
+            "{name} did not move in peft"
+        );
+        assert_close(&(&value - before), &theirs, &format!("update of {name}"));
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        2 * 7 * 2,
+        "A and B of seven projections in two layers"
+    );
+    // The base did not move: only the adapters are trained.
+    for (name, value) in model.vs.variables() {
+        assert!(value.equal(&g.parameter("before", &name)), "{name} moved");
     }
 }
 

@@ -21,6 +21,8 @@ pub enum Shape {
     Qwen2_1_5b,
     /// 2 layers, hidden 64, SmolLM2's vocabulary: for dry runs on a CPU.
     Tiny,
+    /// Llama-3-8B: 32 layers, hidden 4096, 32 heads / 8 KV heads, vocab 128256, untied head.
+    Llama3_8b,
     /// SmolLM2-135M's depth and head layout (30 layers, 9 heads / 3 KV heads) at hidden 64
     /// (head dim 8): each step costs what its kernels' launches cost, the CPU's stand-in for
     /// a GPU's overhead-bound decode.
@@ -28,11 +30,12 @@ pub enum Shape {
 }
 
 impl Shape {
-    fn config(self, eos: Option<serde_json::Value>, bos: Option<u32>) -> Config {
+    pub(super) fn config(self, eos: Option<serde_json::Value>, bos: Option<u32>) -> Config {
         let (model_type, vocab, hidden, inner, layers, heads, kv, theta, max_positions) = match self
         {
             Shape::Smollm2_135m => ("llama", 49152, 576, 1536, 30, 9, 3, 1e5, 8192),
             Shape::Qwen2_1_5b => ("qwen2", 151_936, 1536, 8960, 28, 12, 2, 1e6, 32768),
+            Shape::Llama3_8b => ("llama", 128_256, 4096, 14336, 32, 32, 8, 5e5, 8192),
             Shape::Tiny => ("llama", 49152, 64, 128, 2, 4, 2, 1e5, 2048),
             Shape::DeepNarrow => ("llama", 49152, 64, 192, 30, 9, 3, 1e5, 8192),
         };
@@ -49,7 +52,7 @@ impl Shape {
             rope_theta: theta,
             rope_scaling: None,
             max_position_embeddings: max_positions,
-            tie_word_embeddings: true,
+            tie_word_embeddings: !matches!(self, Shape::Llama3_8b),
             attention_bias: model_type == "qwen2",
             bos_token_id: bos,
             eos_token_id: eos,
@@ -112,6 +115,7 @@ pub fn random_model(args: &RandomModelArgs) -> Result<()> {
         llama,
         tokenizer: source.tokenizer,
         source: args.out.clone(),
+        adapters: None,
     };
     model.save(&args.out)?;
     println!(

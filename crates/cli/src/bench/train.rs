@@ -8,16 +8,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use prefloop_model::best_device;
+use prefloop_model::{Config, LoraConfig, best_device};
 use prefloop_train::{
     AdamW, DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, GroupModels, OptimConfig,
     Overlong, PpoConfig, PpoModels, PromptExample, RewardModel, Rollout, TokenBatch, dpo_backward,
-    sequence_sum, token_logprobs, train_group, train_ppo,
+    sequence_sum, token_logprobs, train_group, train_ppo, with_lora,
 };
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::model_args::ModelArgs;
 
+use super::device::Shape;
 use super::{baseline_columns, memory_meaning, memory_mib, python_baseline, reset_peak_rss};
 
 /// One DPO optimiser step on fixed shapes: tokens/s, peak memory, MFU on a GPU, and an eager
@@ -50,6 +51,11 @@ pub struct Args {
     /// scripts/setup makes has torch and transformers).
     #[arg(long)]
     torch_python: Option<PathBuf>,
+    /// Train LoRA adapters of this rank (α 2r, every projection, no dropout) instead of
+    /// every weight; prints the training states' memory of full and LoRA training for this
+    /// model, Qwen2-1.5B and Llama-3-8B by the same accounting.
+    #[arg(long, conflicts_with = "torch_python")]
+    lora_rank: Option<u32>,
 }
 
 /// The baseline: policy forward+backward, reference forward, full-vocabulary log-softmax in
@@ -96,7 +102,11 @@ pub fn run(args: &Args) -> Result<()> {
         "need 0 < --prompt-len < --seq-len and --steps ≥ 1"
     );
     let device = best_device();
-    let model = args.model.load(device)?;
+    let lora = args.lora_rank.map(|rank| LoraConfig {
+        dropout: 0.0,
+        ..LoraConfig::with_rank(rank, None)
+    });
+    let model = with_lora(args.model.load(device)?, lora.as_ref(), 0)?;
     let config = model.llama.config();
     let (vocab, hidden) = (config.vocab_size, config.hidden_size);
     // Parameters the step multiplies by per token: every matrix but the embedding lookup,
@@ -132,7 +142,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     println!("peak MiB: {}", memory_meaning(device));
     println!("pairs  micro  prefloop tok/s  s/step  peak MiB      MFU  PyTorch tok/s  speed-up");
-    let mut optimizer = AdamW::new(&model.vs, OptimConfig::default())?;
+    let mut optimizer = AdamW::new(model.trainable(), OptimConfig::default())?;
     let dpo = DpoConfig::default();
     for &pairs in &args.pairs {
         let micro = args.micro_pairs.unwrap_or(pairs).clamp(1, pairs);
@@ -208,7 +218,58 @@ pub fn run(args: &Args) -> Result<()> {
             "{pairs:5} {micro:6} {ours:15.1} {seconds:7.2} {memory:9.1} {mfu:>8} {theirs:>14} {ratio:>9}"
         );
     }
+    if let Some(lora) = &lora {
+        print_state_memory(config, model.kind(), lora);
+    }
     Ok(())
+}
+
+/// Bytes a trainer holds for the model beside activations. Full training: the weights, their
+/// gradients and AdamW's two fp32 moments (16 bytes a parameter in fp32); under bf16 also the
+/// fp32 master weights and fp32 gradient sums (2 + 2 + 4 + 4 + 8 = 20). LoRA: the frozen base
+/// in its dtype with no gradient, and the fp32 adapters with their gradients and moments.
+fn state_bytes(cfg: &Config, kind: Kind, lora: Option<&LoraConfig>) -> f64 {
+    let parameters = cfg.parameter_count().unwrap_or(u64::MAX) as f64;
+    let weight = if kind == Kind::Float { 4.0 } else { 2.0 };
+    let trained = if kind == Kind::Float { 16.0 } else { 20.0 };
+    match lora {
+        None => parameters * trained,
+        Some(lora) => parameters * weight + lora.parameter_count(cfg) as f64 * 16.0,
+    }
+}
+
+/// The states' memory of full and LoRA training for this model and two larger shapes.
+fn print_state_memory(measured: &Config, kind: Kind, lora: &LoraConfig) {
+    let gib = |bytes: f64| bytes / f64::from(1u32 << 30);
+    println!(
+        "training states (weights, gradients, AdamW moments, fp32 masters under bf16; no activations), LoRA r {} on {} projections:",
+        lora.rank,
+        lora.targets.len()
+    );
+    println!("model                   dtype  parameters  LoRA params  full GiB  LoRA GiB");
+    let shapes = [
+        ("this model", measured.clone(), kind),
+        (
+            "Qwen2-1.5B",
+            Shape::Qwen2_1_5b.config(None, None),
+            Kind::BFloat16,
+        ),
+        (
+            "Llama-3-8B",
+            Shape::Llama3_8b.config(None, None),
+            Kind::BFloat16,
+        ),
+    ];
+    for (name, cfg, kind) in shapes {
+        println!(
+            "{name:<22} {:>6} {:>10.1}M {:>11.2}M {:>9.2} {:>9.2}",
+            torch_dtype(kind),
+            cfg.parameter_count().unwrap_or(0) as f64 / 1e6,
+            lora.parameter_count(&cfg) as f64 / 1e6,
+            gib(state_bytes(&cfg, kind, None)),
+            gib(state_bytes(&cfg, kind, Some(lora))),
+        );
+    }
 }
 
 /// The name of `kind` in torch, for the Python baselines.
@@ -266,7 +327,6 @@ pub struct PpoArgs {
 /// the EMA update, with an untrained reward model (the timing does not depend on what it says).
 pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     let device = best_device();
-    let models = PpoModels::load(args.model.model.as_deref(), device, args.model.dtype)?;
     let config = PpoConfig {
         iterations: 1,
         rollout_batch_size: args.rollouts,
@@ -277,6 +337,12 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
         max_new_tokens: args.new_tokens,
         ..PpoConfig::default()
     };
+    let models = PpoModels::load(
+        args.model.model.as_deref(),
+        device,
+        args.model.dtype,
+        &config,
+    )?;
     let rm = untrained_reward_model(&args.model, device)?;
     let mut reward = TimedReward::new(&rm, &config.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
@@ -338,6 +404,10 @@ pub struct GroupArgs {
     /// Rows per forward pass inside a minibatch.
     #[arg(long, default_value_t = 8)]
     micro_batch_size: usize,
+    /// Train LoRA adapters of this rank (α 2r, every projection) instead of every weight: the
+    /// reference is then the base with the adapters off, not a second model.
+    #[arg(long)]
+    lora_rank: Option<u32>,
 }
 
 /// Generation, scoring, experience (the sampling policy's and the reference's log-probs) and
@@ -354,6 +424,7 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         generation_batch_size: args.prompts * args.group_size,
         max_new_tokens: args.new_tokens,
         overlong: Overlong::Keep,
+        lora: args.lora_rank.map(|rank| LoraConfig::with_rank(rank, None)),
         ..GroupConfig::default()
     };
     let models = GroupModels::load(
@@ -395,6 +466,16 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         ("experience", m["time/experience"]),
         ("train (actor)", m["time/train"]),
     ]);
+    let reference = match (&models.reference, config.lora.is_some()) {
+        (Some(_), _) => "a second model",
+        (None, true) => "the base, adapters off",
+        (None, false) => "none (no KL penalty)",
+    };
+    println!(
+        "reference: {reference}; peak MiB ({}): {:.1}",
+        memory_meaning(device),
+        memory_mib(device)
+    );
     println!(
         "generation {:.1} tok/s, groups kept {} of {}, truncated {:.3}, reward/mean {:.4}, kl {:.4}",
         m["generate/tokens_per_s"],
