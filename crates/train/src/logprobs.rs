@@ -9,6 +9,10 @@
 //! bf16 `.grad` would round at every chunk), and one final backward pushes the hidden-state
 //! gradient through the trunk and the summed head gradient into the head. The price is one
 //! extra LM-head matmul per chunk; the saving is every chunk's logits but one.
+//!
+//! Only the actions are scored (OpenRLHF's `action_log_probs`): the LM head runs from the
+//! batch's first completion target on, so the columns that are prompt in every row, which no
+//! loss reads, cost no logits. Their log-probs read 0.
 
 use prefloop_model::Llama;
 use tch::{Device, Kind, Tensor};
@@ -28,6 +32,9 @@ pub struct TokenBatch {
     pub loss_mask: Tensor,
     /// Real tokens in the batch (prompt and completion), for throughput figures.
     pub tokens: usize,
+    /// The first target column that is a completion token in some row: every column before
+    /// it is prompt (or padding) in every row.
+    pub first_action: i64,
 }
 
 impl TokenBatch {
@@ -44,6 +51,7 @@ impl TokenBatch {
         let mut valid = vec![false; b * t];
         let mut loss = vec![0f32; b * (t - 1)];
         let mut tokens = 0;
+        let mut first_action = t - 1;
         for (row, (prompt, completion)) in sequences.iter().enumerate() {
             let n = prompt.len() + completion.len();
             tokens += n;
@@ -55,6 +63,9 @@ impl TokenBatch {
             for target in prompt.len().max(1)..n {
                 loss[row * (t - 1) + target - 1] = 1.0;
             }
+            if !completion.is_empty() {
+                first_action = first_action.min(prompt.len().max(1) - 1);
+            }
         }
         let (b, t) = (b as i64, t as i64);
         Self {
@@ -62,6 +73,7 @@ impl TokenBatch {
             attention_mask: Tensor::from_slice(&valid).view([b, t]).to_device(device),
             loss_mask: Tensor::from_slice(&loss).view([b, t - 1]).to_device(device),
             tokens,
+            first_action: first_action as i64,
         }
     }
 
@@ -75,11 +87,23 @@ impl TokenBatch {
     pub fn select(&self, rows: &Tensor) -> TokenBatch {
         let attention_mask = self.attention_mask.index_select(0, rows);
         let tokens = attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+        let loss_mask = self.loss_mask.index_select(0, rows);
+        // The first column with an action in any of these rows (argmax of the column flags:
+        // its first true).
+        let columns = loss_mask
+            .amax([0].as_slice(), false)
+            .gt(0.0)
+            .to_kind(Kind::Int64); // (T-1,)
+        let first_action = match columns.sum(Kind::Int64).int64_value(&[]) {
+            0 => columns.size()[0],
+            _ => columns.argmax(0, false).int64_value(&[]),
+        };
         TokenBatch {
             input_ids: self.input_ids.index_select(0, rows),
             attention_mask,
-            loss_mask: self.loss_mask.index_select(0, rows),
+            loss_mask,
             tokens,
+            first_action,
         }
     }
 
@@ -119,9 +143,9 @@ fn chunk_len(b: i64, vocab: i64) -> i64 {
     (LOGITS_CHUNK_BYTES / (b * vocab * 4)).max(1)
 }
 
-/// Calls `f(start, len)` over consecutive chunks of `t` positions.
-fn for_chunks(t: i64, chunk: i64, mut f: impl FnMut(i64, i64)) {
-    let mut start = 0;
+/// Calls `f(start, len)` over consecutive chunks of the positions `from..t`.
+fn for_chunks(from: i64, t: i64, chunk: i64, mut f: impl FnMut(i64, i64)) {
+    let mut start = from;
     while start < t {
         let len = chunk.min(t - start);
         f(start, len);
@@ -135,21 +159,29 @@ pub fn token_logprobs(llama: &Llama, batch: &TokenBatch) -> Tensor {
         let hidden = batch.hidden(llama);
         let b = hidden.size()[0];
         let chunk = chunk_len(b, llama.config().vocab_size as i64);
-        logprobs_of_hidden(llama, &hidden, &batch.targets(), chunk)
+        logprobs_of_hidden(llama, &hidden, &batch.targets(), batch.first_action, chunk)
     })
 }
 
+/// `parts`, the values of the columns `first..`, with zeros before them: (B, T-1).
+fn after_zeros(parts: Vec<Tensor>, b: i64, first: i64, like: &Tensor) -> Tensor {
+    let zeros = Tensor::zeros([b, first], (Kind::Float, like.device()));
+    let columns: Vec<Tensor> = std::iter::once(zeros).chain(parts).collect();
+    Tensor::cat(&columns, 1)
+}
+
 /// Log-probs of `targets` (B, T) and the entropy at each position from `hidden` (B, T, C),
-/// `chunk` positions at a time: both (B, T) fp32.
+/// from column `first` on, `chunk` positions at a time: both (B, T) fp32, 0 before `first`.
 fn logprobs_and_entropy_of_hidden(
     llama: &Llama,
     hidden: &Tensor,
     targets: &Tensor,
+    first: i64,
     chunk: i64,
 ) -> (Tensor, Tensor) {
-    let t = targets.size()[1];
+    let (b, t) = targets.size2().expect("(B, T)");
     let (mut logprobs, mut entropies) = (Vec::new(), Vec::new());
-    for_chunks(t, chunk, |start, len| {
+    for_chunks(first, t, chunk, |start, len| {
         let (picked, entropy) = chunk_logprobs_and_entropy(
             llama,
             &hidden.narrow(1, start, len),
@@ -158,7 +190,10 @@ fn logprobs_and_entropy_of_hidden(
         logprobs.push(picked);
         entropies.push(entropy);
     });
-    (Tensor::cat(&logprobs, 1), Tensor::cat(&entropies, 1))
+    (
+        after_zeros(logprobs, b, first, hidden),
+        after_zeros(entropies, b, first, hidden),
+    )
 }
 
 /// Per-token log-probs and the policy's entropy at each position, both (B, T-1) fp32,
@@ -169,22 +204,29 @@ pub fn token_logprobs_and_entropy(llama: &Llama, batch: &TokenBatch) -> (Tensor,
         let targets = batch.targets();
         let (b, _) = targets.size2().expect("(B, T-1)");
         let chunk = chunk_len(b, llama.config().vocab_size as i64);
-        logprobs_and_entropy_of_hidden(llama, &hidden, &targets, chunk)
+        logprobs_and_entropy_of_hidden(llama, &hidden, &targets, batch.first_action, chunk)
     })
 }
 
-/// Per-token log-probs of `targets` (B, T-1) given the trunk's `hidden` (B, T, C).
-fn logprobs_of_hidden(llama: &Llama, hidden: &Tensor, targets: &Tensor, chunk: i64) -> Tensor {
-    let t = targets.size()[1];
+/// Per-token log-probs of `targets` (B, T-1) given the trunk's `hidden` (B, T, C), from
+/// column `first` on (0 before it).
+fn logprobs_of_hidden(
+    llama: &Llama,
+    hidden: &Tensor,
+    targets: &Tensor,
+    first: i64,
+    chunk: i64,
+) -> Tensor {
+    let (b, t) = targets.size2().expect("(B, T-1)");
     let mut parts = Vec::new();
-    for_chunks(t, chunk, |start, len| {
+    for_chunks(first, t, chunk, |start, len| {
         parts.push(chunk_logprobs(
             llama,
             &hidden.narrow(1, start, len),
             &targets.narrow(1, start, len),
         ));
     });
-    Tensor::cat(&parts, 1)
+    after_zeros(parts, b, first, hidden)
 }
 
 /// Per-token log-probs with a gradient path back to the policy's parameters.
@@ -204,6 +246,8 @@ pub struct TokenLogprobs {
     detached: Tensor,
     /// (B, T-1)
     targets: Tensor,
+    /// The batch's first action column: the head runs from here on.
+    first: i64,
     /// Positions per chunk.
     chunk: i64,
 }
@@ -242,12 +286,16 @@ impl TokenLogprobs {
         let t = hidden.size()[1] - 1;
         let detached = hidden.narrow(1, 0, t).detach();
         let targets = batch.targets();
+        let first = batch.first_action;
         let (values, entropy) = tch::no_grad(|| {
             if !entropy {
-                return (logprobs_of_hidden(llama, &detached, &targets, chunk), None);
+                return (
+                    logprobs_of_hidden(llama, &detached, &targets, first, chunk),
+                    None,
+                );
             }
             let (values, entropy) =
-                logprobs_and_entropy_of_hidden(llama, &detached, &targets, chunk);
+                logprobs_and_entropy_of_hidden(llama, &detached, &targets, first, chunk);
             (values, Some(entropy))
         });
         Self {
@@ -256,6 +304,7 @@ impl TokenLogprobs {
             hidden,
             detached,
             targets,
+            first,
             chunk,
         }
     }
@@ -277,7 +326,7 @@ impl TokenLogprobs {
         let train_head = head.requires_grad();
         let mut head_grad: Option<Tensor> = None; // (V, C) fp32
         let mut hidden_grads = Vec::new();
-        for_chunks(t, self.chunk, |start, len| {
+        for_chunks(self.first, t, self.chunk, |start, len| {
             let hidden = self
                 .detached
                 .narrow(1, start, len)
@@ -309,7 +358,10 @@ impl TokenLogprobs {
             }
             hidden_grads.push(grads.pop().expect("one per input"));
         });
-        let trunk = self.hidden.narrow(1, 0, t);
+        if hidden_grads.is_empty() {
+            return;
+        }
+        let trunk = self.hidden.narrow(1, self.first, t - self.first);
         let hidden_grad = Tensor::cat(&hidden_grads, 1).to_kind(self.hidden.kind());
         let mut objective = (trunk * hidden_grad).sum(Kind::Float);
         if let Some(sum) = head_grad {
@@ -391,6 +443,18 @@ mod tests {
         TokenBatch::new(&sequences, 0, Device::Cpu)
     }
 
+    /// The batch above with per-row weights, and its rows 0 and 2 alone, whose prompts are
+    /// three and four tokens long: there the head starts at column 2.
+    fn cases() -> [(TokenBatch, Tensor); 2] {
+        let whole = batch();
+        let selected = whole.select(&Tensor::from_slice(&[0i64, 2]));
+        assert_eq!((whole.first_action, selected.first_action), (0, 2));
+        [
+            (whole, Tensor::from_slice(&[1.0f32, -2.0, 0.5]).view([3, 1])),
+            (selected, Tensor::from_slice(&[1.0f32, 0.5]).view([2, 1])),
+        ]
+    }
+
     /// Every parameter's gradient by name, then zeroed.
     fn take_grads(vs: &VarStore) -> Vec<(String, Tensor)> {
         let mut grads: Vec<(String, Tensor)> = vs
@@ -409,13 +473,13 @@ mod tests {
     fn chunked_grads(
         vs: &VarStore,
         llama: &Llama,
+        batch: &TokenBatch,
         chunk: i64,
         w: &Tensor,
         entropy_weight: Option<f64>,
     ) -> (Tensor, Vec<(String, Tensor)>) {
-        let batch = batch();
         let logprobs =
-            TokenLogprobs::forward_in_chunks(llama, &batch, chunk, entropy_weight.is_some());
+            TokenLogprobs::forward_in_chunks(llama, batch, chunk, entropy_weight.is_some());
         let mut objective = (&logprobs.values * &batch.loss_mask * w).sum(Kind::Float);
         if let (Some(u), Some(entropy)) = (entropy_weight, &logprobs.entropy) {
             objective += (entropy * &batch.loss_mask).sum(Kind::Float) * u;
@@ -429,8 +493,12 @@ mod tests {
     #[test]
     fn an_entropy_bonus_flows_back_through_the_chunks_as_through_the_whole_softmax() {
         let (vs, llama) = tiny_llama();
-        let batch = batch();
-        let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).view([3, 1]);
+        for (batch, w) in cases() {
+            entropy_bonus_case(&vs, &llama, &batch, &w);
+        }
+    }
+
+    fn entropy_bonus_case(vs: &VarStore, llama: &Llama, batch: &TokenBatch, w: &Tensor) {
         let logits = llama.forward(&batch.input_ids);
         let t = logits.size()[1] - 1;
         let log_p = logits.narrow(1, 0, t).log_softmax(-1, Kind::Float);
@@ -438,12 +506,12 @@ mod tests {
             .gather(-1, &batch.targets().unsqueeze(-1), false)
             .squeeze_dim(-1);
         let entropy = -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
-        ((&picked * &batch.loss_mask * &w).sum(Kind::Float)
+        ((&picked * &batch.loss_mask * w).sum(Kind::Float)
             + (entropy * &batch.loss_mask).sum(Kind::Float) * 0.3)
             .backward();
-        let expected = take_grads(&vs);
+        let expected = take_grads(vs);
         for chunk in [1, 3, 100] {
-            let (_, grads) = chunked_grads(&vs, &llama, chunk, &w, Some(0.3));
+            let (_, grads) = chunked_grads(vs, llama, batch, chunk, w, Some(0.3));
             for ((name, g), (_, e)) in grads.iter().zip(&expected) {
                 let diff = (g - e).abs().max().double_value(&[]);
                 assert!(
@@ -462,8 +530,12 @@ mod tests {
         // Completion targets: row 1 has prompt [11] and answer [12, 13], targets 12 and 13.
         let mask: Vec<f32> = Vec::try_from(batch.loss_mask.get(1)).unwrap();
         assert_eq!(mask, [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
-        let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).view([3, 1]);
+        for (batch, w) in cases() {
+            log_probs_case(&vs, &llama, &batch, &w);
+        }
+    }
 
+    fn log_probs_case(vs: &VarStore, llama: &Llama, batch: &TokenBatch, w: &Tensor) {
         // Direct: the whole (B, T-1, V) log-softmax with autograd.
         let logits = llama.forward(&batch.input_ids);
         let t = logits.size()[1] - 1;
@@ -472,13 +544,11 @@ mod tests {
             .log_softmax(-1, Kind::Float)
             .gather(-1, &batch.targets().unsqueeze(-1), false)
             .squeeze_dim(-1);
-        (&direct * &batch.loss_mask * &w)
-            .sum(Kind::Float)
-            .backward();
-        let expected = take_grads(&vs);
+        (&direct * &batch.loss_mask * w).sum(Kind::Float).backward();
+        let expected = take_grads(vs);
 
         for chunk in [1, 3, 100] {
-            let (values, grads) = chunked_grads(&vs, &llama, chunk, &w, None);
+            let (values, grads) = chunked_grads(vs, llama, batch, chunk, w, None);
             let masked = |x: &Tensor| x * &batch.loss_mask;
             let diff = (masked(&values) - masked(&direct.detach()))
                 .abs()
@@ -494,7 +564,7 @@ mod tests {
             }
         }
         // The no-graph path agrees too.
-        let plain = token_logprobs(&llama, &batch);
+        let plain = token_logprobs(llama, batch);
         let diff = ((plain - direct.detach()) * &batch.loss_mask)
             .abs()
             .max()
