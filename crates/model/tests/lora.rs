@@ -2,7 +2,8 @@
 //! prefloop saved, loaded by peft on the same base, gives prefloop's logits; an adapter peft
 //! made (random A and B), loaded by prefloop, gives peft's; the merged directory prefloop saves
 //! is the base plus the adapter for transformers and for prefloop; the adapters switched off
-//! leave the base. On a small random model with the embedded tokenizer, in fp32. Skipped with
+//! leave the base; sampling from base + adapter unmerged scores tokens as the adapted forward
+//! does. On a small random model with the embedded tokenizer, in fp32. Skipped with
 //! a message when the venv (with peft) or the embedded model is not installed.
 
 mod common;
@@ -11,7 +12,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{embedded, random_model_dir, read_tensors, smollm_config, venv_python};
-use prefloop_model::{ADAPTER_DIR, LoraConfig, Model, Precision};
+use prefloop_model::{
+    ADAPTER_DIR, LoraConfig, Model, Precision, Request, SamplingParams, generate,
+};
 use tch::{Device, Tensor};
 
 /// The peft side: `ours` (prefloop's adapter) on the base, the merged directory through
@@ -52,6 +55,74 @@ fn load(dir: &Path) -> Model {
     Model::load(Some(dir), Device::Cpu, Precision::Fp32).unwrap()
 }
 
+/// prefloop's adapters (r 8, α 16) on every projection of `base`, B made non-zero so they
+/// change the model.
+fn with_random_adapters(base: Model) -> (Model, LoraConfig) {
+    let lora = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    let model = base.with_lora(&lora, 7).unwrap();
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        for (name, mut var) in model.trainable().variables() {
+            if name.contains("lora_B") {
+                var.copy_(&(var.randn_like() * 0.05));
+            }
+        }
+    });
+    (model, lora)
+}
+
+#[test]
+fn sampling_from_base_plus_adapter_unmerged_follows_the_adapted_forward() {
+    let Some(embedded) = embedded() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("base");
+    random_model_dir(smollm_config(49152), &embedded.tokenizer, 5, &dir);
+    let (model, _) = with_random_adapters(load(&dir));
+    let requests: Vec<Request> = ["def add(a, b):", "Name a colour.", "1 + 1 ="]
+        .iter()
+        .enumerate()
+        .map(|(seed, text)| Request {
+            prompt: model.tokenizer.encode(text).unwrap(),
+            seed: seed as u64,
+        })
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: 16,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    // The sampler's decode steps (slot cache, folded attention) with the adapters applied
+    // give each token the log-prob the training forward gives it.
+    for (request, out) in requests
+        .iter()
+        .zip(generate(&model, &requests, &params).unwrap())
+    {
+        let ids: Vec<i64> = request
+            .prompt
+            .iter()
+            .chain(&out.tokens)
+            .map(|&t| i64::from(t))
+            .collect();
+        let p = request.prompt.len() as i64;
+        let n = out.tokens.len() as i64;
+        let log_p = logits(&model, &ids)
+            .narrow(0, p - 1, n)
+            .log_softmax(-1, tch::Kind::Float);
+        let targets = Tensor::from_slice(&ids[p as usize..]).unsqueeze(-1);
+        let forward = log_p.gather(-1, &targets, false).squeeze_dim(-1);
+        let sampled = Tensor::from_slice(&out.logprobs);
+        let diff = max_difference(&forward, &sampled);
+        assert!(diff <= 1e-4, "max |Δ log-prob| = {diff}");
+    }
+}
+
 #[test]
 fn adapters_move_between_prefloop_and_peft_and_merge_to_the_same_model() {
     let (Some(python), Some(embedded)) = (venv_python(&["peft", "transformers"]), embedded())
@@ -71,22 +142,7 @@ fn adapters_move_between_prefloop_and_peft_and_merge_to_the_same_model() {
         .collect();
     let base_logits = logits(&base, &ids);
 
-    // prefloop's adapter on every projection, B made non-zero so it changes the model.
-    let lora = LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        ..LoraConfig::default()
-    };
-    let ours = base.with_lora(&lora, 7).unwrap();
-    tch::manual_seed(11);
-    tch::no_grad(|| {
-        for (name, mut var) in ours.trainable().variables() {
-            if name.contains("lora_B") {
-                var.copy_(&(var.randn_like() * 0.05));
-            }
-        }
-    });
+    let (ours, lora) = with_random_adapters(base);
     assert_eq!(
         ours.trainable().variables().len(),
         2 * 7 * 2,
