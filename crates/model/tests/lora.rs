@@ -282,3 +282,38 @@ fn an_adapter_that_does_not_fit_its_base_is_refused_naming_the_file() {
         );
     }
 }
+
+#[test]
+fn adapters_stay_fp32_over_a_bf16_base_and_its_activations_stay_bf16() {
+    let Some(embedded) = embedded() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("base");
+    random_model_dir(smollm_config(49152), &embedded.tokenizer, 9, &dir);
+    let base = Model::load(Some(&dir), Device::Cpu, Precision::Bf16).unwrap();
+    let (model, _) = with_random_adapters(base);
+    assert!(
+        model
+            .trainable()
+            .variables()
+            .values()
+            .all(|v| v.kind() == tch::Kind::Float && v.requires_grad())
+    );
+    let input = Tensor::from_slice(&[5i64, 17, 300, 42]).unsqueeze(0);
+    let logits = model.llama.forward(&input);
+    assert_eq!(
+        logits.kind(),
+        tch::Kind::BFloat16,
+        "an adapter promoted the stream"
+    );
+    logits
+        .to_kind(tch::Kind::Float)
+        .sum(tch::Kind::Float)
+        .backward();
+    for (name, v) in model.trainable().variables() {
+        let grad = v.grad();
+        assert!(grad.defined() && grad.kind() == tch::Kind::Float, "{name}");
+        assert!(grad.isfinite().all().int64_value(&[]) == 1, "{name}");
+    }
+}
