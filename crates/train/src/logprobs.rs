@@ -86,17 +86,26 @@ impl TokenBatch {
     /// The rows `rows` of the batch, as a batch of their own.
     pub fn select(&self, rows: &Tensor) -> TokenBatch {
         let attention_mask = self.attention_mask.index_select(0, rows);
-        let tokens = attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
         let loss_mask = self.loss_mask.index_select(0, rows);
-        // The first column with an action in any of these rows (argmax of the column flags:
-        // its first true).
+        // The first column with an action in any of these rows: the argmax of the column
+        // flags is their first true. Read back with the token count in one copy.
         let columns = loss_mask
             .amax([0].as_slice(), false)
             .gt(0.0)
             .to_kind(Kind::Int64); // (T-1,)
-        let first_action = match columns.sum(Kind::Int64).int64_value(&[]) {
+        let counts = Tensor::stack(
+            &[
+                attention_mask.sum(Kind::Int64),
+                columns.sum(Kind::Int64),
+                columns.argmax(0, false),
+            ],
+            0,
+        );
+        let counts = Vec::<i64>::try_from(&counts.to_device(Device::Cpu)).expect("host i64");
+        let tokens = counts[0] as usize;
+        let first_action = match counts[1] {
             0 => columns.size()[0],
-            _ => columns.argmax(0, false).int64_value(&[]),
+            _ => counts[2],
         };
         TokenBatch {
             input_ids: self.input_ids.index_select(0, rows),
