@@ -1278,8 +1278,9 @@ fn the_shipped_demo_config_runs_a_short_round_with_its_reward_program_and_held_o
 }
 
 /// The online algorithms' held-out evaluation: the actor measured before the update of every
-/// `eval.every`-th iteration and after the last, with its KL to the start; a GRPO run killed
-/// at several points resumes to the same held-out rows.
+/// `eval.every`-th iteration and after the last, with its KL to the start; a PPO run that
+/// checkpoints every second iteration and a GRPO run, each killed at several points, resume
+/// to the rows, held-out rows and policy of the unbroken run.
 #[test]
 fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_same_rows() {
     if !model_ready() {
@@ -1324,20 +1325,21 @@ fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_sam
     let ppo = config(
         "ppo",
         "[ppo]\nrollout_batch_size = 2\nnum_minibatches = 1\nppo_epochs = 1\n\
-         max_new_tokens = 8\ntruncated = \"score\"\n[ppo.actor]\nlr = 1e-3\n",
+         max_new_tokens = 8\ntruncated = \"score\"\ncheckpoint_every = 2\n\
+         [ppo.actor]\nlr = 1e-3\n",
     );
     let grpo = config(
         "grpo",
         "[group]\nrollout_batch_size = 2\ngroup_size = 3\nmax_new_tokens = 8\n\
          max_extra_draws = 0\noverlong = \"keep\"\n[group.actor]\nlr = 1e-3\n",
     );
-    let mut unbroken = Duration::ZERO;
+    let mut unbroken = Vec::new();
     for (name, config) in [("ppo", &ppo), ("grpo", &grpo)] {
         let run = scratch.path().join(name);
         let began = Instant::now();
         let out = prefloop(&run_args(config, &run));
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
-        unbroken = began.elapsed();
+        unbroken.push(began.elapsed());
         let lines = metrics(&run);
         assert_eq!(
             lines.len(),
@@ -1366,25 +1368,40 @@ fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_sam
         assert!(held.iter().all(|s| s.problem_id == "h"));
     }
 
-    let whole = scratch.path().join("grpo");
-    let killed = scratch.path().join("grpo-killed");
-    kill_at_then_resume(&grpo, &killed, unbroken, &[0.25, 0.5, 0.75]);
-    for round in [0, 2, 3] {
-        let (a, b) = (
-            whole.join(format!("round-{round:04}/eval")),
-            killed.join(format!("round-{round:04}/eval")),
-        );
-        assert_same_samples_and_scores(&a, &b, round);
-    }
+    // Killed between two of its checkpoints, the PPO run redoes the iterations since the last
+    // one: the rounds it recorded are kept and it samples the same rollouts again.
     let eval_line = |l: &serde_json::Value| {
         (
             l["eval/reward/mean"].as_f64(),
             l["eval/kl_to_start"].as_f64(),
         )
     };
-    let (a, b) = (metrics(&whole), metrics(&killed));
-    assert_eq!(
-        a.iter().map(eval_line).collect::<Vec<_>>(),
-        b.iter().map(eval_line).collect::<Vec<_>>()
-    );
+    let runs = [("ppo", &ppo, "ppo"), ("grpo", &grpo, "group")];
+    for ((name, config, trainer), unbroken) in runs.into_iter().zip(unbroken) {
+        let whole = scratch.path().join(name);
+        let killed = scratch.path().join(format!("{name}-killed"));
+        kill_at_then_resume(config, &killed, unbroken, &[0.25, 0.5, 0.75]);
+        for round in 0..4 {
+            let (a, b) = (
+                whole.join(format!("round-{round:04}")),
+                killed.join(format!("round-{round:04}")),
+            );
+            assert_same_samples_and_scores(&a, &b, round);
+            if round != 1 {
+                assert_same_samples_and_scores(&a.join("eval"), &b.join("eval"), round);
+            }
+        }
+        let (a, b) = (metrics(&whole), metrics(&killed));
+        assert_eq!(
+            a.iter().map(eval_line).collect::<Vec<_>>(),
+            b.iter().map(eval_line).collect::<Vec<_>>(),
+            "{name}"
+        );
+        let policy = format!("{trainer}/policy/model.safetensors");
+        assert_eq!(
+            std::fs::read(whole.join(&policy)).unwrap(),
+            std::fs::read(killed.join(&policy)).unwrap(),
+            "{name}: the trained policy"
+        );
+    }
 }
