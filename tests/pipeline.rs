@@ -1333,8 +1333,10 @@ fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_sam
         "[group]\nrollout_batch_size = 2\ngroup_size = 3\nmax_new_tokens = 8\n\
          max_extra_draws = 0\noverlong = \"keep\"\n[group.actor]\nlr = 1e-3\n",
     );
+    // Each algorithm's run, config, and the directory its trainer saves the policy in.
+    let runs = [("ppo", &ppo, "ppo"), ("grpo", &grpo, "group")];
     let mut unbroken = Vec::new();
-    for (name, config) in [("ppo", &ppo), ("grpo", &grpo)] {
+    for (name, config, _) in runs {
         let run = scratch.path().join(name);
         let began = Instant::now();
         let out = prefloop(&run_args(config, &run));
@@ -1376,7 +1378,6 @@ fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_sam
             l["eval/kl_to_start"].as_f64(),
         )
     };
-    let runs = [("ppo", &ppo, "ppo"), ("grpo", &grpo, "group")];
     for ((name, config, trainer), unbroken) in runs.into_iter().zip(unbroken) {
         let whole = scratch.path().join(name);
         let killed = scratch.path().join(format!("{name}-killed"));
