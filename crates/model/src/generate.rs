@@ -331,10 +331,9 @@ impl<'a> Engine<'a> {
         let at = self.step.unsqueeze(1); // (S, 1)
         let uniform = self.uniform.gather(1, &at, false).squeeze_dim(1);
         let next = sample(&self.logits, self.params, &uniform); // (S,)
-        let logprob = self
-            .logits
-            .log_softmax(-1, Kind::Float)
-            .gather(1, &next.unsqueeze(1), false); // (S, 1)
+        // log π(next) = logit − logsumexp: one pass over the vocabulary, no (S, V) log-softmax.
+        let logprob =
+            self.logits.gather(1, &next.unsqueeze(1), false) - self.logits.logsumexp([-1], true); // (S, 1)
         let is_eos = match &self.eos {
             Some(eos) => Tensor::isin(&next, eos, false, false),
             None => next.zeros_like().to_kind(Kind::Bool),
@@ -360,7 +359,7 @@ impl<'a> Engine<'a> {
     /// Key columns a step reads: past every row's length, which the host bounds by what it
     /// read and the steps since.
     fn width(&self) -> i64 {
-        let capacity = self.cache.layers[0].0.size()[2];
+        let capacity = self.cache.capacity();
         let longest = self
             .slots
             .iter()
@@ -465,14 +464,10 @@ impl<'a> Engine<'a> {
         let of = Tensor::from_slice(&of).to_device(device); // (J,) → distinct prompt
         let at: Vec<i64> = joiners.iter().map(|&(r, _)| r as i64).collect();
         let at = Tensor::from_slice(&at).to_device(device); // (J,) → slot
-        for ((k_cache, v_cache), (k, v)) in self.cache.layers.iter_mut().zip(kv) {
+        for (cache, (k, v)) in self.cache.layers.iter_mut().zip(kv) {
             let len = k.size()[2];
-            let _ = k_cache
-                .narrow(2, 0, len)
-                .index_copy_(0, &at, &k.index_select(0, &of));
-            let _ = v_cache
-                .narrow(2, 0, len)
-                .index_copy_(0, &at, &v.index_select(0, &of));
+            let kv = Tensor::cat(&[k, v], 1).index_select(0, &of);
+            let _ = cache.narrow(2, 0, len).index_copy_(0, &at, &kv);
         }
         let logits = self.model.llama.logits(&hidden).to_kind(Kind::Float);
         let _ = self
@@ -547,9 +542,8 @@ impl<'a> Engine<'a> {
             return;
         }
         let keep = Tensor::from_slice(&held).to_device(self.device);
-        for (k, v) in &mut self.cache.layers {
-            *k = k.index_select(0, &keep);
-            *v = v.index_select(0, &keep);
+        for kv in &mut self.cache.layers {
+            *kv = kv.index_select(0, &keep);
         }
         for state in [
             &mut self.lens,
@@ -604,32 +598,47 @@ fn hits_stop(model: &Model, tokens: &[u32], stop: &[String]) -> Result<bool> {
 }
 
 /// Next token per row from logits (B, V): greedy, or temperature / top-k / top-p sampling by
-/// inverting each row's CDF at `uniform` (B,), draws in [0, 1).
+/// inverting each row's CDF at `uniform` (B,), draws in [0, 1). With top-k the CDF runs over
+/// the k kept tokens, most likely first, so no pass but `topk` itself reads the whole vocabulary;
+/// without it, over the vocabulary in id order.
 fn sample(logits: &Tensor, params: &SamplingParams, uniform: &Tensor) -> Tensor {
     if params.temperature <= 0.0 {
         return logits.argmax(-1, false);
     }
-    let mut scores = logits / params.temperature;
-    let vocab = scores.size()[1];
-    if params.top_k > 0 && params.top_k < vocab {
-        let (top, _) = scores.topk(params.top_k, -1, true, true);
-        let kth = top.narrow(1, params.top_k - 1, 1);
-        scores = scores.masked_fill(&scores.lt_tensor(&kth), f64::NEG_INFINITY);
-    }
+    let vocab = logits.size()[1];
+    let (mut scores, ids) = if params.top_k > 0 && params.top_k < vocab {
+        let (top, ids) = logits.topk(params.top_k, -1, true, true); // (B, k), descending
+        (top / params.temperature, Some(ids))
+    } else {
+        (logits / params.temperature, None)
+    };
     if params.top_p < 1.0 {
-        let (sorted, order) = scores.sort(-1, true);
+        // Top-k's scores are sorted already; the whole vocabulary's must be.
+        let (sorted, order) = match ids {
+            Some(_) => (scores.shallow_clone(), None),
+            None => {
+                let (sorted, order) = scores.sort(-1, true);
+                (sorted, Some(order))
+            }
+        };
         let probs = sorted.softmax(-1, Kind::Float);
         // Drop a token once the mass before it already reaches p (the first always stays).
         let before = probs.cumsum(-1, Kind::Float) - &probs;
-        let drop_sorted = before.gt(params.top_p);
-        let drop = drop_sorted.scatter(1, &order, &drop_sorted);
+        let mut drop = before.gt(params.top_p);
+        if let Some(order) = order {
+            drop = drop.scatter(1, &order, &drop);
+        }
         scores = scores.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    let cdf = scores.softmax(-1, Kind::Float).cumsum(-1, Kind::Float); // (B, V)
-    let total = cdf.narrow(1, vocab - 1, 1); // ≈ 1: the CDF's own end
+    let kept = scores.size()[1];
+    let cdf = scores.softmax(-1, Kind::Float).cumsum(-1, Kind::Float); // (B, kept)
+    let total = cdf.narrow(1, kept - 1, 1); // ≈ 1: the CDF's own end
     let target = uniform.unsqueeze(1) * total; // (B, 1)
-    target
+    let at = target
         .searchsorted(&cdf, false, true, "right", None::<Tensor>)
-        .squeeze_dim(1)
-        .clamp_max(vocab - 1)
+        .clamp_max(kept - 1); // (B, 1)
+    match ids {
+        Some(ids) => ids.gather(1, &at, false).squeeze_dim(1),
+        None => at.squeeze_dim(1),
+    }
 }

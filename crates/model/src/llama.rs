@@ -71,6 +71,9 @@ impl RmsNorm {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// sin with its first half negated, for a decode step's rotation by `roll`: rotate_half(x)
+    /// · sin is roll(x, D/2) · sin_rolled, exactly (a negation rounds nothing).
+    sin_rolled: Tensor,
 }
 
 /// The rotation at one forward's positions, (B, 1, T, D) each, in the compute dtype: gathered
@@ -122,10 +125,38 @@ impl Rope {
         );
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0); // (P, D/2)
         let emb = Tensor::cat(&[&freqs, &freqs], 1); // (P, D)
+        let sign = Tensor::cat(
+            &[
+                -Tensor::ones([dim / 2], (Kind::Float, Device::Cpu)),
+                Tensor::ones([dim / 2], (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
         Ok(Self {
             cos: emb.cos().to_device(device),
             sin: emb.sin().to_device(device),
+            sin_rolled: (emb.sin() * sign).to_device(device),
         })
+    }
+
+    /// A decode step's rotation of every head of its fused q/k/v output, (S, H + 2 KV, D)
+    /// each, at positions `lens` (S,), in `kind`: q and k heads rotate, v heads take cos 1 and
+    /// sin 0 and pass unchanged, so one roll and two multiplies rotate the whole output.
+    fn decode_tables(
+        &self,
+        lens: &Tensor,
+        rotated: i64,
+        unrotated: i64,
+        kind: Kind,
+    ) -> (Tensor, Tensor) {
+        let s = lens.size()[0];
+        let d = self.cos.size()[1];
+        let table = |table: &Tensor, fill: f64| {
+            let at = table.index_select(0, lens).to_kind(kind).unsqueeze(1); // (S, 1, D)
+            let rest = Tensor::full([s, unrotated, d], fill, (kind, lens.device()));
+            Tensor::cat(&[&at.expand([s, rotated, d], false), &rest], 1)
+        };
+        (table(&self.cos, 1.0), table(&self.sin_rolled, 0.0))
     }
 
     /// The rotation at `positions`, (B, T), in `kind`.
@@ -154,31 +185,32 @@ impl RopeAt {
     }
 }
 
-/// Keys and values of every layer for a batch of slots, each (S, n_kv_heads, capacity,
-/// head_dim). Row r's positions 0..len_r hold its tokens, in order; the sampler keeps the
-/// lengths (generate.rs).
+/// Keys and values of every layer for a batch of slots, each layer one tensor (S, 2 ·
+/// n_kv_heads, capacity, head_dim): the keys' heads, then the values'. Row r's positions
+/// 0..len_r hold its tokens, in order; the sampler keeps the lengths (generate.rs). Keys and
+/// values together take a decode step's new entries in one scatter.
 #[derive(Debug)]
 pub(crate) struct SlotCache {
-    pub layers: Vec<(Tensor, Tensor)>,
+    pub layers: Vec<Tensor>,
 }
 
 impl SlotCache {
     pub fn new(cfg: &Config, slots: i64, capacity: i64, kind: Kind, device: Device) -> Self {
         let shape = [
             slots,
-            cfg.num_kv_heads() as i64,
+            2 * cfg.num_kv_heads() as i64,
             capacity,
             cfg.head_dim() as i64,
         ];
         let layers = (0..cfg.num_hidden_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(shape, (kind, device)),
-                    Tensor::zeros(shape, (kind, device)),
-                )
-            })
+            .map(|_| Tensor::zeros(shape, (kind, device)))
             .collect();
         Self { layers }
+    }
+
+    /// Positions a slot can hold.
+    pub fn capacity(&self) -> i64 {
+        self.layers[0].size()[2]
     }
 }
 
@@ -260,45 +292,64 @@ impl Attention {
         adapted(self.o_proj.forward(&y), &y, lora, |a| &a.o)
     }
 
-    /// One decode step, x: (S, 1, C), its keys and values written into the slots. The query
+    /// One decode step: the residual stream `x` (S, C) plus attention over `normed`, its
+    /// input normalised, with this step's keys and values written into the slots. The query
     /// heads sharing a key/value head are folded into the query axis — q (S, KV, G, D) against
-    /// k, v (S, KV, W, D) under a key mask (S, 1, 1, W) — so SDPA gets the shapes its fused
-    /// kernels take, with no GQA expansion and no copy of the cache.
+    /// k, v (S, KV, W, D) under an additive key mask (S, 1, 1, W) — so SDPA gets the shapes its
+    /// fused kernels take, with no GQA expansion and no copy of the cache. Per layer: one
+    /// matmul, a roll and two multiplies for RoPE, one scatter, SDPA, and o_proj with the
+    /// residual added in the same matmul.
     fn decode(
         &self,
         x: &Tensor,
-        rope: &RopeAt,
-        layer: &mut (Tensor, Tensor),
+        normed: &Tensor,
+        cache: &mut Tensor,
         step: &Step,
         lora: Option<Active>,
     ) -> Tensor {
-        let Step { at, mask, width } = step;
-        let (s, _, _) = x.size3().expect("(S, 1, C)");
+        let s = x.size()[0];
         let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
-        let qkv = adapted(self.qkv_proj.forward(x), x, lora, |a| &a.qkv)
-            .view([s, 1, h + 2 * g, d])
-            .transpose(1, 2); // (S, H + 2 KV, 1, D)
-        let qk = rope.apply(&qkv.narrow(1, 0, h + g));
-        let (k_cache, v_cache) = layer;
-        let _ = k_cache.scatter_(2, at, &qk.narrow(1, h, g));
-        let _ = v_cache.scatter_(2, at, &qkv.narrow(1, h + g, g));
-        let q = qk.narrow(1, 0, h).reshape([s, g, h / g, d]); // (S, KV, G, D)
-        let (k, v) = (k_cache.narrow(2, 0, *width), v_cache.narrow(2, 0, *width));
-        let y =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false); // (S, KV, G, D)
-        let y = y.reshape([s, 1, h * d]);
-        adapted(self.o_proj.forward(&y), &y, lora, |a| &a.o)
+        let qkv = adapted(self.qkv_proj.forward(normed), normed, lora, |a| &a.qkv).view([
+            s,
+            h + 2 * g,
+            d,
+        ]);
+        let mut rotated = qkv.roll([d / 2], [-1]);
+        rotated *= &step.sin;
+        let _ = rotated.addcmul_(&qkv, &step.cos); // (S, H + 2 KV, D): q, k rotated, v as is
+        let _ = cache.scatter_(2, &step.at, &rotated.narrow(1, h, 2 * g).unsqueeze(2));
+        let q = rotated.narrow(1, 0, h).view([s, g, h / g, d]); // (S, KV, G, D)
+        let kv = cache.narrow(2, 0, step.width); // (S, 2 KV, W, D)
+        let (k, v) = (kv.narrow(1, 0, g), kv.narrow(1, g, g));
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(&step.mask),
+            0.0,
+            false,
+            None,
+            false,
+        ); // (S, KV, G, D)
+        let y = y.reshape([s, h * d]);
+        let out = x.addmm(&y, &self.o_proj.ws.tr());
+        adapted(out, &y, lora, |a| &a.o)
     }
 }
 
-/// Where one decode step writes and reads the slot cache, shared by every layer.
+/// Where one decode step writes and reads the slot cache, and its rotation: built once per
+/// step, shared by every layer.
 struct Step {
-    /// Each row's column for its new key and value, expanded to (S, KV, 1, D) for `scatter_`.
+    /// Each row's column for its new keys and values, expanded to (S, 2 KV, 1, D) for
+    /// `scatter_`.
     at: Tensor,
-    /// (S, 1, 1, W): true at the columns a row attends to.
+    /// (S, 1, 1, W), in the model's dtype: 0 at the columns a row attends to, -inf elsewhere.
     mask: Tensor,
     /// W: the columns read, more than every row's length.
     width: i64,
+    /// (S, H + 2 KV, D) each: see [`Rope::decode_tables`].
+    cos: Tensor,
+    sin: Tensor,
 }
 
 #[derive(Debug)]
@@ -327,6 +378,19 @@ impl Mlp {
         let h = gate_up[0].silu() * &gate_up[1];
         adapted(self.down_proj.forward(&h), &h, lora, |a| &a.down)
     }
+
+    /// A decode step's MLP over `normed` (S, C), added to the residual `x` by down_proj's
+    /// matmul itself.
+    fn decode(&self, x: &Tensor, normed: &Tensor, lora: Option<Active>) -> Tensor {
+        let gate_up = adapted(self.gate_up_proj.forward(normed), normed, lora, |a| {
+            &a.gate_up
+        })
+        .chunk(2, -1);
+        let mut h = gate_up[0].silu();
+        h *= &gate_up[1];
+        let out = x.addmm(&h, &self.down_proj.ws.tr());
+        adapted(out, &h, lora, |a| &a.down)
+    }
 }
 
 #[derive(Debug)]
@@ -350,6 +414,15 @@ impl DecoderLayer {
             ),
             mlp: Mlp::new(&p / "mlp", cfg),
         }
+    }
+
+    /// One decode step through the layer: x (S, C) → (S, C).
+    fn decode(&self, x: &Tensor, cache: &mut Tensor, step: &Step, lora: Option<Active>) -> Tensor {
+        let x = self
+            .self_attn
+            .decode(x, &self.input_layernorm.forward(x), cache, step, lora);
+        self.mlp
+            .decode(&x, &self.post_attention_layernorm.forward(&x), lora)
     }
 
     /// The MLP half, after attention's `h` is added to the residual `x`.
@@ -529,30 +602,27 @@ impl Llama {
         cache: &mut SlotCache,
     ) -> Tensor {
         let s = tokens.size()[0];
-        let (g, d) = (
-            self.config.num_kv_heads() as i64,
-            self.config.head_dim() as i64,
+        let cfg = &self.config;
+        let (h, g, d) = (
+            cfg.num_attention_heads as i64,
+            cfg.num_kv_heads() as i64,
+            cfg.head_dim() as i64,
         );
-        let rope = self.rope.at(&lens.view([s, 1]), self.kind());
-        let columns = Tensor::arange(width, (Kind::Int64, lens.device()));
+        let kind = self.kind();
+        let (cos, sin) = self.rope.decode_tables(lens, h + g, g, kind);
         let step = Step {
-            at: lens.view([s, 1, 1, 1]).expand([s, g, 1, d], false),
-            mask: columns.le_tensor(&lens.view([s, 1])).view([s, 1, 1, width]),
+            at: lens.view([s, 1, 1, 1]).expand([s, 2 * g, 1, d], false),
+            mask: key_mask(lens, width, kind),
             width,
+            cos,
+            sin,
         };
-        let mut x = Tensor::embedding(&self.embed_tokens, &tokens.view([s, 1]), -1, false, false);
+        let mut x = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false); // (S, C)
         let layers = self.layers.iter().zip(self.active());
         for ((layer, lora), slots) in layers.zip(cache.layers.iter_mut()) {
-            let h = layer.self_attn.decode(
-                &layer.input_layernorm.forward(&x),
-                &rope,
-                slots,
-                &step,
-                lora,
-            );
-            x = layer.finish(&x, h, lora);
+            x = layer.decode(&x, slots, &step, lora);
         }
-        self.norm.forward(&x).view([s, -1])
+        self.norm.forward(&x)
     }
 
     /// The attention kernel libtorch picks (`_fused_sdp_choice`, named as torch's
@@ -589,11 +659,11 @@ impl Llama {
             cfg.num_kv_heads() as i64,
             cfg.head_dim() as i64,
         );
-        let device = self.embed_tokens.device();
-        let options = (self.kind(), device);
+        let options = (self.kind(), self.embed_tokens.device());
         let q = Tensor::zeros([batch, g, h / g, d], options);
         let k = Tensor::zeros([batch, g, keys, d], options);
-        let mask = Tensor::ones([batch, 1, 1, keys], (Kind::Bool, device));
+        let lens = Tensor::full([batch], keys - 1, (Kind::Int64, options.1));
+        let mask = key_mask(&lens, keys, self.kind());
         let choice =
             Tensor::internal_fused_sdp_choice(&q, &k, &k, Some(&mask), 0.0, false, None, false);
         backend_name(choice)
@@ -608,6 +678,21 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.matmul(&self.lm_head.tr())
     }
+}
+
+/// A decode step's additive key mask, (S, 1, 1, W) in `kind`: row r attends to columns
+/// 0..=lens[r]. Its rows are laid out 16 columns apart (a view of a wider tensor), the alignment
+/// the memory-efficient CUDA kernel asks of a mask, which it would otherwise pad in every layer.
+fn key_mask(lens: &Tensor, width: i64, kind: Kind) -> Tensor {
+    let s = lens.size()[0];
+    let padded = (width + 15) / 16 * 16;
+    let columns = Tensor::arange(padded, (Kind::Int64, lens.device()));
+    let beyond = columns
+        .gt_tensor(&lens.view([s, 1]))
+        .view([s, 1, 1, padded]);
+    Tensor::zeros([s, 1, 1, padded], (kind, lens.device()))
+        .masked_fill(&beyond, f64::NEG_INFINITY)
+        .narrow(3, 0, width)
 }
 
 fn backend_name(choice: i64) -> String {
