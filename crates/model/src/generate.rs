@@ -464,10 +464,11 @@ impl<'a> Engine<'a> {
         let of = Tensor::from_slice(&of).to_device(device); // (J,) → distinct prompt
         let at: Vec<i64> = joiners.iter().map(|&(r, _)| r as i64).collect();
         let at = Tensor::from_slice(&at).to_device(device); // (J,) → slot
-        for (cache, (k, v)) in self.cache.layers.iter_mut().zip(kv) {
-            let len = k.size()[2];
-            let kv = Tensor::cat(&[k, v], 1).index_select(0, &of);
-            let _ = cache.narrow(2, 0, len).index_copy_(0, &at, &kv);
+        for (cache, kv) in self.cache.layers.iter_mut().zip(kv) {
+            let len = kv.size()[2];
+            let _ = cache
+                .narrow(2, 0, len)
+                .index_copy_(0, &at, &kv.index_select(0, &of));
         }
         let logits = self.model.llama.logits(&hidden).to_kind(Kind::Float);
         let _ = self
@@ -507,8 +508,8 @@ impl<'a> Engine<'a> {
     }
 
     /// Right-padded prompts through the model: the hidden state at each prompt's last token,
-    /// (U, C), and every layer's keys and values, (U, KV, P, D).
-    fn prefill(&mut self, prompts: &[&[u32]]) -> (Tensor, Vec<(Tensor, Tensor)>) {
+    /// (U, C), and every layer's keys and values, (U, 2 KV, P, D).
+    fn prefill(&mut self, prompts: &[&[u32]]) -> (Tensor, Vec<Tensor>) {
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
         let pad = self.model.tokenizer.pad_id() as i64;
         let mut ids = vec![pad; prompts.len() * longest];

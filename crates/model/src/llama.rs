@@ -214,9 +214,9 @@ impl SlotCache {
     }
 }
 
-/// A prefill's keys and values: each layer's (k, v), (B, KV, T, D), for the sampler to place
-/// in its slots.
-pub(crate) type LayerKv = Vec<(Tensor, Tensor)>;
+/// A prefill's keys and values: each layer's, (B, 2 KV, T, D) in the slot cache's layout (keys'
+/// heads, then values'), for the sampler to place in its slots.
+pub(crate) type LayerKv = Vec<Tensor>;
 
 #[derive(Debug)]
 struct Attention {
@@ -283,7 +283,7 @@ impl Attention {
             ENABLE_GQA,
         );
         if let Some(kv) = kv {
-            kv.push((k.contiguous(), v.contiguous()));
+            kv.push(Tensor::cat(&[&k, &v], 1));
         }
         let y = y
             .transpose(1, 2)
@@ -566,7 +566,7 @@ impl Llama {
     }
 
     /// A prefill of right-padded prompts (B, T): the final hidden states (B, T, C) and every
-    /// layer's keys and values, (B, KV, T, D), for the sampler to place in its slots.
+    /// layer's keys and values, (B, 2 KV, T, D), for the sampler to place in its slots.
     pub(crate) fn prefill(&self, input_ids: &Tensor) -> (Tensor, LayerKv) {
         let mut kv = Vec::with_capacity(self.layers.len());
         let hidden = self.decoder(input_ids, Some(&mut kv));
