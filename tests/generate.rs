@@ -140,6 +140,8 @@ fn the_gpu_check_script_runs_every_step_on_the_cpu_in_a_dry_run() {
         "ema/reference_shift",
         "bench grpo",
         "bench generate",
+        "prefloop, ATen ops per decode step",
+        "eager PyTorch decoder, ATen ops per decode step",
         "bench train",
     ] {
         assert!(
@@ -148,6 +150,8 @@ fn the_gpu_check_script_runs_every_step_on_the_cpu_in_a_dry_run() {
         );
     }
     assert!(!stdout.contains("FAILED"), "{stdout}");
+    // A baseline that fails leaves its column "failed" and the step still succeeds.
+    assert!(!summary.contains("failed"), "{summary}");
 }
 
 #[test]
