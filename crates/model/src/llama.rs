@@ -553,6 +553,16 @@ impl Llama {
         self.embed_tokens.kind()
     }
 
+    /// (query heads, key/value heads, head dim).
+    fn head_layout(&self) -> (i64, i64, i64) {
+        let cfg = &self.config;
+        (
+            cfg.num_attention_heads as i64,
+            cfg.num_kv_heads() as i64,
+            cfg.head_dim() as i64,
+        )
+    }
+
     /// The LM head's weight, (V, C): the embedding matrix itself when embeddings are tied.
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
@@ -602,12 +612,7 @@ impl Llama {
         cache: &mut SlotCache,
     ) -> Tensor {
         let s = tokens.size()[0];
-        let cfg = &self.config;
-        let (h, g, d) = (
-            cfg.num_attention_heads as i64,
-            cfg.num_kv_heads() as i64,
-            cfg.head_dim() as i64,
-        );
+        let (h, g, d) = self.head_layout();
         let kind = self.kind();
         let (cos, sin) = self.rope.decode_tables(lens, h + g, g, kind);
         let step = Step {
@@ -628,12 +633,7 @@ impl Llama {
     /// The attention kernel libtorch picks (`_fused_sdp_choice`, named as torch's
     /// `SDPBackend`) for the training forward's causal attention over `len` positions.
     pub fn causal_attention_backend(&self, batch: i64, len: i64) -> String {
-        let cfg = &self.config;
-        let (h, g, d) = (
-            cfg.num_attention_heads as i64,
-            cfg.num_kv_heads() as i64,
-            cfg.head_dim() as i64,
-        );
+        let (h, g, d) = self.head_layout();
         let options = (self.kind(), self.embed_tokens.device());
         let q = Tensor::zeros([batch, h, len, d], options);
         let k = Tensor::zeros([batch, g, len, d], options);
@@ -653,12 +653,7 @@ impl Llama {
     /// The kernel libtorch picks for a decode step's attention: the folded query groups
     /// against `keys` cached keys under the key mask, as [`Llama::decode_step`] calls it.
     pub fn decode_attention_backend(&self, batch: i64, keys: i64) -> String {
-        let cfg = &self.config;
-        let (h, g, d) = (
-            cfg.num_attention_heads as i64,
-            cfg.num_kv_heads() as i64,
-            cfg.head_dim() as i64,
-        );
+        let (h, g, d) = self.head_layout();
         let options = (self.kind(), self.embed_tokens.device());
         let q = Tensor::zeros([batch, g, h / g, d], options);
         let k = Tensor::zeros([batch, g, keys, d], options);

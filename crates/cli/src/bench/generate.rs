@@ -137,8 +137,10 @@ pub fn run(args: &Args) -> Result<()> {
         let syncs = stats.readbacks as f64 / stats.decode_steps.max(1) as f64;
         let memory = memory_mib(device);
         let eager = match (&args.eager_python, &baseline_dir) {
-            (Some(python), Some((_, dir))) => Some(eager_ms_per_step(
+            (Some(python), Some((_, dir))) => Some(same_shape_baseline(
                 python,
+                EAGER_BASELINE,
+                "eager PyTorch",
                 dir,
                 super::train::torch_dtype(model.kind()),
                 batch,
@@ -155,8 +157,10 @@ pub fn run(args: &Args) -> Result<()> {
             None => ("-".into(), "-".into()),
         };
         let baseline = match (&args.hf_python, &baseline_dir) {
-            (Some(python), Some((_, dir))) => Some(hf_tokens_per_second(
+            (Some(python), Some((_, dir))) => Some(same_shape_baseline(
                 python,
+                HF_BASELINE,
+                "transformers",
                 dir,
                 super::train::torch_dtype(model.kind()),
                 batch,
@@ -173,8 +177,13 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn hf_tokens_per_second(
+/// A Python baseline's figure on this bench's shapes: `script` (transformers' `generate`, in
+/// tokens per second, or the eager decoder, in milliseconds per step) run on the same model,
+/// dtype, batch, prompt length, new tokens and top-k.
+fn same_shape_baseline(
     python: &std::path::Path,
+    script: &str,
+    name: &str,
     dir: &std::path::Path,
     dtype: &str,
     batch: usize,
@@ -183,21 +192,7 @@ fn hf_tokens_per_second(
     let mut values = vec![dtype.to_string()];
     values.extend([batch, args.prompt_len, args.new_tokens].map(|n| n.to_string()));
     values.push(args.top_k.to_string());
-    python_baseline(python, HF_BASELINE, dir, &values, "transformers")
-}
-
-/// Milliseconds per decode step of the eager PyTorch decoder on the same shapes.
-fn eager_ms_per_step(
-    python: &std::path::Path,
-    dir: &std::path::Path,
-    dtype: &str,
-    batch: usize,
-    args: &Args,
-) -> Result<f64> {
-    let mut values = vec![dtype.to_string()];
-    values.extend([batch, args.prompt_len, args.new_tokens].map(|n| n.to_string()));
-    values.push(args.top_k.to_string());
-    python_baseline(python, EAGER_BASELINE, dir, &values, "eager PyTorch")
+    python_baseline(python, script, dir, &values, name)
 }
 
 /// Sampling shaped like a round: the first `limit` prompts of a file (chat-templated, as a
