@@ -60,8 +60,13 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
         // As transformers: normalised in f32 and cast back (libtorch's rms_norm, one call),
         // then scaled in the input's dtype. Handing rms_norm the weight would scale before
-        // the cast, which rounds differently in bf16.
-        x.rms_norm([x.size()[x.dim() - 1]], None::<&Tensor>, self.eps) * &self.weight
+        // the cast, which rounds differently in bf16; in f32 there is no cast, the two are
+        // the same products, and rms_norm scales in the same call (one op fewer).
+        let shape = [x.size()[x.dim() - 1]];
+        match x.kind() {
+            Kind::Float => x.rms_norm(shape, Some(&self.weight), self.eps),
+            _ => x.rms_norm(shape, None::<&Tensor>, self.eps) * &self.weight,
+        }
     }
 }
 
@@ -139,7 +144,7 @@ impl Rope {
         })
     }
 
-    /// A decode step's rotation of every head of its fused q/k/v output, (S, H + 2 KV, D)
+    /// A decode step's rotation of every head of its fused q/k/v output, (S, H + 2 KV, 1, D)
     /// each, at positions `lens` (S,), in `kind`: q and k heads rotate, v heads take cos 1 and
     /// sin 0 and pass unchanged, so one roll and two multiplies rotate the whole output.
     fn decode_tables(
@@ -152,9 +157,9 @@ impl Rope {
         let s = lens.size()[0];
         let d = self.cos.size()[1];
         let table = |table: &Tensor, fill: f64| {
-            let at = table.index_select(0, lens).to_kind(kind).unsqueeze(1); // (S, 1, D)
-            let rest = Tensor::full([s, unrotated, d], fill, (kind, lens.device()));
-            Tensor::cat(&[&at.expand([s, rotated, d], false), &rest], 1)
+            let at = table.index_select(0, lens).to_kind(kind).view([s, 1, 1, d]);
+            let rest = Tensor::full([s, unrotated, 1, d], fill, (kind, lens.device()));
+            Tensor::cat(&[&at.expand([s, rotated, 1, d], false), &rest], 1)
         };
         (table(&self.cos, 1.0), table(&self.sin_rolled, 0.0))
     }
@@ -312,19 +317,22 @@ impl Attention {
         let qkv = adapted(self.qkv_proj.forward(normed), normed, lora, |a| &a.qkv).view([
             s,
             h + 2 * g,
+            1,
             d,
         ]);
         let mut rotated = qkv.roll([d / 2], [-1]);
         rotated *= &step.sin;
-        let _ = rotated.addcmul_(&qkv, &step.cos); // (S, H + 2 KV, D): q, k rotated, v as is
-        let _ = cache.scatter_(2, &step.at, &rotated.narrow(1, h, 2 * g).unsqueeze(2));
-        let q = rotated.narrow(1, 0, h).view([s, g, h / g, d]); // (S, KV, G, D)
-        let kv = cache.narrow(2, 0, step.width); // (S, 2 KV, W, D)
-        let (k, v) = (kv.narrow(1, 0, g), kv.narrow(1, g, g));
+        let _ = rotated.addcmul_(&qkv, &step.cos); // (S, H + 2 KV, 1, D): q, k rotated, v as is
+        // q (S, H, 1, D), and this step's keys and values (S, 2 KV, 1, D) as the cache lays them.
+        let heads = rotated.split_with_sizes([h, 2 * g], 1);
+        let _ = cache.scatter_(2, &step.at, &heads[1]);
+        let q = heads[0].view([s, g, h / g, d]); // (S, KV, G, D)
+        let kv = cache.narrow(2, 0, step.width).chunk(2, 1); // (S, KV, W, D) each
+        let (k, v) = (&kv[0], &kv[1]);
         let y = Tensor::scaled_dot_product_attention(
             &q,
-            &k,
-            &v,
+            k,
+            v,
             Some(&step.mask),
             0.0,
             false,
@@ -332,7 +340,9 @@ impl Attention {
             false,
         ); // (S, KV, G, D)
         let y = y.reshape([s, h * d]);
-        let out = x.addmm(&y, &self.o_proj.ws.tr());
+        // linear with a 2-D bias is addmm(x, y, Wᵀ): the residual added in the matmul, and the
+        // transpose inside the one call.
+        let out = y.linear(&self.o_proj.ws, Some(x));
         adapted(out, &y, lora, |a| &a.o)
     }
 }
@@ -347,7 +357,7 @@ struct Step {
     mask: Tensor,
     /// W: the columns read, more than every row's length.
     width: i64,
-    /// (S, H + 2 KV, D) each: see [`Rope::decode_tables`].
+    /// (S, H + 2 KV, 1, D) each: see [`Rope::decode_tables`].
     cos: Tensor,
     sin: Tensor,
 }
@@ -388,7 +398,7 @@ impl Mlp {
         .chunk(2, -1);
         let mut h = gate_up[0].silu();
         h *= &gate_up[1];
-        let out = x.addmm(&h, &self.down_proj.ws.tr());
+        let out = h.linear(&self.down_proj.ws, Some(x));
         adapted(out, &h, lora, |a| &a.down)
     }
 }
