@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 base_dir, ours_dir, merged_dir, theirs_dir, ids, out = sys.argv[1:]
 ids = torch.tensor([[int(t) for t in ids.split(",")]])
 def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 logits = {}
 with torch.no_grad():
     logits["ours"] = PeftModel.from_pretrained(load(base_dir), ours_dir).eval()(ids).logits[0]

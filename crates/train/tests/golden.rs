@@ -81,7 +81,7 @@ for n, p in params.items():
 # bf16 forward and backward from the same weights, gradients read in fp32, clipping and AdamW
 # on fp32 copies. AdamW's eps is 1 here, which makes the first update proportional to the
 # gradient (rather than ±lr whatever its size), so the comparison sees gradient errors.
-bf = LlamaForCausalLM.from_pretrained(out + "/model", torch_dtype=torch.bfloat16)
+bf = LlamaForCausalLM.from_pretrained(out + "/model", dtype=torch.bfloat16)
 masters = {n: p.detach().float().clone() for n, p in bf.named_parameters()}
 logits = bf(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
 logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -231,7 +231,7 @@ try:
 except ImportError:
     LoraConfig = None
 if LoraConfig is not None:
-    base = LlamaForCausalLM.from_pretrained(out + "/model", torch_dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(out + "/model", dtype=torch.float32)
     torch.manual_seed(1)
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
         init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",

@@ -48,7 +48,7 @@ import sys, time, torch
 from transformers import AutoModelForCausalLM
 model_dir, dtype, (bs, plen, new, topk) = sys.argv[1], getattr(torch, sys.argv[2]), map(int, sys.argv[3:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 ids = torch.randint(100, model.config.vocab_size - 100, (bs, plen), device=device)
 kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=topk, temperature=1.0,
           pad_token_id=model.config.eos_token_id)
@@ -229,7 +229,7 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 model_dir, dtype, ids_file, n, new = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 prompts = json.load(open(ids_file))
 eos = model.generation_config.eos_token_id
 eos = set(eos if isinstance(eos, list) else [eos])

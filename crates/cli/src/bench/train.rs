@@ -66,7 +66,7 @@ import sys, time, copy, torch, torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 model_dir, dtype, (pairs, micro, seq, plen, steps) = sys.argv[1], getattr(torch, sys.argv[2]), map(int, sys.argv[3:])
 device = "cuda" if torch.cuda.is_available() else "cpu"
-policy = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).train()
+policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).train()
 reference = copy.deepcopy(policy).eval().requires_grad_(False)
 opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
 g = torch.Generator().manual_seed(0)
