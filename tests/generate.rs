@@ -1,6 +1,6 @@
 //! End-to-end: `prefloop generate` on the embedded default writes a samples stage, and a run
 //! killed part-way resumes to exactly the rows of an uninterrupted run; scripts/gpu-check's dry
-//! run measures every GPU figure on the CPU.
+//! run measures every GPU figure on the CPU; scripts/decode-floor times a decode step's floor.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -152,6 +152,31 @@ fn the_gpu_check_script_runs_every_step_on_the_cpu_in_a_dry_run() {
     assert!(!stdout.contains("FAILED"), "{stdout}");
     // A baseline that fails leaves its column "failed" and the step still succeeds.
     assert!(!summary.contains("failed"), "{summary}");
+}
+
+#[test]
+fn the_decode_floor_script_times_prefloop_the_eager_decoder_and_the_floor() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(root.join("scripts/decode-floor"))
+        .args(["--shape", "tiny", "--batch-sizes", "1,2"])
+        .args(["--prompt-len", "16", "--new-tokens", "8"])
+        .args(["--bin", env!("CARGO_BIN_EXE_prefloop")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for batch in ["1", "2"] {
+        let row = stdout
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(batch))
+            .unwrap_or_else(|| panic!("no row for batch {batch} in:\n{stdout}"));
+        // The eager and prefloop columns, then step-floor's five, each with its speed-up.
+        assert_eq!(row.matches('x').count(), 6, "{row}");
+    }
 }
 
 #[test]
