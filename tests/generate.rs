@@ -2,8 +2,9 @@
 //! killed part-way resumes to exactly the rows of an uninterrupted run; scripts/gpu-check's dry
 //! run measures every GPU figure on the CPU; scripts/decode-floor times a decode step's floor.
 
+use std::borrow::Cow;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use prefloop_core::Sample;
@@ -15,6 +16,17 @@ fn model_installed() -> bool {
         eprintln!("skipped: the embedded default model is not installed (run scripts/setup)");
     }
     installed
+}
+
+/// A script's standard output, once it has exited 0 (else both its outputs in the panic).
+fn stdout_of_success(out: &Output) -> Cow<'_, str> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 fn generate(prompts: &Path, out: &Path) -> Command {
@@ -127,12 +139,7 @@ fn the_gpu_check_script_runs_every_step_on_the_cpu_in_a_dry_run() {
         .env("PREFLOOP_BIN", env!("CARGO_BIN_EXE_prefloop"))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stdout_of_success(&out);
     let summary = &stdout[stdout.find("== summary").expect("a summary")..];
     for figure in [
         "sdpa backend, decode step",
@@ -163,12 +170,7 @@ fn the_decode_floor_script_times_prefloop_the_eager_decoder_and_the_floor() {
         .args(["--bin", env!("CARGO_BIN_EXE_prefloop")])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stdout_of_success(&out);
     for batch in ["1", "2"] {
         let row = stdout
             .lines()
