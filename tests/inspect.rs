@@ -22,6 +22,8 @@ fn write_pairs(path: &Path, n: u32) {
             problem_id: format!("hh/{i}"),
             round: 0,
             source: PairSource::Policy,
+            chosen_finish: None,
+            rejected_finish: None,
         })
         .collect();
     let mut writer = ShardWriter::<Pair>::create(path, &WriterOptions::default()).unwrap();

@@ -28,12 +28,17 @@ pub struct PairsArgs {
     /// Reward credited to a reference solution used as the chosen answer.
     #[arg(long, default_value_t = 10.0)]
     reference_reward: f32,
+    /// Drop pairs either of whose answers was cut at the token budget (kept, a cut answer is
+    /// trained on as sampled, without an end-of-sequence token).
+    #[arg(long)]
+    drop_truncated: bool,
 }
 
 pub fn pairs(args: &PairsArgs) -> Result<()> {
     let options = PairsOptions {
         min_margin: args.min_margin,
         reference_reward: args.reference_reward,
+        drop_truncated: args.drop_truncated,
     };
     let manifest = build_pairs(
         &args.samples,

@@ -75,6 +75,33 @@ macro_rules! labels {
                     .collect()
             }
         }
+
+        impl Column for Option<$name> {
+            fn data_type() -> DataType {
+                DataType::Utf8
+            }
+
+            fn nullable() -> bool {
+                true
+            }
+
+            fn to_array<'a>(values: impl ExactSizeIterator<Item = &'a Self>) -> ArrayRef {
+                Arc::new(values.map(|v| v.map(|v| v.as_str())).collect::<StringArray>())
+            }
+
+            fn from_array(column: &str, array: &dyn Array) -> Result<Vec<Self>, RecordError> {
+                array
+                    .as_string::<i32>()
+                    .iter()
+                    .enumerate()
+                    .map(|(row, v)| {
+                        v.map(|v| v.parse())
+                            .transpose()
+                            .map_err(|e: String| RecordError::bad_value(column, row, e))
+                    })
+                    .collect()
+            }
+        }
     };
 }
 
@@ -103,8 +130,11 @@ labels! {
 labels! {
     /// Why generation of a sample stopped.
     Finish {
-        /// EOS or a stop string.
+        /// The policy sampled an end-of-sequence token. (In shards written before
+        /// `stop_string` existed: EOS or a stop string.)
         Stop = "stop",
+        /// A stop string ended it: the completion is cut before it, and no EOS was sampled.
+        StopString = "stop_string",
         /// The max-new-tokens budget ran out.
         Length = "length",
     }

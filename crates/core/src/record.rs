@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::{Array, ArrayRef, RecordBatch, new_null_array};
 use arrow_cast::{CastOptions, can_cast_types, cast_with_options};
 use arrow_schema::{DataType, Schema, SchemaRef};
 
@@ -101,11 +101,15 @@ fn same_family(found: &DataType, expected: &DataType) -> bool {
 }
 
 /// Checks that `found` can be read as `expected`: every expected column present with a
-/// compatible type. Extra columns are allowed (and ignored).
+/// compatible type, except nullable ones, which other tools' files may omit (they read as
+/// nulls). Extra columns are allowed (and ignored).
 pub fn check_schema(found: &Schema, expected: &Schema) -> Result<(), RecordError> {
     for field in expected.fields() {
         let column = field.name();
         let Ok(have) = found.field_with_name(column) else {
+            if field.is_nullable() {
+                continue;
+            }
             return Err(RecordError::MissingColumn {
                 column: column.clone(),
                 expected: field.data_type().clone(),
@@ -131,7 +135,11 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, R
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for field in schema.fields() {
         let name = field.name();
-        let array = batch.column_by_name(name).expect("checked by check_schema");
+        let Some(array) = batch.column_by_name(name) else {
+            // A nullable column the file omits (check_schema let it through).
+            columns.push(new_null_array(field.data_type(), batch.num_rows()));
+            continue;
+        };
         let array = if array.data_type() == field.data_type() {
             Arc::clone(array)
         } else {

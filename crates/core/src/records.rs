@@ -1,5 +1,12 @@
 //! The records of DESIGN §3. Column names and types are a public contract: change them only
 //! with a migration note, since other tools read our shards by these names.
+//!
+//! Migration notes:
+//! - pairs gained `chosen_finish` and `rejected_finish` (nullable strings, last): how each
+//!   sampled answer ended. Older pairs stages and other tools' files without them read as
+//!   null (an answer closed by the end-of-turn token, as before).
+//! - `finish` gained `stop_string` beside `stop` and `length`: `stop` now means the policy
+//!   sampled EOS. In older shards `stop` also covers stop strings.
 
 use crate::labels::{Finish, PairSource, ProblemSource, Scorer, Verdict};
 use crate::record::record;
@@ -44,9 +51,14 @@ record! {
         /// Checkpoint id of the policy that sampled it.
         pub policy: String,
         pub seed: u64,
-        /// Completion length in tokens.
+        /// Completion length in tokens: those sampled, the end-of-sequence token excluded and
+        /// the tokens of a stop string included (the text is cut before it, the count is not).
         pub num_tokens: u32,
-        /// Sum of the per-token log-probabilities under the sampling policy.
+        /// Sum of log π(token | prefix) over those `num_tokens` tokens under the sampling
+        /// policy's own distribution: temperature 1 and the whole vocabulary (before top-k,
+        /// top-p and the temperature the sample was drawn at), the end-of-sequence token
+        /// excluded. The policy's log-likelihood of its tokens, not the log-probability of the
+        /// draw.
         pub logprob_sum: f32,
         pub finish: Finish,
     }
@@ -82,6 +94,21 @@ record! {
         pub problem_id: String,
         pub round: u32,
         pub source: PairSource,
+        /// How generation of the chosen answer ended, where it was sampled (null for a
+        /// reference solution, a human-written answer, or another tool's file): an answer cut
+        /// at the token budget (`length`) or at a stop string is trained on as sampled, without
+        /// an end-of-sequence token; any other ends with one.
+        pub chosen_finish: Option<Finish>,
+        /// How generation of the rejected answer ended, as `chosen_finish`.
+        pub rejected_finish: Option<Finish>,
+    }
+}
+
+impl Pair {
+    /// Whether the policy ended an answer that finished as `finish` (None: not sampled, so
+    /// a whole answer): it is then trained on closed by the end-of-sequence token.
+    pub fn ended(finish: Option<Finish>) -> bool {
+        finish.is_none_or(|f| f == Finish::Stop)
     }
 }
 
@@ -177,6 +204,8 @@ mod tests {
             } else {
                 PairSource::Reference
             },
+            chosen_finish: i.is_multiple_of(2).then_some(Finish::Stop),
+            rejected_finish: [None, Some(Finish::Length), Some(Finish::StopString)][i as usize % 3],
         }
     }
 
@@ -214,7 +243,8 @@ mod tests {
         );
         assert_eq!(
             names(Pair::schema()),
-            "prompt,chosen,rejected,chosen_reward,rejected_reward,margin,problem_id,round,source"
+            "prompt,chosen,rejected,chosen_reward,rejected_reward,margin,problem_id,round,source,\
+             chosen_finish,rejected_finish"
         );
         assert_eq!(
             names(Problem::schema()),
@@ -250,6 +280,28 @@ mod tests {
         let theirs = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
         let back = Pair::from_batch(&conform(&theirs, &Pair::schema()).unwrap()).unwrap();
         assert_eq!(back, rows);
+    }
+
+    #[test]
+    fn a_pairs_file_without_the_finish_columns_reads_them_as_null() {
+        let rows: Vec<Pair> = (0..3).map(pair).collect();
+        let ours = Pair::to_batch(&rows).unwrap();
+        let keep: Vec<usize> = (0..ours.num_columns())
+            .filter(|&i| !ours.schema().field(i).name().ends_with("_finish"))
+            .collect();
+        let theirs = ours.project(&keep).unwrap();
+        let back = Pair::from_batch(&conform(&theirs, &Pair::schema()).unwrap()).unwrap();
+        let expected: Vec<Pair> = rows
+            .into_iter()
+            .map(|p| Pair {
+                chosen_finish: None,
+                rejected_finish: None,
+                ..p
+            })
+            .collect();
+        assert_eq!(back, expected);
+        assert!(Pair::ended(None) && Pair::ended(Some(Finish::Stop)));
+        assert!(!Pair::ended(Some(Finish::Length)) && !Pair::ended(Some(Finish::StopString)));
     }
 
     #[test]

@@ -472,6 +472,8 @@ mod tests {
                     problem_id: format!("p{i}"),
                     round: 0,
                     source: PairSource::Reference,
+                    chosen_finish: None,
+                    rejected_finish: None,
                 })
                 .collect(),
         );

@@ -22,6 +22,8 @@ fn human_labelled(prompt: &str, chosen: &str, rejected: &str, problem_id: String
         problem_id,
         round: 0,
         source: PairSource::Reference,
+        chosen_finish: None,
+        rejected_finish: None,
     }
 }
 
@@ -122,5 +124,7 @@ pub(super) fn trl(row: &Value, at: &RowRef, _: &ImportOptions) -> Result<Pair, B
         },
         round,
         source,
+        chosen_finish: None,
+        rejected_finish: None,
     })
 }

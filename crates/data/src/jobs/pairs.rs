@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use polars::prelude::*;
-use prefloop_core::{Pair, PairSource, Sample, Scorer};
+use prefloop_core::{Finish, Pair, PairSource, Sample, Scorer};
 
 use super::{polars_error, scan_stage, streaming};
 use crate::shard::WriterOptions;
@@ -21,6 +21,10 @@ pub struct PairsOptions {
     /// The reward credited to a reference solution used as the chosen answer (the paper's
     /// reward for passing every test).
     pub reference_reward: f32,
+    /// Drop a pair either of whose sampled answers was cut at the token budget (`finish =
+    /// length`). Kept, such an answer is trained on as sampled, without an end-of-sequence
+    /// token.
+    pub drop_truncated: bool,
 }
 
 impl Default for PairsOptions {
@@ -28,6 +32,7 @@ impl Default for PairsOptions {
         Self {
             min_margin: 0.0,
             reference_reward: 10.0,
+            drop_truncated: false,
         }
     }
 }
@@ -46,7 +51,8 @@ pub fn build_pairs(
     options: &PairsOptions,
 ) -> Result<Manifest> {
     let decided = streaming(decide(scores, problems, options)?).map_err(polars_error(scores))?;
-    let mut matcher = Matcher::new(&decided).map_err(polars_error(scores))?;
+    let mut matcher =
+        Matcher::new(&decided, options.drop_truncated).map_err(polars_error(scores))?;
     drop(decided);
     // Our own batch-at-a-time reader for the text: polars' scan of the text columns peaked
     // at 1.5 GiB over 5M rows (docs/BENCHMARKS.md), ours stays within a row group.
@@ -153,6 +159,7 @@ fn decide(scores: &Path, problems: Option<&Path>, options: &PairsOptions) -> Res
 struct Half {
     prompt: String,
     completion: String,
+    finish: Finish,
 }
 
 /// A pair decided by the first pass, and what the second has found of it so far.
@@ -177,10 +184,12 @@ struct Decision {
 struct Matcher {
     /// By problem_id: a problem has a decision per round, so the vectors are short.
     decisions: HashMap<String, Vec<Decision>>,
+    /// [`PairsOptions::drop_truncated`].
+    drop_truncated: bool,
 }
 
 impl Matcher {
-    fn new(decided: &DataFrame) -> PolarsResult<Self> {
+    fn new(decided: &DataFrame, drop_truncated: bool) -> PolarsResult<Self> {
         let problem_id = decided.column("problem_id")?.str()?;
         let round = decided.column("round")?.u32()?;
         let (chosen_idx, rejected_idx) = (
@@ -208,7 +217,10 @@ impl Matcher {
                 done: false,
             });
         }
-        Ok(Self { decisions })
+        Ok(Self {
+            decisions,
+            drop_truncated,
+        })
     }
 
     /// The pair this sample completes, if it does; a chosen or rejected sample whose partner
@@ -226,17 +238,33 @@ impl Matcher {
         let half = Half {
             prompt: sample.prompt,
             completion: sample.completion,
+            finish: sample.finish,
         };
-        let (chosen, rejected, source) = match (decision.reference.take(), decision.seen.take()) {
-            (Some(reference), _) => (reference, half, PairSource::Reference),
-            (None, None) => {
-                decision.seen = Some((is_chosen, half));
-                return None;
-            }
-            (None, Some((_, other))) if is_chosen => (half.completion, other, PairSource::Policy),
-            (None, Some((_, other))) => (other.completion, half, PairSource::Policy),
-        };
+        let (chosen, chosen_finish, rejected, source) =
+            match (decision.reference.take(), decision.seen.take()) {
+                (Some(reference), _) => (reference, None, half, PairSource::Reference),
+                (None, None) => {
+                    decision.seen = Some((is_chosen, half));
+                    return None;
+                }
+                (None, Some((_, other))) if is_chosen => (
+                    half.completion,
+                    Some(half.finish),
+                    other,
+                    PairSource::Policy,
+                ),
+                (None, Some((_, other))) => (
+                    other.completion,
+                    Some(other.finish),
+                    half,
+                    PairSource::Policy,
+                ),
+            };
         decision.done = true;
+        let cut = [chosen_finish, Some(rejected.finish)].contains(&Some(Finish::Length));
+        if self.drop_truncated && cut {
+            return None;
+        }
         Some(Pair {
             prompt: rejected.prompt,
             chosen,
@@ -247,6 +275,8 @@ impl Matcher {
             problem_id: sample.problem_id,
             round: sample.round,
             source,
+            chosen_finish,
+            rejected_finish: Some(rejected.finish),
         })
     }
 
@@ -293,12 +323,25 @@ mod tests {
     ];
 
     fn run(min_margin: f32, with_problems: bool) -> Vec<Pair> {
-        run_without(min_margin, with_problems, None).unwrap()
+        let options = PairsOptions {
+            min_margin,
+            ..PairsOptions::default()
+        };
+        run_without(&options, with_problems, None).unwrap()
+    }
+
+    /// How each sample of CASES ended: a1 at a stop string, d1 at the token budget.
+    fn finish(problem: &str, idx: u32) -> Finish {
+        match (problem, idx) {
+            ("a", 1) => Finish::StopString,
+            ("d", 1) => Finish::Length,
+            _ => Finish::Stop,
+        }
     }
 
     /// Builds the pairs of CASES, with one sample left out of the samples stage if asked.
     fn run_without(
-        min_margin: f32,
+        options: &PairsOptions,
         with_problems: bool,
         missing: Option<(&str, u32)>,
     ) -> Result<Vec<Pair>> {
@@ -316,7 +359,7 @@ mod tests {
                 seed: 0,
                 num_tokens: 1,
                 logprob_sum: -1.0,
-                finish: Finish::Stop,
+                finish: finish(p, i),
             })
             .collect();
         // Scores in another order than the samples: the join must not care.
@@ -368,12 +411,8 @@ mod tests {
         write_test_stage(&s, &samples);
         write_test_stage(&c, &scores);
         write_test_stage(&p, &problems);
-        let options = PairsOptions {
-            min_margin,
-            ..PairsOptions::default()
-        };
         let problems = with_problems.then_some(p.as_path());
-        build_pairs(&s, &c, problems, &out, &options)?;
+        build_pairs(&s, &c, problems, &out, options)?;
         let mut pairs: Vec<Pair> = StageReader::open(&out)
             .unwrap()
             .flat_map(Result::unwrap)
@@ -418,6 +457,33 @@ mod tests {
     }
 
     #[test]
+    fn pairs_carry_how_each_sampled_answer_ended_and_can_drop_truncated_ones() {
+        let finishes: Vec<(String, Option<Finish>, Option<Finish>)> = run(0.0, true)
+            .into_iter()
+            .map(|p| (p.problem_id, p.chosen_finish, p.rejected_finish))
+            .collect();
+        assert_eq!(
+            finishes,
+            [
+                ("a".into(), Some(Finish::StopString), Some(Finish::Stop)),
+                // A reference solution was not sampled.
+                ("b".into(), None, Some(Finish::Stop)),
+                ("d".into(), Some(Finish::Stop), Some(Finish::Length)),
+            ]
+        );
+        let options = PairsOptions {
+            drop_truncated: true,
+            ..PairsOptions::default()
+        };
+        let ids: Vec<String> = run_without(&options, true, None)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.problem_id)
+            .collect();
+        assert_eq!(ids, ["a", "b"], "d's rejected answer was cut at the budget");
+    }
+
+    #[test]
     fn a_minimum_margin_drops_close_pairs() {
         let ids: Vec<String> = run(1.0, true).into_iter().map(|p| p.problem_id).collect();
         assert_eq!(ids, ["a", "b"]);
@@ -441,7 +507,7 @@ mod tests {
 
     #[test]
     fn a_scored_sample_missing_from_the_samples_stage_is_an_error_naming_it() {
-        let e = run_without(0.0, true, Some(("a", 1)))
+        let e = run_without(&PairsOptions::default(), true, Some(("a", 1)))
             .unwrap_err()
             .to_string();
         assert!(
