@@ -159,6 +159,12 @@ impl Config {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Bias on o_proj: Llama's `attention_bias` puts one on all four attention projections,
+    /// where Qwen2's q/k/v bias leaves o_proj without.
+    pub fn output_bias(&self) -> bool {
+        self.attention_bias && self.model_type == "llama"
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
@@ -166,15 +172,22 @@ impl Config {
 
     /// Every end-of-sequence id the config names (a number or a list of them).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|n| n as u32).into_iter().collect()
-            }
-            Some(serde_json::Value::Array(ids)) => ids
-                .iter()
-                .filter_map(|v| v.as_u64().map(|n| n as u32))
-                .collect(),
-            _ => Vec::new(),
-        }
+        self.eos_token_id
+            .as_ref()
+            .map(token_ids)
+            .unwrap_or_default()
+    }
+}
+
+/// The ids of an `eos_token_id` field (config.json, generation_config.json): a number or a
+/// list of them.
+pub(crate) fn token_ids(value: &serde_json::Value) -> Vec<u32> {
+    match value {
+        serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        serde_json::Value::Array(ids) => ids
+            .iter()
+            .filter_map(|v| v.as_u64().map(|n| n as u32))
+            .collect(),
+        _ => Vec::new(),
     }
 }

@@ -107,11 +107,12 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub text: String,
     /// log π(token | prefix) under the model's own distribution (temperature 1, no top-k/p),
-    /// one per token: what PPO and DPO need as the sampling policy's log-probs.
+    /// one per token of `tokens` (the EOS token has none; a stop string's tokens have theirs).
     pub logprobs: Vec<f32>,
     pub finish: Finish,
     /// The end-of-sequence token the policy sampled to finish (`finish` is Stop), not in
-    /// `tokens`; None when it ran out of budget or a stop string ended it.
+    /// `tokens`; None when it ran out of budget (Length) or a stop string ended it
+    /// (StopString).
     pub eos: Option<u32>,
 }
 
@@ -402,7 +403,7 @@ impl<'a> Engine<'a> {
                 if !self.params.stop.is_empty()
                     && hits_stop(self.model, &slot.tokens, &self.params.stop)?
                 {
-                    finish = Some(Finish::Stop);
+                    finish = Some(Finish::StopString);
                     stopped.push(r as i64);
                     break;
                 }
@@ -623,9 +624,10 @@ fn sample(logits: &Tensor, params: &SamplingParams, uniform: &Tensor) -> Tensor 
             }
         };
         let probs = sorted.softmax(-1, Kind::Float);
-        // Drop a token once the mass before it already reaches p (the first always stays).
+        // Drop a token once the mass before it already reaches p (the first always stays):
+        // at p = 0.5, of [0.5, 0.3, 0.2] only the first is kept, as in transformers and vLLM.
         let before = probs.cumsum(-1, Kind::Float) - &probs;
-        let mut drop = before.gt(params.top_p);
+        let mut drop = before.ge(params.top_p);
         if let Some(order) = order {
             drop = drop.scatter(1, &order, &drop);
         }
@@ -641,5 +643,32 @@ fn sample(logits: &Tensor, params: &SamplingParams, uniform: &Tensor) -> Tensor 
     match ids {
         Some(ids) => ids.gather(1, &at, false).squeeze_dim(1),
         None => at.squeeze_dim(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two tokens of probability 0.5 each (exactly: equal logits): top-p 0.5 is reached by
+    /// the first of them alone, so every draw, even one near 1, takes that one.
+    #[test]
+    fn top_p_keeps_one_token_where_the_first_reaches_p_exactly() {
+        let logits = Tensor::from_slice(&[0.0f32, 0.0])
+            .view([1, 2])
+            .repeat([5, 1]);
+        let uniform = Tensor::from_slice(&[0.0f32, 0.3, 0.6, 0.9, 0.999]);
+        for top_k in [0, 2, 200] {
+            let params = SamplingParams {
+                top_k,
+                top_p: 0.5,
+                ..SamplingParams::default()
+            };
+            let picked: Vec<i64> = Vec::try_from(&sample(&logits, &params, &uniform)).unwrap();
+            assert!(
+                picked.iter().all(|&t| t == picked[0]),
+                "top_k {top_k}: both tied tokens were kept ({picked:?})"
+            );
+        }
     }
 }

@@ -252,7 +252,7 @@ impl Attention {
         let qkv = (heads + 2 * kv_heads) * head_dim;
         Self {
             qkv_proj: proj("qkv_proj", hidden, qkv, cfg.attention_bias),
-            o_proj: proj("o_proj", heads * head_dim, hidden, false),
+            o_proj: proj("o_proj", heads * head_dim, hidden, cfg.output_bias()),
             heads,
             kv_heads,
             head_dim,
@@ -342,7 +342,10 @@ impl Attention {
         let y = y.reshape([s, h * d]);
         // linear with a 2-D bias is addmm(x, y, Wᵀ): the residual added in the matmul, and the
         // transpose inside the one call.
-        let out = y.linear(&self.o_proj.ws, Some(x));
+        let mut out = y.linear(&self.o_proj.ws, Some(x));
+        if let Some(bias) = &self.o_proj.bs {
+            out += bias;
+        }
         adapted(out, &y, lora, |a| &a.o)
     }
 }

@@ -34,8 +34,9 @@ pub const PROJECTIONS: [&str; 7] = [
 /// The prefix PEFT puts before the base model's own parameter names.
 const PEFT_PREFIX: &str = "base_model.model.";
 
-/// `lora = { rank, alpha, dropout, targets }` in the trainers' and runs' configs. The
-/// defaults are PEFT's common recipe for decoder models.
+/// `lora = { rank, alpha, dropout, targets }` in the trainers' and runs' configs: rank 16,
+/// α 32 on every projection (PEFT's common recipe for decoder models), no dropout (PEFT's and
+/// TRL's default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
@@ -44,7 +45,9 @@ pub struct LoraConfig {
     /// α: an adapter's update is scaled by α / r. Default 32.
     pub alpha: f64,
     /// Dropout on an adapter's input during training updates (never when sampling or scoring).
-    /// Default 0.05.
+    /// SFT, DPO and the reward model take any value in [0, 1); PPO and the group estimators
+    /// refuse one above 0, since their old log-probs are computed without dropout and the
+    /// on-policy ratio would then differ from 1. Default 0.
     pub dropout: f64,
     /// The projections that get an adapter, by module name (see [`PROJECTIONS`]). Default:
     /// all seven.
@@ -56,7 +59,7 @@ impl Default for LoraConfig {
         Self {
             rank: 16,
             alpha: 32.0,
-            dropout: 0.05,
+            dropout: 0.0,
             targets: PROJECTIONS.iter().map(|p| (*p).to_owned()).collect(),
         }
     }

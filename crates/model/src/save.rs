@@ -83,16 +83,25 @@ impl Model {
             config_json["num_labels"] = json!(1);
             config_json["pad_token_id"] = json!(self.tokenizer.pad_id());
         }
+        // Every EOS id (Llama 3.1's three), as one id where there is one, as transformers
+        // writes them.
         let eos = self.tokenizer.eos_ids().to_vec();
-        config_json["eos_token_id"] = json!(eos.first());
+        config_json["eos_token_id"] = match eos.as_slice() {
+            [] => Value::Null,
+            [one] => json!(one),
+            ids => json!(ids),
+        };
         let token = |id: Option<u32>| id.and_then(|id| self.tokenizer.token_text(id));
         let tokenizer_config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "chat_template": self.tokenizer.chat_template(),
             "bos_token": token(config.bos_token_id),
-            "eos_token": token(eos.first().copied()),
+            "eos_token": token(self.tokenizer.end_of_turn_id()),
             "pad_token": token(Some(self.tokenizer.pad_id())),
             "model_max_length": config.max_position_embeddings,
+            // A decoder takes no token_type_ids (PreTrainedTokenizerFast's default names
+            // them, and generate() refuses the model_kwargs it cannot use).
+            "model_input_names": ["input_ids", "attention_mask"],
             "clean_up_tokenization_spaces": false,
         });
         let generation_config = json!({

@@ -126,7 +126,11 @@ pub struct Tokenizer {
     json: Value,
     chat_template: Option<String>,
     bos: Option<u32>,
+    /// Every id that ends generation.
     eos: Vec<u32>,
+    /// The token a turn ends with (tokenizer_config.json's `eos_token`: Llama 3.1's
+    /// `<|eot_id|>` among its three EOS ids), which trained answers are closed with.
+    end_of_turn: Option<u32>,
 }
 
 impl Tokenizer {
@@ -138,12 +142,14 @@ impl Tokenizer {
     ) -> Result<Self> {
         let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone())
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let end_of_turn = eos.first().copied();
         Ok(Self {
             inner,
             json,
             chat_template,
             bos,
             eos,
+            end_of_turn,
         })
     }
 
@@ -157,7 +163,10 @@ impl Tokenizer {
         )
     }
 
-    /// `tokenizer.json` and, if present, `tokenizer_config.json` (chat template, special tokens).
+    /// `tokenizer.json` and, if present, `tokenizer_config.json` (chat template, special
+    /// tokens) and `generation_config.json`, whose `eos_token_id` (one id or a list) wins over
+    /// config.json's `eos_from_config` where it names any, as in transformers' `generate`.
+    /// tokenizer_config.json's `eos_token` ends turns and generation too.
     pub fn from_hf_dir(dir: &Path, eos_from_config: Vec<u32>, bos: Option<u32>) -> Result<Self> {
         let read_json = |name: &str| -> Result<Option<Value>> {
             let path = dir.join(name);
@@ -177,14 +186,19 @@ impl Tokenizer {
             .get("chat_template")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let mut tokenizer = Self::from_json(json, chat_template, bos, eos_from_config)?;
+        let generation = read_json("generation_config.json")?
+            .and_then(|g| g.get("eos_token_id").map(crate::config::token_ids))
+            .filter(|ids| !ids.is_empty());
+        let eos = generation.unwrap_or(eos_from_config);
+        let mut tokenizer = Self::from_json(json, chat_template, bos, eos)?;
         let eos_token = config
             .get("eos_token")
             .and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()));
-        if let Some(id) = eos_token.and_then(|t| tokenizer.inner.token_to_id(t))
-            && !tokenizer.eos.contains(&id)
-        {
-            tokenizer.eos.push(id);
+        if let Some(id) = eos_token.and_then(|t| tokenizer.inner.token_to_id(t)) {
+            if !tokenizer.eos.contains(&id) {
+                tokenizer.eos.push(id);
+            }
+            tokenizer.end_of_turn = Some(id);
         }
         Ok(tokenizer)
     }
@@ -196,6 +210,12 @@ impl Tokenizer {
     /// Ids that end a sequence.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos
+    }
+
+    /// The token the chat template ends a turn with (the tokenizer's `eos_token`, else the
+    /// first EOS id): trained answers are closed with it, as TRL closes them.
+    pub fn end_of_turn_id(&self) -> Option<u32> {
+        self.end_of_turn
     }
 
     /// The id used to pad batches (the first EOS id; padding is masked out anyway).
@@ -254,7 +274,7 @@ impl Tokenizer {
                     messages => vec![context! { role => "user", content => user }],
                     add_generation_prompt => true,
                     bos_token => token(self.bos),
-                    eos_token => token(self.eos.first().copied()),
+                    eos_token => token(self.end_of_turn),
                 })
             })
             .map_err(|e| ModelError::Template(e.to_string()))

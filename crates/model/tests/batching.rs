@@ -121,7 +121,7 @@ fn a_rows_completion_does_not_depend_on_how_often_tokens_are_read_back() {
     assert!(
         reference
             .iter()
-            .any(|g| g.finish == Finish::Stop && g.eos.is_none()),
+            .any(|g| g.finish == Finish::StopString && g.eos.is_none()),
         "a stop string ends some row"
     );
     for k in [5, 16] {

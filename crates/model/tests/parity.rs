@@ -116,8 +116,9 @@ fn transformers_loads_what_prefloop_saved_and_agrees() {
 }
 
 /// Tiny random models of the other architectures prefloop loads, built by transformers: Qwen2
-/// (q/k/v bias, tied embeddings, rope_theta 1e6) and Llama with Llama 3.1's frequency-dependent
-/// `rope_scaling` (original context 32, so positions past it exercise every band). Biases and
+/// (q/k/v bias, tied embeddings, rope_theta 1e6), Llama with Llama 3.1's frequency-dependent
+/// `rope_scaling` (original context 32, so positions past it exercise every band), and Llama
+/// with `attention_bias` (a bias on o_proj too, which was once left out). Biases and
 /// norms are randomised too (transformers initialises them to 0 and 1). Writes the model
 /// directory and the fp32 logits of `ids`.
 const TINY_REFERENCE: &str = r#"
@@ -130,6 +131,8 @@ shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden
 torch.manual_seed(0)
 if kind == "qwen2":
     model = Qwen2ForCausalLM(Qwen2Config(**shape, rope_theta=1e6, tie_word_embeddings=True))
+elif kind == "llama-bias":
+    model = LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True))
 else:
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -163,7 +166,7 @@ fn transformers_qwen2_and_llama3_rope_scaling_agree() {
         .unwrap()
         .save(&base)
         .unwrap();
-    for kind in ["qwen2", "llama3-scaled"] {
+    for kind in ["qwen2", "llama3-scaled", "llama-bias"] {
         let (dir, out) = (
             scratch.path().join(kind),
             scratch.path().join(format!("{kind}.safetensors")),
