@@ -75,7 +75,8 @@ pub enum Command {
         /// β (default 0.1).
         #[arg(long)]
         beta: Option<f64>,
-        /// sigmoid (DPO) or ipo.
+        /// sigmoid (DPO, on summed log-probs) or ipo (on log-probs averaged over each
+        /// answer's tokens, as TRL and the IPO authors; not summed).
         #[arg(long, value_parser = parse_loss)]
         loss: Option<PreferenceLoss>,
         /// Weight of an SFT term on the chosen answers.

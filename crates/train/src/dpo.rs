@@ -15,7 +15,7 @@ use crate::error::{Result, TrainError};
 use crate::examples::{EncodeConfig, Encoder, PairExample, pair_batch, pair_examples, read_stage};
 use crate::fit::{ExampleWeights, LoopConfig, MicroBatch, StepRecord, fit};
 use crate::logprobs::{TokenBatch, TokenLogprobs, sequence_sum, token_logprobs};
-use crate::losses::{PreferenceLoss, preference_loss, sft_loss};
+use crate::losses::{PreferenceLoss, preference_loss};
 use crate::{checkpoint, finish_policy};
 
 /// Directory under the output that holds the reference log-probs stage.
@@ -28,7 +28,8 @@ const REFERENCE_SHARD_ROWS: u64 = 1024;
 pub struct DpoConfig {
     /// β, the strength of the pull towards the reference. Default 0.1.
     pub beta: f64,
-    /// `sigmoid` (DPO) or `ipo`. Default sigmoid.
+    /// `sigmoid` (DPO, on summed log-probs) or `ipo` (on log-probs averaged per answer
+    /// token, as TRL and the IPO authors write it). Default sigmoid.
     pub loss: PreferenceLoss,
     /// Weight of an SFT term on the chosen answers, the paper's "additional SFT" (0 = off).
     /// Default 0.
@@ -153,8 +154,9 @@ pub fn train_dpo(
         &config.train,
         out,
         &mut extra,
-        |indices, weight| {
+        |indices, weight, step| {
             let batch = pair_batch(&examples, indices, model);
+            let chosen_tokens: usize = step.iter().map(|&i| examples[i].chosen.loss_tokens()).sum();
             let gather = |f: fn(&ReferenceLogps) -> f32| {
                 let v: Vec<f32> = indices.iter().map(|&i| f(&reference[i])).collect();
                 Tensor::from_slice(&v).to_device(device)
@@ -163,7 +165,11 @@ pub fn train_dpo(
                 gather(|r| r.ref_chosen_logps),
                 gather(|r| r.ref_rejected_logps),
             );
-            Ok(dpo_backward(model, &batch, &reference, config, weight))
+            let share = Share {
+                pairs: weight,
+                chosen_tokens: chosen_tokens as f64,
+            };
+            Ok(dpo_backward(model, &batch, &reference, config, share))
         },
         on_step,
     )?;
@@ -172,22 +178,45 @@ pub fn train_dpo(
     Ok(records)
 }
 
-/// The DPO (or IPO) loss of one micro-batch, scaled by `weight` and back-propagated into the
-/// policy's gradients. `batch` holds the B chosen sequences then the B rejected ones;
-/// `reference` their reference sequence log-probs, each (B,). Returns TRL's metrics.
+/// What one micro-batch is of its optimiser step.
+#[derive(Debug, Clone, Copy)]
+pub struct Share {
+    /// Its pairs' share of the step's pairs: the weight of its preference loss.
+    pub pairs: f64,
+    /// The chosen answers' loss tokens in the whole step: the SFT term is their token mean,
+    /// the same however the step is cut into micro-batches.
+    pub chosen_tokens: f64,
+}
+
+/// The DPO (or IPO) loss of one micro-batch, weighed by its `share` of the step and
+/// back-propagated into the policy's gradients. `batch` holds the B chosen sequences then the B rejected ones;
+/// `reference` their reference sequence log-probs summed over the answer, each (B,). Returns
+/// TRL's metrics (for IPO, of per-token mean log-probs, as TRL's).
 pub fn dpo_backward(
     model: &Model,
     batch: &TokenBatch,
     reference: &(Tensor, Tensor),
     config: &DpoConfig,
-    weight: f64,
+    share: Share,
 ) -> MicroBatch {
     let b = batch.input_ids.size()[0] / 2;
     let logprobs = model
         .llama
         .training(|| TokenLogprobs::forward(&model.llama, batch));
+    let tokens = batch
+        .loss_mask
+        .sum_dim_intlist([1].as_slice(), false, Kind::Float); // (2B,)
     let sums = sequence_sum(&logprobs.values, &batch.loss_mask); // (2B,)
-    let (chosen, rejected) = (sums.narrow(0, 0, b), sums.narrow(0, b, b));
+    let logps = config.loss.sequence_logps(&sums, &tokens);
+    let (chosen, rejected) = (logps.narrow(0, 0, b), logps.narrow(0, b, b));
+    let reference = (
+        config
+            .loss
+            .sequence_logps(&reference.0, &tokens.narrow(0, 0, b)),
+        config
+            .loss
+            .sequence_logps(&reference.1, &tokens.narrow(0, b, b)),
+    );
     let out = preference_loss(
         config.loss,
         config.beta,
@@ -196,12 +225,18 @@ pub fn dpo_backward(
         &reference.0,
         &reference.1,
     );
-    let mut loss = out.loss.shallow_clone();
+    // The step's loss: this micro-batch's share of the pairs' mean, plus its share of the
+    // SFT term's token mean over every chosen answer of the step. `loss` is what it reports,
+    // per pair share as the loop weighs it.
+    let mut weighted = &out.loss * share.pairs;
     if config.sft_weight > 0.0 {
-        let chosen_tokens = logprobs.values.narrow(0, 0, b);
-        loss += sft_loss(&chosen_tokens, &batch.loss_mask.narrow(0, 0, b)) * config.sft_weight;
+        let chosen_logprobs = logprobs.values.narrow(0, 0, b);
+        let nll =
+            -sequence_sum(&chosen_logprobs, &batch.loss_mask.narrow(0, 0, b)).sum(Kind::Float);
+        weighted += nll / share.chosen_tokens.max(1.0) * config.sft_weight;
     }
-    (&loss * weight).backward();
+    weighted.backward();
+    let loss = weighted.detach() / share.pairs.max(f64::MIN_POSITIVE);
     logprobs.backward(&model.llama);
 
     let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);

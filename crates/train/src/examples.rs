@@ -1,6 +1,7 @@
 //! Training examples from stages: prompts rendered with the model's chat template and
-//! tokenised, answers tokenised and closed with the end-of-sequence token, both cut to the
-//! configured lengths.
+//! tokenised, answers tokenised and closed with the token the template ends a turn with (the
+//! tokenizer's `eos_token`, as TRL closes them; where a sampled answer was cut at the budget
+//! or a stop string, as sampled, without it), both cut to the configured lengths.
 
 use std::path::Path;
 
@@ -113,7 +114,7 @@ impl<'a> Encoder<'a> {
     pub fn sampled(&self, prompt: &[u32], answer: &str, ended: bool) -> Result<Sequence> {
         let mut ids = self.tokenizer.encode(answer)?;
         if ended {
-            ids.extend(self.tokenizer.eos_ids().first());
+            ids.extend(self.tokenizer.end_of_turn_id());
         }
         ids.truncate(self.config.max_length - prompt.len());
         Ok(Sequence {
@@ -138,9 +139,10 @@ pub fn pair_examples(pairs: &[Pair], encoder: &Encoder) -> Result<Vec<PairExampl
         .iter()
         .map(|p| {
             let prompt = encoder.prompt(&p.prompt)?;
+            // Each answer as the policy made it: closed by EOS only where the policy ended it.
             Ok(PairExample {
-                chosen: encoder.sequence(&prompt, &p.chosen)?,
-                rejected: encoder.sequence(&prompt, &p.rejected)?,
+                chosen: encoder.sampled(&prompt, &p.chosen, Pair::ended(p.chosen_finish))?,
+                rejected: encoder.sampled(&prompt, &p.rejected, Pair::ended(p.rejected_finish))?,
                 problem_id: p.problem_id.clone(),
             })
         })
@@ -151,14 +153,15 @@ pub fn pair_examples(pairs: &[Pair], encoder: &Encoder) -> Result<Vec<PairExampl
 /// (problems without one are skipped).
 pub fn sft_examples(dir: &Path, encoder: &Encoder) -> Result<Vec<Sequence>> {
     let kind = Manifest::load(dir)?.map(|m| m.kind).unwrap_or_default();
-    let texts: Vec<(String, String)> = match kind.as_str() {
+    // (prompt, answer, whether the answer is whole: closed by the end of the turn).
+    let texts: Vec<(String, String, bool)> = match kind.as_str() {
         Pair::KIND => read_stage::<Pair>(dir)?
             .into_iter()
-            .map(|p| (p.prompt, p.chosen))
+            .map(|p| (p.prompt, p.chosen, Pair::ended(p.chosen_finish)))
             .collect(),
         Problem::KIND => read_stage::<Problem>(dir)?
             .into_iter()
-            .filter_map(|p| p.reference_solution.map(|r| (p.prompt, r)))
+            .filter_map(|p| p.reference_solution.map(|r| (p.prompt, r, true)))
             .collect(),
         other => {
             return Err(TrainError::Data {
@@ -176,7 +179,7 @@ pub fn sft_examples(dir: &Path, encoder: &Encoder) -> Result<Vec<Sequence>> {
     };
     texts
         .iter()
-        .map(|(prompt, answer)| encoder.sequence(&encoder.prompt(prompt)?, answer))
+        .map(|(prompt, answer, ended)| encoder.sampled(&encoder.prompt(prompt)?, answer, *ended))
         .collect()
 }
 

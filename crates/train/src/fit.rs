@@ -161,9 +161,11 @@ impl ExampleWeights<'_> {
     }
 }
 
-/// Runs the loop over `examples` items. `micro_batch(indices, weight)` computes the loss of
-/// those examples, multiplies it by `weight` (their share of the step, by `weights`) and calls
-/// backward; `on_step` sees every record as it is logged. Returns the records of this call.
+/// Runs the loop over `examples` items. `micro_batch(indices, weight, step)` computes the loss
+/// of those examples, multiplies it by `weight` (their share of the step, by `weights`) and
+/// calls backward; `step` holds every example of the optimiser step, for a loss term weighed
+/// otherwise (DPO's SFT term, by tokens). `on_step` sees every record as it is logged. Returns
+/// the records of this call.
 #[allow(clippy::too_many_arguments)] // the loop's inputs, each documented above
 pub fn fit(
     vs: &VarStore,
@@ -172,7 +174,7 @@ pub fn fit(
     config: &LoopConfig,
     out: &Path,
     extra_state: &mut serde_json::Value,
-    mut micro_batch: impl FnMut(&[usize], f64) -> Result<MicroBatch>,
+    mut micro_batch: impl FnMut(&[usize], f64, &[usize]) -> Result<MicroBatch>,
     mut on_step: impl FnMut(&StepRecord, u64),
 ) -> Result<Vec<StepRecord>> {
     config.validate()?;
@@ -213,11 +215,12 @@ pub fn fit(
         // masks an unbroken one would.
         tch::manual_seed((config.seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407)) as i64);
         let step_weight: f64 = batches.iter().map(|b| weights.of(b)).sum();
+        let step_examples = batches.concat();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0;
         for indices in &batches {
             let weight = weights.of(indices) / step_weight.max(f64::MIN_POSITIVE);
-            let result = micro_batch(indices, weight)?;
+            let result = micro_batch(indices, weight, &step_examples)?;
             optimizer.accumulate();
             tokens += result.tokens;
             for (name, value) in result.metrics {

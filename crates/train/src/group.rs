@@ -49,6 +49,14 @@ pub enum KlPenalty {
     Reward,
 }
 
+/// See [`GroupConfig::dynamic_sampling_on`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingFilter {
+    Reward,
+    Score,
+}
+
 /// What happens to a completion cut at `max_new_tokens` before the policy ended it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,7 +80,8 @@ pub struct GroupConfig {
     /// Completions sampled per prompt (TRL's `num_generations`, veRL's `n`). Default 8.
     pub group_size: usize,
     /// Minibatches each iteration's rollouts are cut into per epoch (one optimiser step
-    /// each). Default 1: one on-policy step per iteration.
+    /// each; a part left without rows when dynamic sampling kept few is skipped, its place in
+    /// the learning-rate schedule with it). Default 1: one on-policy step per iteration.
     pub num_minibatches: usize,
     /// Passes over each iteration's rollouts. Default 1.
     pub epochs: usize,
@@ -93,8 +102,9 @@ pub struct GroupConfig {
     pub clip_low: f64,
     /// Upper clip ε (DAPO's clip-higher: above `clip_low`). Default 0.28.
     pub clip_high: f64,
-    /// `token_mean` (DAPO), `seq_mean_token_sum` (Dr. GRPO) or `seq_mean_token_mean` (GRPO).
-    /// Default token_mean.
+    /// `token_mean` (DAPO), `seq_mean_token_sum_norm` (Dr. GRPO: token sums over
+    /// `max_new_tokens`), `seq_mean_token_sum` (veRL's, unnormalised) or `seq_mean_token_mean`
+    /// (GRPO). Default token_mean.
     pub loss_aggregation: LossAggregation,
     /// Where the KL penalty goes: `loss` (k3) or `reward` (k1). Default loss.
     pub kl: KlPenalty,
@@ -107,6 +117,11 @@ pub struct GroupConfig {
     pub ema_eta: f64,
     /// Drop groups whose rewards are all equal and draw further prompts. Default true.
     pub dynamic_sampling: bool,
+    /// What dynamic sampling compares within a group: `reward`, the reward the estimator
+    /// sees (after the overlong penalty), or `score`, the scorer's own (DAPO's filter on
+    /// accuracy: a group that all pass or all fail is dropped even where the length penalty
+    /// tells its members apart). Default reward.
+    pub dynamic_sampling_on: SamplingFilter,
     /// Draws of prompts past the first an iteration may make to fill its batch. Default 2.
     pub max_extra_draws: usize,
     /// `keep`, `mask` or `penalty`. Default mask.
@@ -151,6 +166,7 @@ impl Default for GroupConfig {
             ema_reference: false,
             ema_eta: 0.001,
             dynamic_sampling: true,
+            dynamic_sampling_on: SamplingFilter::Reward,
             max_extra_draws: 2,
             overlong: Overlong::Mask,
             overlong_buffer: 64,
@@ -214,7 +230,7 @@ impl GroupConfig {
             "ema_reference",
             "needs full fine-tuning: with LoRA the reference is the base, the adapters off",
         )?;
-        crate::validate_lora(self.lora.as_ref())?;
+        crate::validate_online_lora(self.lora.as_ref())?;
         self.encode.validate()?;
         self.actor.validate()
     }
@@ -471,8 +487,11 @@ fn shaped(config: &GroupConfig, rollouts: &[Rollout], scores: &[f32]) -> (Vec<f3
                 Overlong::Keep => (score, true),
                 Overlong::Mask => (score, !cut),
                 Overlong::Penalty => {
+                    // The length DAPO (veRL) measures: every response token, the EOS the
+                    // policy sampled included.
+                    let eos = usize::from(r.finish == prefloop_core::Finish::Stop);
                     let penalty = overlong_penalty(
-                        r.num_tokens as usize,
+                        r.num_tokens as usize + eos,
                         config.max_new_tokens,
                         config.overlong_buffer,
                         config.overlong_penalty,
@@ -482,6 +501,16 @@ fn shaped(config: &GroupConfig, rollouts: &[Rollout], scores: &[f32]) -> (Vec<f3
             }
         })
         .unzip()
+}
+
+/// Whether dynamic sampling keeps a group of these shaped `rewards`, scorer's `scores` and
+/// members that count (`valid`).
+fn keeps(config: &GroupConfig, rewards: &[f32], scores: &[f32], valid: &[bool]) -> bool {
+    let compared = match config.dynamic_sampling_on {
+        SamplingFilter::Reward => rewards,
+        SamplingFilter::Score => scores,
+    };
+    !config.dynamic_sampling || informative(compared, valid)
 }
 
 /// Draws groups until the batch is full of informative ones (dynamic sampling) or the draws
@@ -563,8 +592,12 @@ fn draw_groups(
         let offset = groups.rollouts.len();
         for g in 0..size {
             let rows = g * k..(g + 1) * k;
-            let keep = !config.dynamic_sampling
-                || informative(&rewards[rows.clone()], &valid[rows.clone()]);
+            let keep = keeps(
+                config,
+                &rewards[rows.clone()],
+                &scores[rows.clone()],
+                &valid[rows],
+            );
             if keep && groups.kept.len() < wanted {
                 groups.kept.push(offset + g * k);
             }
@@ -622,7 +655,13 @@ fn make_experience(
     let rollouts: Vec<Rollout> = rows.iter().map(|&r| groups.rollouts[r].clone()).collect();
     let scores: Vec<f32> = rows.iter().map(|&r| groups.scores[r]).collect();
     let (rewards, valid) = shaped(config, &rollouts, &scores);
-    let batch = pack(&models.actor, encoded, &prompt_of, &answers);
+    let batch = pack(
+        &models.actor,
+        encoded,
+        &prompt_of,
+        &answers,
+        &config.sampling(),
+    );
     let device = batch.input_ids.device();
     let valid = Tensor::from_slice(
         &valid
@@ -681,13 +720,17 @@ fn train_on(
     let mut steps = 0.0;
     let mut rng =
         StdRng::seed_from_u64(config.seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    // LoRA's dropout draws from libtorch's generator: seeded per iteration, so an iteration a
-    // resumed run redoes draws the same masks.
-    tch::manual_seed((config.seed ^ iteration.wrapping_mul(0xA24B_AED4_963E_E407)) as i64);
-    for _ in 0..config.epochs {
+    let minibatches = config.num_minibatches;
+    for epoch in 0..config.epochs {
         let mut order: Vec<i64> = (0..n as i64).collect();
         order.shuffle(&mut rng);
-        for minibatch in order.chunks(n.div_ceil(config.num_minibatches)) {
+        for m in 0..minibatches {
+            // Always `num_minibatches` parts, however few rows dynamic sampling kept, and the
+            // learning rate of the step's planned place in the run: the schedule spans
+            // `total_steps` and reaches its end with the run, whatever was skipped.
+            let minibatch = &order[m * n / minibatches..(m + 1) * n / minibatches];
+            let position =
+                (iteration * config.epochs as u64 + epoch as u64) * minibatches as u64 + m as u64;
             let weight_of =
                 |rows: &[i64]| rows.iter().map(|&r| row_weights[r as usize]).sum::<f64>();
             let total = weight_of(minibatch);
@@ -719,16 +762,18 @@ fn train_on(
                     config.clip_low,
                     config.clip_high,
                     aggregation,
+                    config.max_new_tokens,
                 );
                 let mut loss = out.loss.shallow_clone();
                 if kl_in_loss {
                     let kl = k3_kl(&logprobs.values, &pick(&e.reference_logprobs));
-                    let kl = aggregation.apply(&kl, &mask);
+                    let kl = aggregation.apply(&kl, &mask, config.max_new_tokens);
                     add("kl_loss", kl.double_value(&[]), weight);
                     loss += kl * config.kl_coef;
                 }
                 if let Some(entropy) = &logprobs.entropy {
-                    loss -= aggregation.apply(entropy, &mask) * config.entropy_coef;
+                    loss -= aggregation.apply(entropy, &mask, config.max_new_tokens)
+                        * config.entropy_coef;
                 }
                 (&loss * weight).backward();
                 logprobs.backward(&models.actor.llama);
@@ -749,7 +794,7 @@ fn train_on(
                 add("approx_kl", out.approx_kl.double_value(&[]), weight);
             }
             add("grad_norm", optimizer.clip_grad_norm(), 1.0);
-            let lr = config.actor.lr_at(optimizer.steps(), total_steps);
+            let lr = config.actor.lr_at(position, total_steps);
             add("lr", lr, 1.0);
             optimizer.step(lr);
             optimizer.zero_grad();
@@ -759,4 +804,73 @@ fn train_on(
     sums.into_iter()
         .map(|(k, v)| (k, v / f64::max(steps, 1.0)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use prefloop_core::Finish;
+
+    use super::*;
+
+    fn rollout(num_tokens: u32, finish: Finish) -> Rollout {
+        Rollout {
+            problem_id: "p".into(),
+            prompt: "q".into(),
+            completion: "a".into(),
+            sample_idx: 0,
+            seed: 0,
+            num_tokens,
+            logprob_sum: 0.0,
+            finish,
+        }
+    }
+
+    /// veRL's DAPO reward manager measures a response with its EOS token: 192 tokens and an
+    /// EOS under a budget of 256 with a buffer of 64 is one token into the buffer.
+    #[test]
+    fn the_overlong_penalty_counts_the_eos_token_as_dapo_does() {
+        let config = GroupConfig {
+            max_new_tokens: 256,
+            overlong: Overlong::Penalty,
+            overlong_buffer: 64,
+            overlong_penalty: 1.0,
+            ..GroupConfig::default()
+        };
+        let rollouts = [
+            rollout(192, Finish::Stop),
+            rollout(192, Finish::StopString),
+            rollout(256, Finish::Length),
+        ];
+        let (rewards, valid) = shaped(&config, &rollouts, &[1.0, 1.0, 1.0]);
+        assert_eq!(rewards, [1.0 - 1.0 / 64.0, 1.0, 0.0]);
+        assert_eq!(valid, [true, true, true]);
+    }
+
+    /// Members told apart only by the overlong penalty: kept when the filter reads the
+    /// rewards, dropped when it reads the scores (DAPO's filter on accuracy).
+    #[test]
+    fn dynamic_sampling_on_scores_drops_a_group_the_length_penalty_alone_splits() {
+        let (rewards, scores, valid) = ([1.0, 0.98], [1.0, 1.0], [true, true]);
+        let on = |filter| GroupConfig {
+            dynamic_sampling_on: filter,
+            ..GroupConfig::default()
+        };
+        assert!(keeps(
+            &on(SamplingFilter::Reward),
+            &rewards,
+            &scores,
+            &valid
+        ));
+        assert!(!keeps(
+            &on(SamplingFilter::Score),
+            &rewards,
+            &scores,
+            &valid
+        ));
+        let off = GroupConfig {
+            dynamic_sampling: false,
+            ..on(SamplingFilter::Score)
+        };
+        assert!(keeps(&off, &rewards, &scores, &valid));
+    }
 }

@@ -27,15 +27,15 @@ use std::path::Path;
 pub use advantage::{
     RunningMoments, ema_update, gae, kl_penalised_rewards, last_token_one_hot, normalise_advantages,
 };
-pub use dpo::{DpoConfig, REFERENCE_DIR, dpo_backward, reference_logps, train_dpo};
+pub use dpo::{DpoConfig, REFERENCE_DIR, Share, dpo_backward, reference_logps, train_dpo};
 pub use ema::EmaReference;
 pub use error::{Result, TrainError};
 pub use estimators::{
     Estimator, group_advantages, informative, overlong_penalty, token_advantages,
 };
-pub use examples::{EncodeConfig, Encoder, PairExample, Sequence};
+pub use examples::{EncodeConfig, Encoder, PairExample, Sequence, pair_examples};
 pub use fit::{ExampleWeights, LoopConfig, METRICS_FILE, MicroBatch, StepRecord, fit};
-pub use group::{GroupConfig, GroupModels, KlPenalty, Overlong, train_group};
+pub use group::{GroupConfig, GroupModels, KlPenalty, Overlong, SamplingFilter, train_group};
 pub use logprobs::{TokenBatch, TokenLogprobs, log_ratios, sequence_sum, token_logprobs};
 pub use losses::{
     LossAggregation, PolicyLossOutput, PreferenceLoss, PreferenceOutput, bradley_terry_loss, k3_kl,
@@ -82,4 +82,17 @@ fn validate_lora(lora: Option<&prefloop_model::LoraConfig>) -> Result<()> {
         }),
         _ => Ok(()),
     }
+}
+
+/// An online trainer's `lora` table: as [`validate_lora`], and no dropout. The old log-probs
+/// (and PPO's old values) are computed without it and the update's with it, so with dropout
+/// the first, on-policy minibatch's ratio would not be 1 (TRL's RL trainers use none either).
+fn validate_online_lora(lora: Option<&prefloop_model::LoraConfig>) -> Result<()> {
+    validate_lora(lora)?;
+    error::ensure(
+        lora.is_none_or(|l| l.dropout == 0.0),
+        "lora",
+        "lora.dropout: PPO and the group estimators take no adapter dropout (it would make \
+         the on-policy ratio differ from 1); set it to 0",
+    )
 }

@@ -13,6 +13,10 @@
 //! Only the actions are scored (OpenRLHF's `action_log_probs`): the LM head runs from the
 //! batch's first completion target on, so the columns that are prompt in every row, which no
 //! loss reads, cost no logits. Their log-probs read 0.
+//!
+//! Log-probs are of the distribution the completions were sampled from: the logits divided by
+//! the batch's sampling temperature (TRL, veRL and OpenRLHF do the same), so that at T ≠ 1 the
+//! ratio, the KL and the entropy are of π_T, not of π_1.
 
 use prefloop_model::Llama;
 use tch::{Device, Kind, Tensor};
@@ -35,6 +39,9 @@ pub struct TokenBatch {
     /// The first target column that is a completion token in some row: every column before
     /// it is prompt (or padding) in every row.
     pub first_action: i64,
+    /// The temperature the completions were sampled at: log-probs are of `logits / T`.
+    /// 1 unless set with [`TokenBatch::at_temperature`].
+    pub temperature: f64,
 }
 
 impl TokenBatch {
@@ -74,6 +81,15 @@ impl TokenBatch {
             loss_mask: Tensor::from_slice(&loss).view([b, t - 1]).to_device(device),
             tokens,
             first_action: first_action as i64,
+            temperature: 1.0,
+        }
+    }
+
+    /// The batch scored as sampled at `temperature` (rollouts drawn at T ≠ 1).
+    pub fn at_temperature(self, temperature: f64) -> Self {
+        Self {
+            temperature,
+            ..self
         }
     }
 
@@ -113,6 +129,7 @@ impl TokenBatch {
             loss_mask,
             tokens,
             first_action,
+            temperature: self.temperature,
         }
     }
 
@@ -122,23 +139,34 @@ impl TokenBatch {
     }
 }
 
-/// log π(target | prefix) of one chunk: hidden (B, c, C), targets (B, c) → (B, c) fp32.
-fn chunk_logprobs(llama: &Llama, hidden: &Tensor, targets: &Tensor) -> Tensor {
-    let logits = llama.logits(hidden).to_kind(Kind::Float); // (B, c, V)
+/// The fp32 logits of one chunk at the sampling temperature: hidden (B, c, C) → (B, c, V).
+fn chunk_logits(llama: &Llama, hidden: &Tensor, temperature: f64) -> Tensor {
+    let logits = llama.logits(hidden).to_kind(Kind::Float);
+    if temperature == 1.0 {
+        logits
+    } else {
+        logits / temperature
+    }
+}
+
+/// log π_T(target | prefix) of one chunk: hidden (B, c, C), targets (B, c) → (B, c) fp32.
+fn chunk_logprobs(llama: &Llama, hidden: &Tensor, targets: &Tensor, temperature: f64) -> Tensor {
+    let logits = chunk_logits(llama, hidden, temperature); // (B, c, V)
     let picked = logits
         .gather(-1, &targets.unsqueeze(-1), false)
         .squeeze_dim(-1);
     picked - logits.logsumexp([-1], false)
 }
 
-/// log π(target | prefix) and the policy's entropy at each position of one chunk: hidden
+/// log π_T(target | prefix) and π_T's entropy at each position of one chunk: hidden
 /// (B, c, C), targets (B, c) → two (B, c) fp32.
 fn chunk_logprobs_and_entropy(
     llama: &Llama,
     hidden: &Tensor,
     targets: &Tensor,
+    temperature: f64,
 ) -> (Tensor, Tensor) {
-    let logits = llama.logits(hidden).to_kind(Kind::Float);
+    let logits = chunk_logits(llama, hidden, temperature);
     let log_p = logits.log_softmax(-1, Kind::Float); // (B, c, V)
     let picked = log_p
         .gather(-1, &targets.unsqueeze(-1), false)
@@ -168,7 +196,7 @@ pub fn token_logprobs(llama: &Llama, batch: &TokenBatch) -> Tensor {
         let hidden = batch.hidden(llama);
         let b = hidden.size()[0];
         let chunk = chunk_len(b, llama.config().vocab_size as i64);
-        logprobs_of_hidden(llama, &hidden, &batch.targets(), batch.first_action, chunk)
+        logprobs_of_hidden(llama, &hidden, &batch.targets(), batch, chunk)
     })
 }
 
@@ -180,21 +208,24 @@ fn after_zeros(parts: Vec<Tensor>, b: i64, first: i64, like: &Tensor) -> Tensor 
 }
 
 /// Log-probs of `targets` (B, T) and the entropy at each position from `hidden` (B, T, C),
-/// from column `first` on, `chunk` positions at a time: both (B, T) fp32, 0 before `first`.
+/// from `batch`'s first action column on, at its temperature, `chunk` positions at a time:
+/// both (B, T) fp32, 0 before the first action.
 fn logprobs_and_entropy_of_hidden(
     llama: &Llama,
     hidden: &Tensor,
     targets: &Tensor,
-    first: i64,
+    batch: &TokenBatch,
     chunk: i64,
 ) -> (Tensor, Tensor) {
     let (b, t) = targets.size2().expect("(B, T)");
+    let first = batch.first_action;
     let (mut logprobs, mut entropies) = (Vec::new(), Vec::new());
     for_chunks(first, t, chunk, |start, len| {
         let (picked, entropy) = chunk_logprobs_and_entropy(
             llama,
             &hidden.narrow(1, start, len),
             &targets.narrow(1, start, len),
+            batch.temperature,
         );
         logprobs.push(picked);
         entropies.push(entropy);
@@ -213,26 +244,28 @@ pub fn token_logprobs_and_entropy(llama: &Llama, batch: &TokenBatch) -> (Tensor,
         let targets = batch.targets();
         let (b, _) = targets.size2().expect("(B, T-1)");
         let chunk = chunk_len(b, llama.config().vocab_size as i64);
-        logprobs_and_entropy_of_hidden(llama, &hidden, &targets, batch.first_action, chunk)
+        logprobs_and_entropy_of_hidden(llama, &hidden, &targets, batch, chunk)
     })
 }
 
 /// Per-token log-probs of `targets` (B, T-1) given the trunk's `hidden` (B, T, C), from
-/// column `first` on (0 before it).
+/// `batch`'s first action column on (0 before it), at its temperature.
 fn logprobs_of_hidden(
     llama: &Llama,
     hidden: &Tensor,
     targets: &Tensor,
-    first: i64,
+    batch: &TokenBatch,
     chunk: i64,
 ) -> Tensor {
     let (b, t) = targets.size2().expect("(B, T-1)");
+    let first = batch.first_action;
     let mut parts = Vec::new();
     for_chunks(first, t, chunk, |start, len| {
         parts.push(chunk_logprobs(
             llama,
             &hidden.narrow(1, start, len),
             &targets.narrow(1, start, len),
+            batch.temperature,
         ));
     });
     after_zeros(parts, b, first, hidden)
@@ -257,6 +290,8 @@ pub struct TokenLogprobs {
     targets: Tensor,
     /// The batch's first action column: the head runs from here on.
     first: i64,
+    /// The batch's sampling temperature.
+    temperature: f64,
     /// Positions per chunk.
     chunk: i64,
 }
@@ -299,12 +334,12 @@ impl TokenLogprobs {
         let (values, entropy) = tch::no_grad(|| {
             if !entropy {
                 return (
-                    logprobs_of_hidden(llama, &detached, &targets, first, chunk),
+                    logprobs_of_hidden(llama, &detached, &targets, batch, chunk),
                     None,
                 );
             }
             let (values, entropy) =
-                logprobs_and_entropy_of_hidden(llama, &detached, &targets, first, chunk);
+                logprobs_and_entropy_of_hidden(llama, &detached, &targets, batch, chunk);
             (values, Some(entropy))
         });
         Self {
@@ -314,6 +349,7 @@ impl TokenLogprobs {
             detached,
             targets,
             first,
+            temperature: batch.temperature,
             chunk,
         }
     }
@@ -343,10 +379,12 @@ impl TokenLogprobs {
                 .set_requires_grad(true);
             let targets = self.targets.narrow(1, start, len);
             let objective = match &entropy_grad {
-                None => (chunk_logprobs(llama, &hidden, &targets) * grad.narrow(1, start, len))
-                    .sum(Kind::Float),
+                None => (chunk_logprobs(llama, &hidden, &targets, self.temperature)
+                    * grad.narrow(1, start, len))
+                .sum(Kind::Float),
                 Some(entropy_grad) => {
-                    let (logprobs, entropy) = chunk_logprobs_and_entropy(llama, &hidden, &targets);
+                    let (logprobs, entropy) =
+                        chunk_logprobs_and_entropy(llama, &hidden, &targets, self.temperature);
                     (logprobs * grad.narrow(1, start, len)
                         + entropy * entropy_grad.narrow(1, start, len))
                     .sum(Kind::Float)
@@ -529,6 +567,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Rollouts sampled at T = 0.7 are scored under π_T: log-probs, entropy and gradients of
+    /// log_softmax(logits / 0.7), through the chunks as through the whole softmax. (They were
+    /// of π_1, the distribution the samples did not come from.)
+    #[test]
+    fn log_probs_entropy_and_gradients_are_of_the_sampling_temperature() {
+        let (vs, llama) = tiny_llama();
+        let batch_at_one = batch;
+        let batch = batch_at_one().at_temperature(0.7);
+        let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).view([3, 1]);
+        let logits = llama.forward(&batch.input_ids);
+        let t = logits.size()[1] - 1;
+        let log_p = (logits.narrow(1, 0, t) / 0.7).log_softmax(-1, Kind::Float);
+        let picked = log_p
+            .gather(-1, &batch.targets().unsqueeze(-1), false)
+            .squeeze_dim(-1);
+        let entropy = -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
+        ((&picked * &batch.loss_mask * &w).sum(Kind::Float)
+            + (&entropy * &batch.loss_mask).sum(Kind::Float) * 0.3)
+            .backward();
+        let expected = take_grads(&vs);
+        let masked = |x: &Tensor| x * &batch.loss_mask;
+        let diff = |a: &Tensor, b: &Tensor| (masked(a) - masked(b)).abs().max().double_value(&[]);
+        let (plain, plain_entropy) = token_logprobs_and_entropy(&llama, &batch);
+        assert!(diff(&plain, &picked.detach()) < 1e-5, "log-probs at T");
+        assert!(
+            diff(&plain_entropy, &entropy.detach()) < 1e-5,
+            "entropy at T"
+        );
+        assert!(diff(&token_logprobs(&llama, &batch), &picked.detach()) < 1e-5);
+        for chunk in [1, 100] {
+            let (values, grads) = chunked_grads(&vs, &llama, &batch, chunk, &w, Some(0.3));
+            assert!(diff(&values, &picked.detach()) < 1e-5, "chunk {chunk}");
+            for ((name, g), (_, e)) in grads.iter().zip(&expected) {
+                let d = (g - e).abs().max().double_value(&[]);
+                assert!(d < 1e-5, "chunk {chunk}: gradient of {name} differs by {d}");
+            }
+        }
+        // And they are not π_1's.
+        assert!(diff(&plain, &token_logprobs(&llama, &batch_at_one())) > 1e-3);
     }
 
     #[test]

@@ -21,8 +21,22 @@ pub fn sft_loss(token_logprobs: &Tensor, loss_mask: &Tensor) -> Tensor {
 pub enum PreferenceLoss {
     /// DPO: `-log σ(β h)`.
     Sigmoid,
-    /// IPO: `(h - 1/(2β))²`.
+    /// IPO: `(h - 1/(2β))²`, on log-probs averaged over each answer's tokens (the IPO
+    /// authors' form, and TRL's): a summed h would grow with the answers' length while the
+    /// target 1/(2β) stays put.
     Ipo,
+}
+
+impl PreferenceLoss {
+    /// The sequence log-prob this loss reads, from a sequence's summed token log-probs
+    /// `sums` and its answer `tokens` (both (B,)): the sum for DPO, the per-token mean for IPO.
+    /// Policy and reference log-probs both go through it.
+    pub fn sequence_logps(self, sums: &Tensor, tokens: &Tensor) -> Tensor {
+        match self {
+            Self::Sigmoid => sums.shallow_clone(),
+            Self::Ipo => sums / tokens.to_kind(Kind::Float).clamp_min(1.0),
+        }
+    }
 }
 
 /// A preference loss and TRL's reward statistics of the batch.
@@ -37,7 +51,8 @@ pub struct PreferenceOutput {
 }
 
 /// DPO or IPO on h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l)).
-/// All inputs are (B,) sequence log-probs summed over completion tokens.
+/// All inputs are (B,) sequence log-probs as `kind` reads them
+/// ([`PreferenceLoss::sequence_logps`]: sums for DPO, per-token means for IPO).
 pub fn preference_loss(
     kind: PreferenceLoss,
     beta: f64,
@@ -74,25 +89,33 @@ pub enum LossAggregation {
     /// Mean over every completion token of the batch (DAPO; PPO's): long answers weigh more.
     #[default]
     TokenMean,
-    /// Mean over sequences of each sequence's token sum (Dr. GRPO): no length normalisation.
+    /// Mean over sequences of each sequence's token sum (veRL's `seq-mean-token-sum`): no
+    /// length normalisation, and a loss that grows with the answers' length.
     SeqMeanTokenSum,
+    /// Dr. GRPO (TRL's `dr_grpo`, veRL's `seq-mean-token-sum-norm`): each sequence's token
+    /// sum divided by the constant token budget `max_new_tokens`, averaged over sequences, so
+    /// neither an answer's length nor the batch's scales a token's gradient.
+    SeqMeanTokenSumNorm,
     /// Mean over sequences of each sequence's token mean (the original GRPO).
     SeqMeanTokenMean,
 }
 
 impl LossAggregation {
-    /// Per-token values (B, T) under `mask` (B, T) as one scalar.
-    pub fn apply(self, values: &Tensor, mask: &Tensor) -> Tensor {
+    /// Per-token values (B, T) under `mask` (B, T) as one scalar. `budget` is the rollouts'
+    /// token budget (`max_new_tokens`), the constant Dr. GRPO divides by; the other forms
+    /// ignore it.
+    pub fn apply(self, values: &Tensor, mask: &Tensor, budget: usize) -> Tensor {
         let dims = [1].as_slice();
         match self {
             Self::TokenMean => masked_mean(values, mask),
-            Self::SeqMeanTokenSum | Self::SeqMeanTokenMean => {
+            Self::SeqMeanTokenSum | Self::SeqMeanTokenSumNorm | Self::SeqMeanTokenMean => {
                 let sums = (values * mask).sum_dim_intlist(dims, false, Kind::Float); // (B,)
                 let tokens = mask.sum_dim_intlist(dims, false, Kind::Float);
                 // Sequences without a loss token (masked out) do not count.
                 let rows = tokens.gt(0.0).to_kind(Kind::Float);
                 let per_row = match self {
                     Self::SeqMeanTokenMean => sums / tokens.clamp_min(1.0),
+                    Self::SeqMeanTokenSumNorm => sums / budget.max(1) as f64,
                     _ => sums,
                 };
                 (per_row * &rows).sum(Kind::Float) / rows.sum(Kind::Float).clamp_min(1.0)
@@ -111,6 +134,9 @@ impl LossAggregation {
     }
 }
 
+/// The bound on a token's log-ratio log π − log π_old in the surrogate (veRL's).
+pub const LOG_RATIO_CLAMP: f64 = 20.0;
+
 /// The clipped surrogate and its diagnostics.
 #[derive(Debug)]
 pub struct PolicyLossOutput {
@@ -127,7 +153,9 @@ pub struct PolicyLossOutput {
 }
 
 /// The clipped surrogate objective over (B, T) per-token log-probs, advantages and mask, with
-/// separate lower and upper clips (DAPO's clip-higher; PPO's symmetric clip when equal).
+/// separate lower and upper clips (DAPO's clip-higher; PPO's symmetric clip when equal),
+/// aggregated by `aggregation` (`budget`: the token budget, see [`LossAggregation::apply`]).
+#[allow(clippy::too_many_arguments)] // the surrogate's inputs, each documented above
 pub fn policy_loss(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
@@ -136,12 +164,15 @@ pub fn policy_loss(
     clip_low: f64,
     clip_high: f64,
     aggregation: LossAggregation,
+    budget: usize,
 ) -> PolicyLossOutput {
-    let log_ratio = logprobs - old_logprobs;
+    // Clamped as veRL clamps it (±20): a far-off token's ratio cannot overflow to inf and
+    // poison the loss (its clipped term carries no gradient anyway).
+    let log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
     let ratio = log_ratio.exp();
     let unclipped = -advantages * &ratio;
     let clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high);
-    let loss = aggregation.apply(&unclipped.maximum(&clipped), mask);
+    let loss = aggregation.apply(&unclipped.maximum(&clipped), mask, budget);
     tch::no_grad(|| {
         let share = |t: Tensor| masked_mean(&t.to_kind(Kind::Float), mask);
         let active = clipped.gt_tensor(&unclipped);
@@ -174,4 +205,36 @@ pub fn value_loss(
     let unclipped_error = (values - returns).square();
     let clipped_error = (clipped - returns).square();
     masked_mean(&unclipped_error.maximum(&clipped_error), mask) * 0.5
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log-ratio of 100 (a token the old policy all but ruled out) made the ratio inf and
+    /// the loss NaN; clamped at ±20 as veRL does, both stay finite.
+    #[test]
+    fn a_huge_log_ratio_cannot_overflow_the_surrogate() {
+        let logprobs = Tensor::from_slice(&[-0.1f32, -0.5]).view([1, 2]);
+        let old = Tensor::from_slice(&[-100.1f32, -0.5]).view([1, 2]);
+        let advantages = Tensor::from_slice(&[-1.0f32, 1.0]).view([1, 2]);
+        let mask = Tensor::ones([1, 2], (Kind::Float, tch::Device::Cpu));
+        let out = policy_loss(
+            &logprobs,
+            &old,
+            &advantages,
+            &mask,
+            0.2,
+            0.2,
+            LossAggregation::TokenMean,
+            2,
+        );
+        let loss = out.loss.double_value(&[]);
+        assert!(loss.is_finite(), "loss {loss}");
+        assert!(
+            (loss - (20f64.exp() - 1.0) / 2.0).abs() / loss < 1e-5,
+            "loss {loss}"
+        );
+        assert!(out.approx_kl.double_value(&[]).is_finite());
+    }
 }

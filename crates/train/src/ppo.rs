@@ -197,7 +197,7 @@ impl PpoConfig {
             "with lora the reference is the base with the adapters off and cannot move: \
              set ema_reference = false",
         )?;
-        crate::validate_lora(self.lora.as_ref())?;
+        crate::validate_online_lora(self.lora.as_ref())?;
         self.encode.validate()?;
         self.actor.validate()?;
         self.critic.validate()
@@ -344,15 +344,16 @@ pub fn train_ppo(
         let first = iteration as usize * config.rollout_batch_size;
         let chosen = prompt_stream(prompts.len(), config.seed, first, config.rollout_batch_size);
         let requests = rollout_requests(&chosen, config.seed, iteration);
+        let params = config.sampling();
         let sampled = sample(
             actor,
             &encoded,
             prompts,
             &requests,
-            &config.sampling(),
+            &params,
             config.generation_batch_size,
         )?;
-        let batch = pack(actor, &encoded, &chosen, &sampled.answers);
+        let batch = pack(actor, &encoded, &chosen, &sampled.answers, &params);
         let rollouts = sampled.rollouts;
         metrics.insert("time/generate".into(), began.elapsed().as_secs_f64());
         metrics.insert(
@@ -575,9 +576,6 @@ fn train_on(
     let mut steps = 0.0;
     let mut rng =
         StdRng::seed_from_u64(config.seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    // LoRA's dropout draws from libtorch's generator: seeded per iteration, so an iteration a
-    // resumed run redoes draws the same masks.
-    tch::manual_seed((config.seed ^ iteration.wrapping_mul(0xA24B_AED4_963E_E407)) as i64);
     for _ in 0..config.ppo_epochs {
         let mut order: Vec<i64> = (0..b as i64).collect();
         order.shuffle(&mut rng);
@@ -604,6 +602,7 @@ fn train_on(
                     config.clip_eps,
                     config.clip_eps,
                     LossAggregation::TokenMean,
+                    config.max_new_tokens,
                 );
                 (&out.loss * weight).backward();
                 logprobs.backward(&models.actor.llama);

@@ -223,7 +223,7 @@ pub fn train_reward_model(
         &config.train,
         out,
         &mut extra,
-        |positions, weight| {
+        |positions, weight, _| {
             let indices: Vec<usize> = positions.iter().map(|&p| train_indices[p]).collect();
             let b = indices.len() as i64;
             let batch = pair_batch(&examples, &indices, &rm.model);

@@ -43,9 +43,10 @@ pub struct Rollout {
     pub sample_idx: u32,
     /// The sampling seed of this rollout.
     pub seed: u64,
-    /// Completion tokens, the end-of-sequence token excluded.
+    /// Completion tokens, the end-of-sequence token excluded (as `Sample::num_tokens`).
     pub num_tokens: u32,
-    /// Sum of the completion tokens' log-probs under the actor as it sampled them.
+    /// Sum of those tokens' log-probs under the actor at temperature 1 over the whole
+    /// vocabulary (as `Sample::logprob_sum`).
     pub logprob_sum: f32,
     pub finish: Finish,
 }
@@ -266,12 +267,14 @@ pub(crate) fn sample(
     })
 }
 
-/// Prompts plus answers of the rows `prompt_of` names, packed for the update.
+/// Prompts plus answers of the rows `prompt_of` names, packed for the update and scored at
+/// `params`' temperature, the distribution they were sampled from.
 pub(crate) fn pack(
     actor: &Model,
     encoded: &[Vec<u32>],
     prompt_of: &[usize],
     answers: &[Vec<u32>],
+    params: &SamplingParams,
 ) -> TokenBatch {
     let sequences: Vec<(&[u32], &[u32])> = prompt_of
         .iter()
@@ -279,6 +282,7 @@ pub(crate) fn pack(
         .map(|(&i, a)| (encoded[i].as_slice(), a.as_slice()))
         .collect();
     TokenBatch::new(&sequences, actor.tokenizer.pad_id(), actor.vs.device())
+        .at_temperature(params.temperature)
 }
 
 /// Checks that the reward function scored every rollout.

@@ -60,7 +60,7 @@ pub fn train_sft(
         &config.train,
         out,
         &mut extra,
-        |indices, weight| {
+        |indices, weight, _| {
             let sequences: Vec<(&[u32], &[u32])> =
                 indices.iter().map(|&i| examples[i].parts()).collect();
             let batch = TokenBatch::new(&sequences, model.tokenizer.pad_id(), model.vs.device());

@@ -60,7 +60,11 @@ e["ref_logps"] = ref
 h = (seq[:2] - ref[:2]) - (seq[2:] - ref[2:])
 dpo = -F.logsigmoid(beta * h).mean()
 e["dpo_loss"] = dpo.detach().reshape(1)
-e["ipo_loss"] = ((h - 1 / (2 * beta)) ** 2).mean().detach().reshape(1)
+# IPO as TRL's DPOTrainer computes it: policy and reference log-probs averaged over each
+# answer's tokens (`all_logps / loss_mask.sum(-1)`), then (h - 1/(2 beta))^2.
+n = mask.sum(-1)
+h_mean = (seq[:2] / n[:2] - ref[:2] / n[:2]) - (seq[2:] / n[2:] - ref[2:] / n[2:])
+e["ipo_loss"] = ((h_mean - 1 / (2 * beta)) ** 2).mean().detach().reshape(1)
 e["chosen_rewards"] = (beta * (seq[:2] - ref[:2])).detach()
 
 # One AdamW step on the DPO loss: decay on matrices, none on 1-D parameters, clipping.
@@ -203,6 +207,8 @@ surr = torch.max(-adv * ratio, -adv * ratio.clamp(lo, hi))
 e["dapo.token_mean"] = ((surr * m).sum() / m.sum()).reshape(1)
 e["dapo.seq_mean_token_sum"] = (surr * m).sum(-1).mean().reshape(1)
 e["dapo.seq_mean_token_mean"] = ((surr * m).sum(-1) / m.sum(-1)).mean().reshape(1)
+# Dr. GRPO as TRL's GRPOTrainer writes `dr_grpo`: the masked sum over (rows x budget), budget 10.
+e["dapo.seq_mean_token_sum_norm"] = ((surr * m).sum() / (surr.size(0) * 10)).reshape(1)
 active = (-adv * ratio.clamp(lo, hi)) > (-adv * ratio)
 e["dapo.clip_low"] = (((active & (adv < 0)).float() * m).sum() / m.sum()).reshape(1)
 e["dapo.clip_high"] = (((active & (adv > 0)).float() * m).sum() / m.sum()).reshape(1)
@@ -424,17 +430,22 @@ fn masked_sequence_log_probs() {
 #[test]
 fn dpo_and_ipo_losses() {
     let g = golden_or_skip!();
-    let seq = g.get("seq_logps");
-    let reference = g.get("ref_logps");
+    let tokens = g
+        .pair_batch()
+        .loss_mask
+        .sum_dim_intlist([1].as_slice(), false, Kind::Float);
     let half = |t: &Tensor, i: i64| t.narrow(0, 2 * i, 2);
-    let run = |kind| {
+    let run = |kind: PreferenceLoss| {
+        // Each loss on the sequence log-probs it reads: sums for DPO, token means for IPO.
+        let seq = kind.sequence_logps(g.get("seq_logps"), &tokens);
+        let reference = kind.sequence_logps(g.get("ref_logps"), &tokens);
         preference_loss(
             kind,
             0.1,
-            &half(seq, 0),
-            &half(seq, 1),
-            &half(reference, 0),
-            &half(reference, 1),
+            &half(&seq, 0),
+            &half(&seq, 1),
+            &half(&reference, 0),
+            &half(&reference, 1),
         )
     };
     let dpo = run(PreferenceLoss::Sigmoid);
@@ -498,6 +509,7 @@ fn ppo_policy_and_value_losses() {
         0.2,
         0.2,
         LossAggregation::TokenMean,
+        10,
     );
     assert_scalar(&out.loss, g.scalar("policy_loss"), "policy loss");
     assert_scalar(
@@ -731,6 +743,10 @@ fn the_clip_higher_surrogate_under_three_aggregations_and_the_k3_kl() {
         (LossAggregation::TokenMean, "token_mean"),
         (LossAggregation::SeqMeanTokenSum, "seq_mean_token_sum"),
         (LossAggregation::SeqMeanTokenMean, "seq_mean_token_mean"),
+        (
+            LossAggregation::SeqMeanTokenSumNorm,
+            "seq_mean_token_sum_norm",
+        ),
     ] {
         let out = policy_loss(
             p("lp"),
@@ -740,6 +756,7 @@ fn the_clip_higher_surrogate_under_three_aggregations_and_the_k3_kl() {
             0.2,
             0.28,
             aggregation,
+            10,
         );
         assert_scalar(&out.loss, g.scalar(&format!("dapo.{name}")), name);
         assert_scalar(

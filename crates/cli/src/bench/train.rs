@@ -11,8 +11,8 @@ use anyhow::Result;
 use prefloop_model::{Config, LoraConfig, best_device};
 use prefloop_train::{
     AdamW, DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, GroupModels, OptimConfig,
-    Overlong, PpoConfig, PpoModels, PromptExample, RewardModel, Rollout, TokenBatch, dpo_backward,
-    sequence_sum, token_logprobs, train_group, train_ppo, with_lora,
+    Overlong, PpoConfig, PpoModels, PromptExample, RewardModel, Rollout, Share, TokenBatch,
+    dpo_backward, sequence_sum, token_logprobs, train_group, train_ppo, with_lora,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -175,7 +175,12 @@ pub fn run(args: &Args) -> Result<()> {
                 let reference =
                     sequence_sum(&token_logprobs(&model.llama, batch), &batch.loss_mask);
                 let reference = (reference.narrow(0, 0, b), reference.narrow(0, b, b));
-                dpo_backward(&model, batch, &reference, &dpo, b as f64 / pairs as f64);
+                // The bench's DPO has no SFT term: the chosen tokens are not read.
+                let share = Share {
+                    pairs: b as f64 / pairs as f64,
+                    chosen_tokens: 0.0,
+                };
+                dpo_backward(&model, batch, &reference, &dpo, share);
                 optimizer.accumulate();
             }
             optimizer.clip_grad_norm();
