@@ -6,6 +6,7 @@ use crate::model_args::ModelArgs;
 use anyhow::Result;
 use prefloop_model::best_device;
 use prefloop_pipeline::{GenerateConfig, Shard, generate_stage, read_prompts};
+use prefloop_train::{EncodeConfig, Encoder};
 
 /// Sample completions for every prompt into a samples stage directory.
 ///
@@ -90,8 +91,16 @@ pub fn run(args: &Args) -> Result<()> {
         seed: args.seed,
         raw_prompts: args.raw,
     };
+    // Prompts whole (templated unless --raw), up to the model's context.
+    let context = model.llama.config().max_position_embeddings;
+    let encode = EncodeConfig {
+        max_prompt_tokens: context,
+        max_length: context + 1,
+        raw_prompts: args.raw,
+    };
+    let encoder = Encoder::new(&model.tokenizer, encode)?;
     let report = generate_stage(
-        &model, &prompts, &config, &policy, args.round, args.seed, args.shard, &args.out,
+        &model, &encoder, &prompts, &config, &policy, args.round, args.seed, args.shard, &args.out,
     )?;
     println!(
         "wrote {} samples ({} this run, {:.0} tok/s) to {}",

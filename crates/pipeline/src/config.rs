@@ -86,7 +86,7 @@ pub enum Algorithm {
     Ppo,
     /// GRPO (DESIGN §4): each round is one iteration of the group estimator — `group_size`
     /// samples per problem, advantages from each group, no critic. Dr. GRPO is this with
-    /// `group.scale_rewards = false` and `group.loss_aggregation = "seq_mean_token_sum"`.
+    /// `group.scale_rewards = false` and `group.loss_aggregation = "seq_mean_token_sum_norm"`.
     Grpo,
     /// RLOO: as GRPO, with the leave-one-out baseline.
     Rloo,
@@ -198,7 +198,9 @@ pub struct GenerateConfig {
     pub shard_rows: u64,
     /// Mixed with the round number into every sample's seed. Default 0.
     pub seed: u64,
-    /// Feed prompts as they are, without the chat template. Default false.
+    /// Feed prompts as they are, without the chat template. Must equal the trainer's
+    /// `encode.raw_prompts` (`dpo`, `ppo` or `group`): a run samples and trains on prompts in
+    /// one form, cut to the trainer's `encode.max_prompt_tokens`. Default false.
     pub raw_prompts: bool,
 }
 
@@ -303,6 +305,10 @@ pub struct PairsConfig {
     /// Each DPO update trains on its round's pairs and those of this many rounds before it
     /// (a stabiliser for nightly rounds). Default 0.
     pub replay_rounds: u32,
+    /// Drop a pair either of whose answers was cut at `generate.max_new_tokens`. Kept (the
+    /// default), a cut answer is trained on as it was sampled, without an end-of-sequence
+    /// token, so DPO never teaches stopping mid-sentence. Default false.
+    pub drop_truncated: bool,
 }
 
 impl Default for PairsConfig {
@@ -311,6 +317,7 @@ impl Default for PairsConfig {
             min_margin: 0.0,
             reference_fallback: true,
             replay_rounds: 0,
+            drop_truncated: false,
         }
     }
 }
@@ -478,6 +485,22 @@ impl RunConfig {
         if self.score.fuel == Some(0) {
             return Err(fail("score.fuel", "must be at least 1"));
         }
+        let trainer = match self.algorithm {
+            Algorithm::DpoIter => "dpo",
+            Algorithm::Ppo => "ppo",
+            _ => "group",
+        };
+        if self.generate.raw_prompts != self.score_encoding().raw_prompts {
+            return Err(fail(
+                "generate.raw_prompts",
+                &format!(
+                    "is {} but `{trainer}.encode.raw_prompts` is {}: prompts would be sampled \
+                     and trained on in different forms; set both alike",
+                    self.generate.raw_prompts,
+                    self.score_encoding().raw_prompts
+                ),
+            ));
+        }
         // Checked now, not after hours of generation and scoring.
         match self.algorithm {
             Algorithm::DpoIter => self.dpo.validate().map_err(|e| fail("dpo", &e.to_string())),
@@ -528,7 +551,9 @@ impl RunConfig {
         }
     }
 
-    /// How a reward model sees a prompt and answer: as the trainer encodes them.
+    /// How the run encodes prompts and answers: as the trainer does. Generation encodes its
+    /// prompts with it (so a policy trains on the prompt tokens it sampled from), and a reward
+    /// model sees prompts and answers through it.
     pub fn score_encoding(&self) -> EncodeConfig {
         match self.algorithm {
             Algorithm::DpoIter => self.dpo.encode.clone(),
@@ -581,6 +606,28 @@ mod tests {
         assert_eq!(config.data.problems, dir.path().join("data/humaneval"));
         assert_eq!(config.generate, GenerateConfig::default());
         assert_eq!(config.dpo.beta, 0.1);
+    }
+
+    /// The demo sampled raw prompts and trained DPO on the chat template's: a run whose
+    /// generation and trainer encode prompts in different forms is refused, naming both.
+    #[test]
+    fn prompts_sampled_raw_but_trained_templated_are_refused_naming_both_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        for (trainer, algorithm) in [("dpo", "dpo_iter"), ("ppo", "ppo"), ("group", "grpo")] {
+            let text = format!(
+                "algorithm = \"{algorithm}\"\n[data]\nproblems = \"/p\"\n\
+                 [generate]\nraw_prompts = true\n"
+            );
+            let path = write(dir.path(), &text);
+            let e = RunConfig::load(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("generate.raw_prompts")
+                    && e.contains(&format!("{trainer}.encode.raw_prompts")),
+                "{e}"
+            );
+            let agreed = format!("{text}[{trainer}.encode]\nraw_prompts = true\n");
+            RunConfig::load(&write(dir.path(), &agreed)).unwrap();
+        }
     }
 
     #[test]

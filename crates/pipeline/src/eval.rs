@@ -127,8 +127,10 @@ impl Run<'_> {
         };
         // Seeds of their own: the held-out rows never repeat a training row's draws.
         let seed = row_seed(config.generate.seed ^ EVAL_SEED, u64::from(round));
+        let encoder = Encoder::new(&policy.tokenizer, config.score_encoding())?;
         generate_stage(
             policy,
+            &encoder,
             prompts,
             &generate,
             &policy_name(config, round),

@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_core::Sample;
 use prefloop_data::{ShardReader, StageWriter, WriterOptions};
 use prefloop_model::{Batching, Generation, Model, Request, SamplingParams, generate_each};
+use prefloop_train::Encoder;
 
 use crate::config::GenerateConfig;
 use crate::error::{PipelineError, Result};
@@ -47,12 +48,15 @@ impl GenerateReport {
 }
 
 /// Samples `config.n` completions of every prompt of `shard` from `model` into the samples
-/// stage `out` (the shard's directory under it), after the rows it already holds. `policy`
-/// goes into the `policy` column; `seed` with the row's number in the whole stage seeds each
-/// sample, so the shards of a stage hold the rows an unsharded run would.
+/// stage `out` (the shard's directory under it), after the rows it already holds. Prompts are
+/// encoded by `encoder`, the trainer's, so a policy is trained on the prompt tokens it sampled
+/// from (templated or raw alike, cut to the same length). `policy` goes into the `policy`
+/// column; `seed` with the row's number in the whole stage seeds each sample, so the shards of
+/// a stage hold the rows an unsharded run would.
 #[allow(clippy::too_many_arguments)] // each is one of the stage's independent inputs
 pub fn generate_stage(
     model: &Model,
+    encoder: &Encoder,
     prompts: &[PromptRow],
     config: &GenerateConfig,
     policy: &str,
@@ -76,14 +80,7 @@ pub fn generate_stage(
     }
     let templated: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| {
-            let text = if config.raw_prompts {
-                p.prompt.clone()
-            } else {
-                model.tokenizer.apply_chat_template(&p.prompt)?
-            };
-            model.tokenizer.encode(&text)
-        })
+        .map(|p| encoder.prompt(&p.prompt))
         .collect::<Result<_, _>>()?;
     let params = SamplingParams {
         temperature: config.temperature,

@@ -16,7 +16,7 @@ use prefloop_train::{GroupModels, IterationRecord, Rollout, train_group};
 
 use crate::error::Result;
 use crate::online::Online;
-use crate::ppo_rounds::{as_samples, stored_rewards, write_stage};
+use crate::ppo_rounds::{as_samples, write_stage};
 use crate::rounds::{RoundMetrics, Run};
 use crate::run_dir::Stage;
 
@@ -88,7 +88,7 @@ impl Run<'_> {
         self.evaluate_policy(round, actor)?;
         let samples = as_samples(config, round, rollouts);
         if self.state.is_complete(round, Stage::Score) {
-            return stored_rewards(&dir.stage_dir(round, Stage::Score), &samples);
+            return self.stored_rewards(round, &samples);
         }
         let began = Instant::now();
         let scores = self.score(&samples)?;

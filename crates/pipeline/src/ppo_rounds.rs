@@ -77,7 +77,7 @@ impl Run<'_> {
         let scores_dir = dir.stage_dir(round, Stage::Score);
         if self.state.is_complete(round, Stage::Score) {
             // A resumed run redoing an iteration whose scores were written before the kill.
-            return stored_rewards(&scores_dir, &samples);
+            return self.stored_rewards(round, &samples);
         }
         let began = Instant::now();
         let scores = self.score(&samples)?;
@@ -86,6 +86,55 @@ impl Run<'_> {
         let detail = self.scorer.calibration_detail(config);
         self.complete(round, Stage::Score, seconds, &detail)?;
         Ok(scores.iter().map(|s| s.reward).collect())
+    }
+
+    /// The rewards of `samples`, rolled out again by a resumed run redoing round `round`,
+    /// whose samples and scores stages were complete before the kill. A stored score is
+    /// reused only where the stored sample of the same key holds the same text: regeneration
+    /// need not be bit-identical (a GPU's kernels, another card after a restart), and a reward
+    /// must follow the completion it scores. The others are scored again.
+    pub(crate) fn stored_rewards(&mut self, round: u32, samples: &[Sample]) -> Result<Vec<f32>> {
+        let dir = self.dir;
+        let mut scored: HashMap<(String, u32), f32> = HashMap::new();
+        for rows in StageReader::<Score>::open(dir.stage_dir(round, Stage::Score))? {
+            scored.extend(
+                rows?
+                    .into_iter()
+                    .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
+            );
+        }
+        let mut texts: HashMap<(String, u32), String> = HashMap::new();
+        for rows in StageReader::<Sample>::open(dir.stage_dir(round, Stage::Generate))? {
+            texts.extend(
+                rows?
+                    .into_iter()
+                    .map(|s| ((s.problem_id, s.sample_idx), s.completion)),
+            );
+        }
+        let mut rewards = Vec::with_capacity(samples.len());
+        let mut stale = Vec::new();
+        for (i, s) in samples.iter().enumerate() {
+            let key = (s.problem_id.clone(), s.sample_idx);
+            match scored.get(&key) {
+                Some(&reward) if texts.get(&key) == Some(&s.completion) => rewards.push(reward),
+                _ => {
+                    rewards.push(f32::NAN);
+                    stale.push(i);
+                }
+            }
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                round,
+                rescored = stale.len(),
+                "completions differ from those scored before the restart: scored again"
+            );
+            let again: Vec<Sample> = stale.iter().map(|&i| samples[i].clone()).collect();
+            for (&i, score) in stale.iter().zip(self.score(&again)?) {
+                rewards[i] = score.reward;
+            }
+        }
+        Ok(rewards)
     }
 
     /// The samples' scores from the run's scorer.
@@ -158,34 +207,6 @@ pub(crate) fn as_samples(config: &RunConfig, round: u32, rollouts: &[Rollout]) -
             num_tokens: r.num_tokens,
             logprob_sum: r.logprob_sum,
             finish: r.finish,
-        })
-        .collect()
-}
-
-/// The rewards a complete scores stage holds for `samples` (a resumed run redoing an
-/// iteration whose scores were written before the kill).
-pub(crate) fn stored_rewards(scores_dir: &Path, samples: &[Sample]) -> Result<Vec<f32>> {
-    let mut by_key: HashMap<(String, u32), f32> = HashMap::new();
-    for rows in StageReader::<Score>::open(scores_dir)? {
-        by_key.extend(
-            rows?
-                .into_iter()
-                .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
-        );
-    }
-    samples
-        .iter()
-        .map(|s| {
-            by_key
-                .get(&(s.problem_id.clone(), s.sample_idx))
-                .copied()
-                .ok_or_else(|| crate::PipelineError::Data {
-                    path: scores_dir.to_owned(),
-                    message: format!(
-                        "no score for {} sample {}: the stage belongs to other rollouts",
-                        s.problem_id, s.sample_idx
-                    ),
-                })
         })
         .collect()
 }

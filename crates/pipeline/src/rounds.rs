@@ -19,7 +19,7 @@ use prefloop_data::{
 };
 use prefloop_model::{Model, best_device};
 use prefloop_sandbox::{Calibration, RewardProgram, Sandbox};
-use prefloop_train::{EncodeConfig, Encoder, RewardModel, log_ratios, train_dpo, with_lora};
+use prefloop_train::{Encoder, RewardModel, log_ratios, train_dpo, with_lora};
 
 use crate::config::{Algorithm, RunConfig, ScorerKind};
 use crate::error::{PipelineError, Result};
@@ -96,6 +96,41 @@ impl Inputs {
             by_id,
         })
     }
+
+    /// Refuses held-out prompts (`eval.prompts`) that are also training prompts, by problem id
+    /// or by text: a policy measured on what it trained on says nothing about what it learnt.
+    /// (A growing prompts source is read round by round and not checked here.)
+    fn check_held_out(&self, config: &RunConfig) -> Result<()> {
+        let Some(path) = config.eval.prompts.as_deref() else {
+            return Ok(());
+        };
+        let ids: std::collections::HashSet<&str> =
+            self.prompts.iter().map(|p| p.problem_id.as_str()).collect();
+        let texts: std::collections::HashSet<&str> =
+            self.prompts.iter().map(|p| p.prompt.as_str()).collect();
+        let overlap: Vec<String> = crate::generate::read_prompts(path)?
+            .into_iter()
+            .filter(|p| ids.contains(p.problem_id.as_str()) || texts.contains(p.prompt.as_str()))
+            .map(|p| p.problem_id)
+            .collect();
+        if overlap.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = overlap.iter().take(5).map(String::as_str).collect();
+        Err(PipelineError::Config {
+            path: path.to_owned(),
+            message: format!(
+                "{} held-out prompt(s) are also training prompts (same problem_id or text): {}{}",
+                overlap.len(),
+                shown.join(", "),
+                if overlap.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            ),
+        })
+    }
 }
 
 /// Runs (or continues) every round of the run at `dir` under `config`. `on_round` sees each
@@ -106,10 +141,12 @@ pub fn run_rounds(
     mut on_round: impl FnMut(u32, &RoundMetrics),
 ) -> Result<RunState> {
     let state = dir.state()?;
+    let inputs = Inputs::load(dir, config)?;
+    inputs.check_held_out(config)?;
     let mut run = Run {
         dir,
         config,
-        inputs: Inputs::load(dir, config)?,
+        inputs,
         scorer: Scorers::default(),
         state,
     };
@@ -270,8 +307,11 @@ impl Run<'_> {
             self.load_policy(round, model)?;
             let seed = row_seed(config.generate.seed, u64::from(round));
             let prompts = self.round_prompts(round)?;
+            let policy = model.as_ref().expect("loaded");
+            let encoder = Encoder::new(&policy.tokenizer, config.score_encoding())?;
             let report = generate_stage(
-                model.as_ref().expect("loaded"),
+                policy,
+                &encoder,
                 &prompts,
                 &config.generate,
                 &policy_name(config, round),
@@ -386,6 +426,7 @@ impl Run<'_> {
                 .filter(|_| config.pairs.reference_fallback);
             let options = PairsOptions {
                 min_margin: config.pairs.min_margin,
+                drop_truncated: config.pairs.drop_truncated,
                 ..PairsOptions::default()
             };
             let manifest = build_pairs(
@@ -594,7 +635,8 @@ pub(crate) fn mean_log_ratio(
     for shard in StageReader::<Sample>::open(samples)? {
         rows.extend(shard?);
     }
-    // A completion that stopped (EOS, or a stop string) is scored ending with EOS.
+    // A completion the policy ended with EOS is scored ending with it; one cut at the budget
+    // or at a stop string as sampled, without it.
     let texts: Vec<(&str, &str, bool)> = rows
         .iter()
         .map(|s| {
@@ -602,11 +644,7 @@ pub(crate) fn mean_log_ratio(
             (s.prompt.as_str(), s.completion.as_str(), ended)
         })
         .collect();
-    let encode = EncodeConfig {
-        raw_prompts: config.generate.raw_prompts,
-        ..config.score_encoding()
-    };
-    let encoder = Encoder::new(&policy.tokenizer, encode)?;
+    let encoder = Encoder::new(&policy.tokenizer, config.score_encoding())?;
     let ratios = log_ratios(
         policy,
         reference,
