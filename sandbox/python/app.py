@@ -128,7 +128,10 @@ def run_program(env):
         return "ok"
     if mode == "call":
         args = json.loads(sys.stdin.read())
-        real_stdout, sys.stdout = sys.stdout, io.StringIO()
+        # What the function prints goes to stderr, the host's capped pipe: stdout holds only
+        # the returned value, and a program that prints without end is cut at the output
+        # limit (OLE), as a stdio program is, not kept in guest memory until that runs out.
+        real_stdout, sys.stdout = sys.stdout, sys.stderr
         try:
             exec(code, namespace)
             name = env["PREFLOOP_FN"]

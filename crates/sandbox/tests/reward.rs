@@ -195,6 +195,31 @@ fn raising_looping_and_lying_programs_give_failures_and_never_stop_the_scoring()
     }
 }
 
+/// A reward program's prints were kept in guest memory: one printing without end ran out of
+/// memory (MLE) or time. They go to the capped stderr pipe now, so it is cut at the output
+/// limit, as score-tests cuts a program's output.
+#[test]
+fn a_program_that_prints_without_end_is_judged_ole() {
+    let Some(sandbox) = common::sandbox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let source =
+        "def reward(prompt, completion, answer):\n    while True:\n        print('x' * 100000)\n";
+    let options = RewardOptions {
+        limits: Limits {
+            time: Duration::from_secs(20),
+            ..Limits::default()
+        },
+        failure_reward: -2.0,
+    };
+    let scores = program(dir.path(), source)
+        .score(sandbox, &samples()[..1], &fields, &options)
+        .unwrap();
+    assert_eq!(scores[0].verdict, Verdict::OutputLimit);
+    assert_eq!(scores[0].reward, -2.0);
+}
+
 #[test]
 fn a_program_is_read_once_and_known_by_its_hash() {
     let dir = tempfile::tempdir().unwrap();
