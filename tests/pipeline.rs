@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{prefloop, text, tiny_model, tiny_reward_model};
 use prefloop_core::{Pair, PairSource, Record, Sample, Score};
-use prefloop_data::{Manifest, StageReader};
+use prefloop_data::{Manifest, StageReader, StageWriter, WriterOptions};
 use prefloop_model::default_model_path;
 use prefloop_pipeline::{PipelineError, RunDir};
 
@@ -1289,6 +1289,24 @@ fn the_shipped_demo_config_runs_a_short_round_with_its_reward_program_and_held_o
 /// `eval.every`-th iteration and after the last, with its KL to the start; a PPO run that
 /// checkpoints every second iteration and a GRPO run, each killed at several points, resume
 /// to the rows, held-out rows and policy of the unbroken run.
+/// Two prompts asking for a number of letters (`length`) and `reward.py`, which rewards a
+/// completion by how close its length comes, in `dir`; returns the prompts file.
+fn letters_task(dir: &Path) -> PathBuf {
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"problem_id\": \"a\", \"prompt\": \"Write five letters.\", \"length\": 5}\n\
+         {\"problem_id\": \"b\", \"prompt\": \"Write twenty letters.\", \"length\": 20}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("reward.py"),
+        "def reward(prompt, completion, length):\n    return -abs(len(completion) - length) / 10\n",
+    )
+    .unwrap();
+    prompts
+}
+
 #[test]
 fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_same_rows() {
     if !model_ready() {
@@ -1297,21 +1315,10 @@ fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_sam
     let scratch = tempfile::tempdir().unwrap();
     let model = scratch.path().join("tiny");
     tiny_model(&model);
-    let prompts = scratch.path().join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        "{\"problem_id\": \"a\", \"prompt\": \"Write five letters.\", \"length\": 5}\n\
-         {\"problem_id\": \"b\", \"prompt\": \"Write twenty letters.\", \"length\": 20}\n",
-    )
-    .unwrap();
+    let prompts = letters_task(scratch.path());
     std::fs::write(
         scratch.path().join("held_out.jsonl"),
         "{\"problem_id\": \"h\", \"prompt\": \"Write ten letters.\", \"length\": 10}\n",
-    )
-    .unwrap();
-    std::fs::write(
-        scratch.path().join("reward.py"),
-        "def reward(prompt, completion, length):\n    return -abs(len(completion) - length) / 10\n",
     )
     .unwrap();
     let config = |algorithm: &str, section: &str| {
@@ -1413,4 +1420,125 @@ fn ppo_and_grpo_runs_measure_the_actor_on_held_out_prompts_and_resume_to_the_sam
             "{name}: the trained policy"
         );
     }
+}
+
+/// Replaces the complete stage at `dir` with `rows`.
+fn rewrite<R: Record>(dir: &Path, rows: &[R]) {
+    std::fs::remove_dir_all(dir).unwrap();
+    let mut writer = StageWriter::<R>::restart(dir, WriterOptions::default()).unwrap();
+    writer.write(rows).unwrap();
+    writer.finish().unwrap();
+}
+
+/// A resumed run that redoes an iteration whose samples and scores stages were complete
+/// before the kill reused the stored rewards by (problem, sample) alone: where regeneration
+/// differs (a GPU's kernels, another card after a restart), a reward landed on another
+/// completion. Here the stored text of one sample is tampered with, and its stored reward set
+/// to 99: the resumed run must score the regenerated text, and so train the unbroken run's
+/// policy.
+#[test]
+fn a_redone_iteration_scores_a_completion_whose_stored_text_differs() {
+    if !model_ready() {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let prompts = letters_task(scratch.path());
+    // Checkpoints every second iteration: a run killed in the second redoes the first.
+    let config = scratch.path().join("grpo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "algorithm = \"grpo\"\nrounds = 2\nfinal_generation = false\nmodel = {model:?}\n\
+             [data]\nprompts = {prompts:?}\n\
+             [score]\nscorer = \"program\"\nprogram = \"reward.py\"\n\
+             [group]\nrollout_batch_size = 2\ngroup_size = 3\nmax_new_tokens = 8\n\
+             max_extra_draws = 0\noverlong = \"keep\"\ncheckpoint_every = 2\n\
+             [group.actor]\nlr = 1e-3\n"
+        ),
+    )
+    .unwrap();
+    let whole = scratch.path().join("whole");
+    let out = prefloop(&run_args(&config, &whole));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Killed once round 0 is recorded, before the run ends (retried if it ended first).
+    let killed = scratch.path().join("killed");
+    let in_round_one = (0..5).any(|_| {
+        let _ = std::fs::remove_dir_all(&killed);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prefloop"))
+            .args(run_args(&config, &killed))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let recorded = || {
+            std::fs::read_to_string(killed.join("metrics.jsonl"))
+                .is_ok_and(|m| m.lines().count() >= 1)
+        };
+        while !recorded() && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        recorded() && !killed.join("group/policy").exists()
+    });
+    assert!(in_round_one, "no attempt was killed in round 1");
+
+    let round = killed.join("round-0000");
+    let mut samples: Vec<Sample> = rows(&round.join("samples"));
+    let mut scores: Vec<Score> = rows(&round.join("scores"));
+    let key = (samples[0].problem_id.clone(), samples[0].sample_idx);
+    samples[0].completion = "a completion the policy never wrote".into();
+    for s in scores.iter_mut() {
+        if (s.problem_id.clone(), s.sample_idx) == key {
+            s.reward = 99.0;
+        }
+    }
+    rewrite(&round.join("samples"), &samples);
+    rewrite(&round.join("scores"), &scores);
+
+    let resumed = prefloop(&["resume", killed.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    assert_eq!(
+        std::fs::read(whole.join("group/policy/model.safetensors")).unwrap(),
+        std::fs::read(killed.join("group/policy/model.safetensors")).unwrap(),
+        "the resumed run trained on the rewards of the text it regenerated"
+    );
+}
+
+/// Held-out prompts that are also training prompts (by id, or by text under another id) are
+/// refused before anything is sampled, naming them.
+#[test]
+fn held_out_prompts_that_are_also_training_prompts_are_refused_by_name() {
+    let scratch = tempfile::tempdir().unwrap();
+    let prompts = letters_task(scratch.path());
+    std::fs::write(
+        scratch.path().join("held_out.jsonl"),
+        "{\"problem_id\": \"h\", \"prompt\": \"Write ten letters.\"}\n\
+         {\"problem_id\": \"b\", \"prompt\": \"Something else.\"}\n\
+         {\"problem_id\": \"c\", \"prompt\": \"Write five letters.\"}\n",
+    )
+    .unwrap();
+    let config = scratch.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "rounds = 1\n[data]\nprompts = {prompts:?}\n\
+             [score]\nscorer = \"program\"\nprogram = \"reward.py\"\n\
+             [eval]\nprompts = \"held_out.jsonl\"\n"
+        ),
+    )
+    .unwrap();
+    let run = scratch.path().join("run");
+    let out = prefloop(&run_args(&config, &run));
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("held_out.jsonl")
+            && stderr.contains("2 held-out prompt(s) are also training prompts")
+            && stderr.contains("b, c"),
+        "{stderr}"
+    );
 }

@@ -17,8 +17,9 @@ use prefloop_model::{
 };
 use prefloop_train::{
     Encoder, Estimator, GroupConfig, GroupModels, IterationRecord, LoopConfig, LoraConfig,
-    OptimConfig, Overlong, PpoConfig, PpoModels, PromptExample, RewardConfig, RewardModel, Rollout,
-    SftConfig, Truncated, train_group, train_ppo, train_reward_model, train_sft,
+    LossAggregation, OptimConfig, Overlong, PpoConfig, PpoModels, PromptExample, RewardConfig,
+    RewardModel, Rollout, SftConfig, TokenBatch, TokenLogprobs, Truncated, k3_kl, policy_loss,
+    train_group, train_ppo, train_reward_model, train_sft,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -1481,4 +1482,625 @@ fn train_grpo_runs_from_the_command_line_with_each_estimator() {
         "{}",
         text(&bad.stderr)
     );
+}
+
+/// The JSON file `name` of the model directory `dir`.
+fn model_json(dir: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+}
+
+fn set_model_json(dir: &Path, name: &str, key: &str, value: serde_json::Value) {
+    let mut json = model_json(dir, name);
+    json[key] = value;
+    std::fs::write(dir.join(name), json.to_string()).unwrap();
+}
+
+/// Llama 3.1-Instruct names three EOS ids in generation_config.json, and its chat turns end
+/// with the third, `<|eot_id|>`. Saving kept only the first, so from round 1 on a policy no
+/// longer stopped at the end of its turn; and trained answers were closed with the first id,
+/// not the turn's end.
+#[test]
+fn several_eos_ids_survive_save_load_generate_and_dpo() {
+    let Some((scratch, model)) = tiny_scratch() else {
+        return;
+    };
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        max_new_tokens: 4,
+        ..SamplingParams::default()
+    };
+    let prompt = vec![1u32, 504, 3458, 2];
+    let first_token = |dir: &Path| {
+        let model = Model::load(Some(dir), Device::Cpu, Precision::Fp32).unwrap();
+        let request = Request {
+            prompt: prompt.clone(),
+            seed: 0,
+        };
+        generate(&model, &[request], &greedy).unwrap().remove(0)
+    };
+    // The third EOS id is the token the tiny model picks first, so generation must stop there.
+    let picked = first_token(&model).tokens[0];
+    let turn_end = "<|im_end|>";
+    let turn_end_id = Model::load(Some(&model), Device::Cpu, Precision::Fp32)
+        .unwrap()
+        .tokenizer
+        .encode(turn_end)
+        .unwrap()[0];
+    let eos: Vec<u32> = [0, 7, picked]
+        .into_iter()
+        .filter(|&id| id != turn_end_id)
+        .collect();
+    set_model_json(
+        &model,
+        "config.json",
+        "eos_token_id",
+        serde_json::json!(eos[0]),
+    );
+    set_model_json(
+        &model,
+        "generation_config.json",
+        "eos_token_id",
+        serde_json::json!(eos),
+    );
+    set_model_json(
+        &model,
+        "tokenizer_config.json",
+        "eos_token",
+        serde_json::json!(turn_end),
+    );
+
+    let loaded = Model::load(Some(&model), Device::Cpu, Precision::Fp32).unwrap();
+    for id in &eos {
+        assert!(loaded.tokenizer.eos_ids().contains(id), "{id} lost on load");
+    }
+    assert_eq!(loaded.tokenizer.end_of_turn_id(), Some(turn_end_id));
+    let saved = scratch.path().join("saved");
+    loaded.save(&saved).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for file in ["config.json", "generation_config.json"] {
+        let written = ids(&model_json(&saved, file)["eos_token_id"]);
+        assert!(
+            eos.iter().all(|id| written.contains(id)),
+            "{file}: {written:?}"
+        );
+    }
+    assert_eq!(
+        model_json(&saved, "tokenizer_config.json")["eos_token"],
+        turn_end
+    );
+    let stopped = first_token(&saved);
+    assert_eq!(
+        (stopped.tokens.len(), stopped.eos, stopped.finish),
+        (0, Some(picked), prefloop_core::Finish::Stop),
+        "the saved model stops at its third EOS id"
+    );
+
+    // A trained answer ends with the turn's end, not the first EOS id.
+    let reloaded = Model::load(Some(&saved), Device::Cpu, Precision::Fp32).unwrap();
+    let encoder =
+        Encoder::new(&reloaded.tokenizer, prefloop_train::EncodeConfig::default()).unwrap();
+    let answer = encoder.sequence(&prompt, "Hi.").unwrap().answer;
+    assert_eq!(answer.last(), Some(&turn_end_id));
+
+    let pairs_file = scratch.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs_file,
+        "{\"prompt\": \"Say hi.\", \"chosen\": \"Hi!\", \"rejected\": \"No.\"}\n",
+    )
+    .unwrap();
+    let pairs = scratch.path().join("pairs");
+    run_ok(&[
+        "import",
+        "trl",
+        pairs_file.to_str().unwrap(),
+        "--out",
+        pairs.to_str().unwrap(),
+    ]);
+    let out = scratch.path().join("dpo");
+    run_ok(&[
+        "train",
+        "dpo",
+        "--model",
+        saved.to_str().unwrap(),
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let trained = out.join("policy");
+    for file in ["config.json", "generation_config.json"] {
+        let written = ids(&model_json(&trained, file)["eos_token_id"]);
+        assert!(
+            eos.iter().all(|id| written.contains(id)),
+            "after DPO, {file}: {written:?}"
+        );
+    }
+    assert_eq!(first_token(&trained).eos, Some(picked));
+}
+
+/// The venv's python (which has trl) and a scratch directory with the tiny model, or None,
+/// with a message, where either is missing.
+fn trl_ready() -> Option<(PathBuf, tempfile::TempDir, PathBuf)> {
+    let Some(python) = common::venv_python() else {
+        eprintln!("skipped: needs the venv's python with trl (scripts/setup)");
+        return None;
+    };
+    let (scratch, model) = tiny_scratch()?;
+    Some((python, scratch, model))
+}
+
+/// TRL's own DPOTrainer on the tiny model and the pairs of pairs.jsonl: fp32 on the CPU (TRL
+/// turns bf16 on by default), one batch of all eight pairs a step, AdamW (eps 1) at a constant
+/// rate, no weight decay, clipping at 1.
+/// Prints each step's logged loss and rewards/margins as JSON.
+const TRL_DPO: &str = r#"
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+model_dir, pairs, loss_type, out = sys.argv[1:]
+torch.manual_seed(0)
+rows = [json.loads(l) for l in open(pairs)]
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+args = DPOConfig(output_dir=out, loss_type=loss_type, beta=0.1, learning_rate=0.05,
+    adam_epsilon=1.0, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+    max_grad_norm=1.0, bf16=False,
+    per_device_train_batch_size=len(rows), num_train_epochs=4, logging_steps=1,
+    save_strategy="no", report_to="none", use_cpu=True, seed=0, max_prompt_length=64,
+    max_length=128, disable_tqdm=True)
+trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+    processing_class=tokenizer)
+trainer.train()
+logged = [h for h in trainer.state.log_history if "rewards/margins" in h]
+print(json.dumps([[h["loss"], h["rewards/margins"]] for h in logged]))
+"#;
+
+/// `prefloop train dpo` and TRL's DPOTrainer on the same model, pairs and optimiser: the loss
+/// and rewards/margins of four steps, for DPO's sigmoid loss and for IPO. IPO once summed the
+/// log-ratios where TRL (and the IPO authors) average them per answer token: by step 4 its
+/// loss was 4.53 here against 17.87 in TRL. AdamW's eps is 1, so each update is proportional
+/// to the gradient (not ±lr whatever its size) and the steps see how the loss was formed.
+/// Both sides compute in fp32 from the same weights and differ only in the order of sums
+/// (fused projections, chunked log-softmax): the margins agree to ~1e-6 over four steps, so
+/// 2e-5 is room enough; TRL logs the loss rounded to four decimals, hence 1e-4 there.
+#[test]
+fn dpo_and_ipo_match_trls_own_dpo_trainer_over_four_steps() {
+    let Some((python, scratch, model)) = trl_ready() else {
+        return;
+    };
+    let pairs = trl_pairs(scratch.path());
+    let jsonl = scratch.path().join("pairs.jsonl");
+    for loss in ["sigmoid", "ipo"] {
+        let out = Command::new(&python)
+            .args(["-c", TRL_DPO])
+            .arg(&model)
+            .arg(&jsonl)
+            .arg(loss)
+            .arg(scratch.path().join(format!("trl-{loss}")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "TRL: {}", text(&out.stderr));
+        let theirs: Vec<(f64, f64)> =
+            serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+        let config = scratch.path().join(format!("{loss}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "beta = 0.1\nloss = \"{loss}\"\n[encode]\nraw_prompts = true\n\
+                 max_prompt_tokens = 64\nmax_length = 128\n\
+                 [train]\nbatch_size = 8\nepochs = 4\n[train.optim]\nlr = 0.05\neps = 1.0\n"
+            ),
+        )
+        .unwrap();
+        let dir = scratch.path().join(format!("ours-{loss}"));
+        run_ok(&[
+            "train",
+            "dpo",
+            "--model",
+            model.to_str().unwrap(),
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        let ours: Vec<(f64, f64)> = metrics(&dir)
+            .iter()
+            .map(|m| {
+                (
+                    m["loss"].as_f64().unwrap(),
+                    m["rewards/margins"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        eprintln!("{loss}: (loss, margins) here {ours:?}, in TRL {theirs:?}");
+        assert_eq!(ours.len(), 4, "{loss}: four steps");
+        assert_eq!(theirs.len(), 4, "{loss}: TRL logged {theirs:?}");
+        for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            assert!(
+                (a.0 - b.0).abs() <= 1e-4 && (a.1 - b.1).abs() <= 2e-5,
+                "{loss} step {}: loss, margins {a:?} here, {b:?} in TRL\nours {ours:?}\nTRL {theirs:?}",
+                step + 1
+            );
+        }
+        assert!(ours[3].1 > ours[0].1, "{loss}: the margins grow ({ours:?})");
+    }
+}
+
+/// The old log-probs are computed without adapter dropout and the update's with it: with
+/// LoRA's dropout on (0.05 was the default), the first, on-policy minibatch's ratio was not 1
+/// and tokens were clipped. The online trainers now refuse dropout, and the first minibatch of
+/// every iteration is exactly on policy.
+#[test]
+fn a_lora_grpo_update_starts_on_policy_and_refuses_adapter_dropout() {
+    let Some((scratch, model)) = tiny_scratch() else {
+        return;
+    };
+    let config = GroupConfig {
+        lora: Some(small_lora()),
+        num_minibatches: 1,
+        dynamic_sampling: false,
+        ..group_config(3, 1)
+    };
+    let records = group_run(
+        &model,
+        Estimator::Grpo,
+        &config,
+        &scratch.path().join("run"),
+        &mut e_share,
+    )
+    .unwrap();
+    kl_starts_at_the_base_and_moves(&records);
+    for r in &records {
+        assert_eq!(r.metrics["clip_fraction"], 0.0, "{:?}", r.metrics);
+        assert!(r.metrics["approx_kl"].abs() < 1e-9, "{:?}", r.metrics);
+    }
+    let with_dropout = GroupConfig {
+        lora: Some(LoraConfig {
+            dropout: 0.05,
+            ..small_lora()
+        }),
+        ..config
+    };
+    let e = with_dropout.validate().unwrap_err().to_string();
+    assert!(e.contains("lora.dropout"), "{e}");
+}
+
+/// DPO's SFT term (the paper's "additional SFT") is a token mean over the step's chosen
+/// answers. It was each micro-batch's token mean weighted by its share of pairs, so cutting a
+/// step of answers of unequal lengths into micro-batches changed the update.
+#[test]
+fn dpo_with_an_sft_term_is_the_same_step_however_it_is_cut_into_micro_batches() {
+    let Some((scratch, model)) = tiny_scratch() else {
+        return;
+    };
+    let pairs = trl_pairs(scratch.path());
+    // AdamW's eps 1 makes the first update proportional to the gradient (not ±lr whatever
+    // its size), so the comparison sees how the gradient was weighed.
+    let config = scratch.path().join("dpo.toml");
+    std::fs::write(
+        &config,
+        "sft_weight = 1.0
+[train.optim]
+lr = 0.1
+eps = 1.0
+",
+    )
+    .unwrap();
+    let train = |name: &str, batch_size: &str, accumulation: &str| {
+        let out = scratch.path().join(name);
+        run_ok(&[
+            "train",
+            "dpo",
+            "--config",
+            config.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--raw-prompts",
+            "--batch-size",
+            batch_size,
+            "--accumulation-steps",
+            accumulation,
+        ]);
+        out.join("policy")
+    };
+    let whole = train("whole", "8", "1");
+    let cut = train("cut", "3", "3");
+    let diff = max_difference(&whole, &cut);
+    assert!(diff < 1e-6, "the policies differ by {diff:e}");
+}
+
+/// The group trainer's learning rate was that of the optimiser's step count, planned as
+/// `num_minibatches` steps an iteration: an iteration where dynamic sampling kept too few rows
+/// for every minibatch took fewer steps, and every later step ran at an earlier point of the
+/// cosine, which so never reached its floor. The rate is now that of each minibatch's planned
+/// place in the run.
+#[test]
+fn the_group_schedule_keeps_to_its_plan_after_an_iteration_short_of_rows() {
+    let Some((scratch, model)) = tiny_scratch() else {
+        return;
+    };
+    let config = GroupConfig {
+        rollout_batch_size: 2,
+        group_size: 2,
+        num_minibatches: 4,
+        max_extra_draws: 0,
+        actor: OptimConfig {
+            lr: 1e-3,
+            schedule: prefloop_train::Schedule::Cosine,
+            min_lr_ratio: 0.1,
+            ..OptimConfig::default()
+        },
+        ..group_config(3, 1)
+    };
+    // Iteration 0: the first group is rewarded alike (dropped), so 2 rows for 4 minibatches.
+    let mut reward = |iteration: u64, rollouts: &[Rollout]| {
+        Ok((0..rollouts.len())
+            .map(|i| match (iteration, i) {
+                (0, 0 | 1) => 1.0,
+                _ => (i % 2) as f32,
+            })
+            .collect())
+    };
+    let rng = libtorch_rng();
+    let models = GroupModels::load(Some(&model), Device::Cpu, Precision::Fp32, &config).unwrap();
+    let records = train_group(
+        &models,
+        &ppo_prompts(),
+        Estimator::Grpo,
+        &mut reward,
+        &mut |_, _, _| Ok(()),
+        &config,
+        &scratch.path().join("run"),
+        |_, _| {},
+    )
+    .unwrap();
+    drop(rng);
+    let kept: Vec<f64> = records.iter().map(|r| r.metrics["groups/kept"]).collect();
+    assert_eq!(kept, [1.0, 2.0, 2.0]);
+    let planned = |iteration: u64| {
+        (0..4)
+            .map(|m| config.actor.lr_at(iteration * 4 + m, 12))
+            .sum::<f64>()
+            / 4.0
+    };
+    for iteration in [1, 2] {
+        let lr = records[iteration as usize].metrics["lr"];
+        assert!(
+            (lr - planned(iteration)).abs() < 1e-12,
+            "iteration {iteration}: lr {lr}, planned {}",
+            planned(iteration)
+        );
+    }
+}
+
+/// TRL's own GRPOTrainer._compute_loss on the tiny model, for inputs the test writes: the
+/// prompts (all one length: TRL left-pads them), completions right-padded with their mask,
+/// advantages, the old and the reference log-probs. Prints the loss of each `loss_type`.
+const TRL_GRPO_LOSS: &str = r#"
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+model_dir, inputs_file, out = sys.argv[1:]
+t = load_file(inputs_file)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+losses = {}
+for loss_type in ["grpo", "bnpo", "dr_grpo"]:
+    args = GRPOConfig(output_dir=out, loss_type=loss_type, beta=0.04, epsilon=0.2,
+        epsilon_high=0.28, temperature=0.7, num_generations=2, per_device_train_batch_size=4,
+        max_completion_length=16, use_cpu=True, report_to="none", disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tokenizer)
+    inputs = {
+        "prompt_ids": t["prompt_ids"], "prompt_mask": torch.ones_like(t["prompt_ids"]),
+        "completion_ids": t["completion_ids"], "completion_mask": t["completion_mask"],
+        "advantages": t["advantages"], "old_per_token_logps": t["old"],
+        "ref_per_token_logps": t["ref"],
+    }
+    # What the training loop sets each step: one micro-batch, no accumulation.
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():
+        losses[loss_type] = trainer._compute_loss(trainer.model, inputs).item()
+# Advantages as TRL's own sampling step computes them: two prompts, four completions each
+# (generated, then rewarded with these eight rewards in order; the second group all alike).
+rewards = [1.0, 0.0, 0.5, 2.5, 0.3, 0.3, 0.3, 0.3]
+advantages = {}
+for scale in ["group", "none"]:
+    args = GRPOConfig(output_dir=out, num_generations=4, per_device_train_batch_size=4,
+        max_completion_length=3, scale_rewards=scale, use_cpu=True, report_to="none",
+        disable_tqdm=True)
+    given = lambda completions, **kw: rewards[:len(completions)]
+    trainer = GRPOTrainer(model=model, reward_funcs=[given], args=args,
+        train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tokenizer)
+    batch = [{"prompt": "Say hi."}] * 4 + [{"prompt": "Count."}] * 4
+    advantages[scale] = trainer._generate_and_score_completions(batch)["advantages"].tolist()
+print(json.dumps({"losses": losses, "advantages": advantages}))
+"#;
+
+/// GRPO's group advantages (scaled by the group's std or not) against those TRL's own sampling
+/// step computes from the same rewards, and its per-token loss (clip-higher surrogate plus
+/// β·k3 KL, at the sampling temperature) under three aggregations, against TRL's own
+/// `GRPOTrainer._compute_loss` for the same tokens, advantages, old and reference log-probs:
+/// `token_mean` is TRL's `bnpo`,
+/// `seq_mean_token_mean` its `grpo`, `seq_mean_token_sum_norm` its `dr_grpo` (which divides by
+/// the token budget; prefloop's Dr. GRPO once did not). Both run the same fp32 weights: the
+/// forward passes agree to ~1e-6, so 1e-4 relative is room enough and no form could hide in it.
+#[test]
+fn grpo_per_token_losses_match_trls_own_grpo_trainer() {
+    let Some((python, scratch, model_dir)) = trl_ready() else {
+        return;
+    };
+    let model = Model::load(Some(&model_dir), Device::Cpu, Precision::Fp32).unwrap();
+    let (b, p, t, budget) = (4i64, 5i64, 7i64, 16usize);
+    let prompts: Vec<Vec<u32>> = (0..b as u32)
+        .map(|i| (0..p as u32).map(|j| 100 + 37 * i + 11 * j).collect())
+        .collect();
+    let lengths = [7usize, 3, 5, 1];
+    let completions: Vec<Vec<u32>> = (0..b as usize)
+        .map(|i| {
+            (0..lengths[i] as u32)
+                .map(|j| 900 + 53 * i as u32 + 17 * j)
+                .collect()
+        })
+        .collect();
+    let sequences: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .zip(&completions)
+        .map(|(p, c)| (p.as_slice(), c.as_slice()))
+        .collect();
+    let pad = model.tokenizer.pad_id();
+    let batch = TokenBatch::new(&sequences, pad, Device::Cpu).at_temperature(0.7);
+    // The completions' columns: every prompt is p tokens long.
+    let logprobs = TokenLogprobs::forward(&model.llama, &batch)
+        .values
+        .detach()
+        .narrow(1, p - 1, t); // (B, T)
+    let mask = batch.loss_mask.narrow(1, p - 1, t);
+    tch::manual_seed(3);
+    let old = &logprobs + Tensor::randn([b, t], (Kind::Float, Device::Cpu)) * 0.3;
+    let reference = &logprobs + Tensor::randn([b, t], (Kind::Float, Device::Cpu)) * 0.3;
+    let advantages = Tensor::from_slice(&[1.5f32, -0.5, -1.2, 0.7]);
+    let ids = |rows: &[Vec<u32>]| {
+        let flat: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| {
+                (0..t as usize).map(|j| r.get(j).map_or(i64::from(pad), |&id| i64::from(id)))
+            })
+            .collect();
+        Tensor::from_slice(&flat).view([b, t])
+    };
+    let prompt_ids = Tensor::from_slice(
+        &prompts
+            .concat()
+            .iter()
+            .map(|&x| i64::from(x))
+            .collect::<Vec<_>>(),
+    )
+    .view([b, p]);
+    let inputs = scratch.path().join("inputs.safetensors");
+    Tensor::write_safetensors(
+        &[
+            ("prompt_ids", prompt_ids),
+            ("completion_ids", ids(&completions)),
+            ("completion_mask", mask.to_kind(Kind::Int64)),
+            ("advantages", advantages.shallow_clone()),
+            ("old", old.shallow_clone()),
+            ("ref", reference.shallow_clone()),
+        ],
+        &inputs,
+    )
+    .unwrap();
+    let out = Command::new(&python)
+        .args(["-c", TRL_GRPO_LOSS])
+        .arg(&model_dir)
+        .arg(&inputs)
+        .arg(scratch.path().join("trl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "TRL: {}", text(&out.stderr));
+    let reported: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    let rewards = Tensor::from_slice(&[1.0f32, 0.0, 0.5, 2.5, 0.3, 0.3, 0.3, 0.3]);
+    let valid = Tensor::ones([8], (Kind::Float, Device::Cpu));
+    for (scale, name) in [(true, "group"), (false, "none")] {
+        let ours: Vec<f32> = Vec::try_from(&prefloop_train::group_advantages(
+            &rewards,
+            &valid,
+            4,
+            Estimator::Grpo,
+            scale,
+        ))
+        .unwrap();
+        let theirs: Vec<f64> =
+            serde_json::from_value(reported["advantages"][name].clone()).unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!(
+                (f64::from(*a) - b).abs() <= 1e-5,
+                "advantages, scale_rewards {name}: {ours:?} here, {theirs:?} in TRL"
+            );
+        }
+        assert_eq!(ours.len(), theirs.len());
+    }
+    let theirs: HashMap<String, f64> = serde_json::from_value(reported["losses"].clone()).unwrap();
+    let advantages = advantages.unsqueeze(1).expand([b, t], false);
+    for (aggregation, name) in [
+        (LossAggregation::SeqMeanTokenMean, "grpo"),
+        (LossAggregation::TokenMean, "bnpo"),
+        (LossAggregation::SeqMeanTokenSumNorm, "dr_grpo"),
+    ] {
+        let surrogate = policy_loss(
+            &logprobs,
+            &old,
+            &advantages,
+            &mask,
+            0.2,
+            0.28,
+            aggregation,
+            budget,
+        );
+        let kl = aggregation.apply(&k3_kl(&logprobs, &reference), &mask, budget);
+        let ours = (surrogate.loss + kl * 0.04).double_value(&[]);
+        let theirs = theirs[name];
+        assert!(
+            (ours - theirs).abs() <= 1e-4 * theirs.abs().max(1e-2),
+            "{name}: {ours} here, {theirs} in TRL"
+        );
+    }
+}
+
+/// DPO-Iter closed every answer with EOS: a chosen answer cut at the token budget taught the
+/// policy to stop mid-sentence. Each answer is now encoded as sampled: EOS where the policy
+/// ended it (or where it was not sampled at all), none where the budget or a stop string cut it.
+#[test]
+fn pair_answers_end_with_eos_only_where_the_policy_ended_them() {
+    if !default_model_path().exists() {
+        eprintln!("skipped: needs the embedded model (scripts/setup)");
+        return;
+    }
+    let model = Model::load(None, Device::Cpu, Precision::Fp32).unwrap();
+    let encoder = Encoder::new(&model.tokenizer, prefloop_train::EncodeConfig::default()).unwrap();
+    let end = model.tokenizer.end_of_turn_id().unwrap();
+    let pair = |chosen_finish, rejected_finish| prefloop_core::Pair {
+        prompt: "Say hi.".into(),
+        chosen: "Hi there".into(),
+        rejected: "No".into(),
+        chosen_reward: 1.0,
+        rejected_reward: 0.0,
+        margin: 1.0,
+        problem_id: "p".into(),
+        round: 0,
+        source: prefloop_core::PairSource::Policy,
+        chosen_finish,
+        rejected_finish,
+    };
+    use prefloop_core::Finish;
+    let pairs = [
+        pair(Some(Finish::Length), Some(Finish::Stop)),
+        pair(None, Some(Finish::StopString)),
+    ];
+    let examples = prefloop_train::pair_examples(&pairs, &encoder).unwrap();
+    let ends = |s: &prefloop_train::Sequence| s.answer.last() == Some(&end);
+    assert!(!ends(&examples[0].chosen), "cut at the budget: no EOS");
+    assert!(ends(&examples[0].rejected), "ended by the policy: EOS");
+    assert!(ends(&examples[1].chosen), "not sampled: a whole answer");
+    assert!(!ends(&examples[1].rejected), "cut at a stop string: no EOS");
 }
