@@ -1106,9 +1106,16 @@ fn three_nights_each_with_one_new_prompt_file_and_one_command() {
         [["mon-1", "mon-2"], ["tue-1", "tue-2"], ["wed-1", "wed-2"]],
         "each night only its new file"
     );
-    // Round 2 trained on its pairs and round 1's: 2 prompts a round, a pair each.
+    // Round 2 trained on its pairs and round 1's (a round's two prompts make a pair each
+    // unless both samples of one scored alike).
     let replayed: Vec<Pair> = rows(&run.join("round-0002/replay"));
-    assert_eq!(replayed.len(), 4);
+    let pairs = |round: u32| rows::<Pair>(&run.join(format!("round-{round:04}/pairs")));
+    let (yesterday, today) = (pairs(1), pairs(2));
+    assert!(!yesterday.is_empty() && !today.is_empty());
+    assert_eq!(replayed.len(), yesterday.len() + today.len());
+    for pair in yesterday.iter().chain(&today) {
+        assert!(replayed.contains(pair), "{pair:?} replayed");
+    }
     let status = text(&prefloop(&["status", run.to_str().unwrap()]).stdout);
     for file in ["2026-12-01.jsonl", "2026-12-02.jsonl", "2026-12-03.jsonl"] {
         assert!(status.contains(file), "status names {file}: {status}");
