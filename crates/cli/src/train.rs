@@ -45,7 +45,9 @@ pub enum Command {
     /// saves OUT/policy and OUT/critic. The paper's tricks are config switches
     /// (advantage_normalisation, rollout_batch_size, ema_reference, value_normalisation).
     /// With --lora-rank the actor and critic train adapters and the reference is the actor's
-    /// base with its adapters off, which cannot move: ema_reference is turned off.
+    /// base with its adapters off, which cannot move: ema_reference is turned off. Log-probs,
+    /// ratio and KL are of the logits divided by the rollouts' `temperature`; LoRA takes no
+    /// dropout here (the on-policy ratio must be 1).
     Ppo {
         #[command(flatten)]
         online: OnlineArgs,
@@ -54,7 +56,9 @@ pub enum Command {
     },
     /// A group estimator (GRPO, RLOO, REINFORCE++-baseline) from prompts with a reward model:
     /// group_size completions per prompt, advantages from each group, no critic; saves
-    /// OUT/policy. Settings: the GroupConfig fields (see crates/train/src/group.rs).
+    /// OUT/policy. Settings: the GroupConfig fields (see crates/train/src/group.rs). Log-probs,
+    /// ratio, KL and entropy are of the logits divided by the rollouts' `temperature`; LoRA
+    /// takes no dropout here (the on-policy ratio must be 1).
     Grpo {
         #[command(flatten)]
         online: OnlineArgs,
@@ -67,7 +71,10 @@ pub enum Command {
         #[command(flatten)]
         lora: LoraRankArgs,
     },
-    /// DPO or IPO on a pairs stage, the starting policy as reference; saves OUT/policy.
+    /// DPO or IPO on a pairs stage, the starting policy as reference; saves OUT/policy with
+    /// every EOS id of the model. Answers end with the token the chat template ends a turn with
+    /// (the tokenizer's eos_token), except sampled answers the policy did not end (the pairs'
+    /// chosen_finish / rejected_finish: length, stop_string), trained on as sampled.
     Dpo {
         /// The pairs stage to train on (`prefloop pairs …`, or TRL data through `import trl`).
         #[arg(long)]

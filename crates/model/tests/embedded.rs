@@ -151,7 +151,9 @@ fn stop_strings_end_and_cut_the_completion() {
     let france = request(&model, "What is the capital of France?", 0);
     let out = generate(&model, &[france], &params).unwrap();
     assert_eq!(out[0].text, "The capital of France is ");
-    assert_eq!(out[0].finish, prefloop_core::Finish::Stop);
+    // A stop string, not EOS, ended it: the policy sampled no EOS.
+    assert_eq!(out[0].finish, prefloop_core::Finish::StopString);
+    assert_eq!(out[0].eos, None);
 }
 
 /// An HF directory with the embedded model's tokenizer and the given config.
