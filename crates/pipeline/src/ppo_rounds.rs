@@ -95,22 +95,12 @@ impl Run<'_> {
     /// must follow the completion it scores. The others are scored again.
     pub(crate) fn stored_rewards(&mut self, round: u32, samples: &[Sample]) -> Result<Vec<f32>> {
         let dir = self.dir;
-        let mut scored: HashMap<(String, u32), f32> = HashMap::new();
-        for rows in StageReader::<Score>::open(dir.stage_dir(round, Stage::Score))? {
-            scored.extend(
-                rows?
-                    .into_iter()
-                    .map(|s| ((s.problem_id, s.sample_idx), s.reward)),
-            );
-        }
-        let mut texts: HashMap<(String, u32), String> = HashMap::new();
-        for rows in StageReader::<Sample>::open(dir.stage_dir(round, Stage::Generate))? {
-            texts.extend(
-                rows?
-                    .into_iter()
-                    .map(|s| ((s.problem_id, s.sample_idx), s.completion)),
-            );
-        }
+        let scored = by_key(&dir.stage_dir(round, Stage::Score), |s: Score| {
+            ((s.problem_id, s.sample_idx), s.reward)
+        })?;
+        let texts = by_key(&dir.stage_dir(round, Stage::Generate), |s: Sample| {
+            ((s.problem_id, s.sample_idx), s.completion)
+        })?;
         let mut rewards = Vec::with_capacity(samples.len());
         let mut stale = Vec::new();
         for (i, s) in samples.iter().enumerate() {
@@ -209,6 +199,19 @@ pub(crate) fn as_samples(config: &RunConfig, round: u32, rollouts: &[Rollout]) -
             finish: r.finish,
         })
         .collect()
+}
+
+/// Every row of the stage at `dir` as `entry` makes it: a (problem_id, sample_idx) key and a
+/// value.
+fn by_key<R: prefloop_core::Record, V>(
+    dir: &Path,
+    entry: impl Fn(R) -> ((String, u32), V),
+) -> Result<HashMap<(String, u32), V>> {
+    let mut map = HashMap::new();
+    for rows in StageReader::<R>::open(dir)? {
+        map.extend(rows?.into_iter().map(&entry));
+    }
+    Ok(map)
 }
 
 /// Writes `rows` as the whole stage at `dir`, discarding an unfinished earlier attempt.
