@@ -1970,7 +1970,7 @@ fn grpo_per_token_losses_match_trls_own_grpo_trainer() {
     let pad = model.tokenizer.pad_id();
     let batch = TokenBatch::new(&sequences, pad, Device::Cpu).at_temperature(0.7);
     // The completions' columns: every prompt is p tokens long.
-    let logprobs = TokenLogprobs::forward(&model.llama, &batch)
+    let logprobs = TokenLogprobs::forward(&model.decoder, &batch)
         .values
         .detach()
         .narrow(1, p - 1, t); // (B, T)

@@ -61,7 +61,7 @@ pub fn tiny_reward_model(dir: &Path) {
 
 fn tiny(dir: &Path, reward_head: bool) {
     let base = Model::load(None, Device::Cpu, Precision::Fp32).unwrap();
-    let mut config = base.llama.config().clone();
+    let mut config = base.decoder.config().clone();
     config.hidden_size = 64;
     config.intermediate_size = 128;
     config.num_hidden_layers = 2;
@@ -69,7 +69,7 @@ fn tiny(dir: &Path, reward_head: bool) {
     config.num_key_value_heads = Some(2);
     config.head_dim = None;
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let llama = prefloop_model::Llama::new(&vs, &config).unwrap();
+    let decoder = prefloop_model::Decoder::new(&vs, &config).unwrap();
     if reward_head {
         prefloop_model::ScalarHead::new(vs.root() / "score", config.hidden_size);
     }
@@ -89,7 +89,7 @@ fn tiny(dir: &Path, reward_head: bool) {
     });
     let model = Model {
         vs,
-        llama,
+        decoder,
         tokenizer: base.tokenizer,
         source: PathBuf::from("tiny"),
         adapters: None,

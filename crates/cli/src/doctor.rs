@@ -289,14 +289,14 @@ fn sdpa(model: Option<&Model>) -> Check {
             SETUP_FIX,
         );
     };
-    let llama = &model.llama;
+    let decoder = &model.decoder;
     Check::ok(
         "SDPA backends",
         format!(
             "training forward and prefill (causal): {}; decode step (query groups folded, \
              key mask): {}",
-            llama.causal_attention_backend(4, 256),
-            llama.decode_attention_backend(32, 256)
+            decoder.causal_attention_backend(4, 256),
+            decoder.decode_attention_backend(32, 256)
         ),
     )
 }

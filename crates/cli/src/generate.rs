@@ -92,7 +92,7 @@ pub fn run(args: &Args) -> Result<()> {
         raw_prompts: args.raw,
     };
     // Prompts whole (templated unless --raw), up to the model's context.
-    let context = model.llama.config().max_position_embeddings;
+    let context = model.decoder.config().max_position_embeddings;
     let encode = EncodeConfig {
         max_prompt_tokens: context,
         max_length: context + 1,

@@ -1,5 +1,5 @@
-//! The model's hyper-parameters, as in a Hugging Face `config.json` (Llama, Mistral, Qwen2,
-//! SmolLM2), or read from GGUF metadata into the same struct.
+//! The model's hyper-parameters, as in a Hugging Face `config.json` (every family in arch/), or
+//! read from GGUF metadata into the same struct.
 
 use std::path::Path;
 
@@ -35,7 +35,7 @@ fn default_rms_norm_eps() -> f64 {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    /// "llama", "mistral" or "qwen2".
+    /// The family (arch/mod.rs): "llama", "mistral", "qwen2", "qwen3".
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -64,6 +64,20 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
+    /// The keys a query sees in a sliding-window layer, itself included: Mistral's on every
+    /// layer, Qwen's on the layers `layer_types` names when `use_sliding_window`. Written even
+    /// when null: transformers' Mistral defaults it to 4096.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: whether `sliding_window` applies at all (transformers' default: no).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Qwen2/Qwen3 without `layer_types`: the layers from this one on slide (default 28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Each layer's attention, "full_attention" or "sliding_attention" (transformers ≥ 4.53).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
 }
 
 impl Config {
@@ -80,15 +94,60 @@ impl Config {
         if config.model_type == "qwen2" {
             config.attention_bias = true;
         }
-        config.check()?;
+        config.check().map_err(|e| ModelError::Config {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         Ok(config)
     }
 
+    /// The family exists and can honour every setting: an error names the field and value.
     pub fn check(&self) -> Result<()> {
-        match self.model_type.as_str() {
-            "llama" | "mistral" | "qwen2" => Ok(()),
-            other => Err(ModelError::UnknownArchitecture(other.to_owned())),
+        let family = crate::arch::family(self)?;
+        let refuse = |message: String| ModelError::Unsupported {
+            model_type: self.model_type.clone(),
+            message,
+        };
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return Err(refuse(format!(
+                    "layer_types lists {} layers, num_hidden_layers is {}",
+                    types.len(),
+                    self.num_hidden_layers
+                )));
+            }
+            if let Some((i, kind)) = types
+                .iter()
+                .enumerate()
+                .find(|(_, t)| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+            {
+                return Err(refuse(format!(
+                    "layer_types[{i}] `{kind}` is not supported (full_attention, sliding_attention)"
+                )));
+            }
         }
+        if self.sliding_window == Some(0) {
+            return Err(refuse("sliding_window 0 sees no key".into()));
+        }
+        (family.check)(self).map_err(refuse)
+    }
+
+    /// Layer `layer`'s attention window (the keys a query sees, itself included), None for
+    /// full attention, as transformers reads the config: `layer_types` where it lists them,
+    /// else Mistral's `sliding_window` on every layer, else Qwen's sliding layers from
+    /// `max_window_layers` on. Qwen's window applies only with `use_sliding_window`; Llama has
+    /// none.
+    pub fn layer_window(&self, layer: usize) -> Option<i64> {
+        let window = self.sliding_window? as i64;
+        let qwen = matches!(self.model_type.as_str(), "qwen2" | "qwen3");
+        let sliding = match &self.layer_types {
+            _ if self.model_type == "llama" => false,
+            _ if qwen && !self.use_sliding_window.unwrap_or(false) => false,
+            Some(types) => types[layer] == "sliding_attention",
+            None if qwen => layer >= self.max_window_layers.unwrap_or(28),
+            None => true,
+        };
+        sliding.then_some(window)
     }
 
     /// The sizes make a model: none zero, heads dividing evenly, and a model no bigger than
@@ -142,11 +201,18 @@ impl Config {
         let q = n(self.num_attention_heads).checked_mul(head)?;
         let kv = n(self.num_kv_heads()).checked_mul(head)?;
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let qk_norms = if self.model_type == "qwen3" {
+            2 * head
+        } else {
+            0
+        };
         let attention = hidden.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
         let mlp = hidden
             .checked_mul(n(self.intermediate_size))?
             .checked_mul(3)?;
-        let layer = attention.checked_add(mlp)?.checked_add(bias + 2 * hidden)?;
+        let layer = attention
+            .checked_add(mlp)?
+            .checked_add(bias + qk_norms + 2 * hidden)?;
         let embeddings = n(self.vocab_size).checked_mul(hidden)?;
         let heads = if self.tie_word_embeddings { 1 } else { 2 };
         n(self.num_hidden_layers)
@@ -159,10 +225,10 @@ impl Config {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Bias on o_proj: Llama's `attention_bias` puts one on all four attention projections,
-    /// where Qwen2's q/k/v bias leaves o_proj without.
+    /// Bias on o_proj: Llama's and Qwen3's `attention_bias` puts one on all four attention
+    /// projections, where Qwen2's q/k/v bias leaves o_proj without.
     pub fn output_bias(&self) -> bool {
-        self.attention_bias && self.model_type == "llama"
+        self.attention_bias && matches!(self.model_type.as_str(), "llama" | "qwen3")
     }
 
     pub fn head_dim(&self) -> usize {

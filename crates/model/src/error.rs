@@ -18,10 +18,11 @@ pub enum ModelError {
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
 
-    #[error(
-        "unknown architecture `{0}`: prefloop runs Llama-family models (llama, mistral, qwen2)"
-    )]
-    UnknownArchitecture(String),
+    #[error("unknown architecture `{model_type}`: prefloop runs {known}")]
+    UnknownArchitecture { model_type: String, known: String },
+
+    #[error("{model_type}: {message}")]
+    Unsupported { model_type: String, message: String },
 
     #[error("{}: missing weight `{name}`", path.display())]
     MissingWeight { path: PathBuf, name: String },

@@ -1,6 +1,6 @@
 //! Batched sampling built for throughput. Requests wait in a queue; a fixed number of slots
 //! decode together, one token per step for every slot, over a slot cache in which each row
-//! has its own length (llama.rs). Everything a step decides — the token (from uniforms each
+//! has its own length (blocks.rs). Everything a step decides — the token (from uniforms each
 //! request drew from its own seeded RNG and uploaded once when it joined), its log-prob, EOS,
 //! whether the row is done — stays on the device; the host reads the tokens back every
 //! `readback_every` steps (and when every row must be done), checks stop strings on what it
@@ -22,8 +22,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
+use crate::blocks::SlotCache;
 use crate::error::{ModelError, Result};
-use crate::llama::SlotCache;
 use crate::load::Model;
 
 /// How to sample. Defaults are the paper's rollout settings (temperature 1, top-k 200).
@@ -267,7 +267,7 @@ impl<'a> Engine<'a> {
             .collect();
         let eos = (!params.ignore_eos && !eos_ids.is_empty())
             .then(|| Tensor::from_slice(&eos_ids).to_device(device));
-        let cfg = model.llama.config();
+        let cfg = model.decoder.config();
         let vocab = cfg.vocab_size as i64;
         let long = |fill: i64| Tensor::full([slots], fill, (Kind::Int64, device));
         Self {
@@ -349,9 +349,9 @@ impl<'a> Engine<'a> {
         let width = self.width();
         let hidden = self
             .model
-            .llama
+            .decoder
             .decode_step(&next, &self.lens, width, &mut self.cache);
-        self.logits = self.model.llama.logits(&hidden).to_kind(Kind::Float);
+        self.logits = self.model.decoder.logits(&hidden).to_kind(Kind::Float);
         self.lens += self.live.to_kind(Kind::Int64);
         self.unread += 1;
         self.stats.decode_steps += 1;
@@ -471,7 +471,7 @@ impl<'a> Engine<'a> {
                 .narrow(2, 0, len)
                 .index_copy_(0, &at, &kv.index_select(0, &of));
         }
-        let logits = self.model.llama.logits(&hidden).to_kind(Kind::Float);
+        let logits = self.model.decoder.logits(&hidden).to_kind(Kind::Float);
         let _ = self
             .logits
             .index_copy_(0, &at, &logits.index_select(0, &of));
@@ -524,7 +524,7 @@ impl<'a> Engine<'a> {
         let (u, p) = (prompts.len() as i64, longest as i64);
         let input = Tensor::from_slice(&ids).view([u, p]).to_device(self.device);
         let began = Instant::now();
-        let (hidden, kv) = self.model.llama.prefill(&input); // (U, P, C)
+        let (hidden, kv) = self.model.decoder.prefill(&input); // (U, P, C)
         let last = Tensor::from_slice(&last).to_device(self.device);
         let hidden = hidden.flatten(0, 1).index_select(0, &last); // (U, C)
         self.stats.prefill_seconds += began.elapsed().as_secs_f64();

@@ -46,7 +46,11 @@ fn parse(bytes: &[u8], path: &Path) -> Result<GgufContents> {
         .map_err(|e| bad(format!("general.architecture: {e:?}")))?;
     let model_type = match arch {
         "llama" | "qwen2" => arch.to_owned(),
-        other => return Err(ModelError::UnknownArchitecture(other.to_owned())),
+        other => {
+            return Err(bad(format!(
+                "general.architecture `{other}`: prefloop reads GGUF files of llama and qwen2"
+            )));
+        }
     };
     let int = |key: &str| {
         gguf.get_usize(&format!("{arch}.{key}"))
@@ -77,6 +81,10 @@ fn parse(bytes: &[u8], path: &Path) -> Result<GgufContents> {
         attention_bias: model_type == "qwen2",
         bos_token_id: vocab.bos,
         eos_token_id: vocab.eos.map(serde_json::Value::from),
+        sliding_window: None,
+        use_sliding_window: None,
+        max_window_layers: None,
+        layer_types: None,
     };
 
     let mut weights = Vec::with_capacity(gguf.tensors.len());

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor, nn};
 
+use crate::blocks::fuse_projections;
 use crate::config::Config;
+use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::gguf;
-use crate::llama::{Llama, fuse_projections};
 use crate::precision::Precision;
 use crate::tokenizer::Tokenizer;
 
@@ -36,7 +37,7 @@ pub fn best_device() -> Device {
 #[derive(Debug)]
 pub struct Model {
     pub vs: nn::VarStore,
-    pub llama: Llama,
+    pub decoder: Decoder,
     pub tokenizer: Tokenizer,
     /// Where the weights came from (for logs and the `policy` column).
     pub source: PathBuf,
@@ -48,7 +49,7 @@ pub struct Model {
 impl Model {
     /// The dtype the weights are held and computed in.
     pub fn kind(&self) -> Kind {
-        self.llama.kind()
+        self.decoder.kind()
     }
 }
 
@@ -87,7 +88,7 @@ impl Model {
                 message,
             })?;
         let mut vs = nn::VarStore::new(device);
-        let llama = Llama::new(&vs, &config)?;
+        let decoder = Decoder::new(&vs, &config)?;
         fill(&vs, weights, &path)?;
         let kind = precision.kind(device);
         if kind != Kind::Float {
@@ -95,7 +96,7 @@ impl Model {
         }
         Ok(Self {
             vs,
-            llama,
+            decoder,
             tokenizer,
             source: path,
             adapters: None,

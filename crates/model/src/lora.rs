@@ -535,7 +535,7 @@ impl Model {
         })?;
         tch::manual_seed(seed as i64);
         let adapters = nn::VarStore::new(self.vs.device());
-        self.llama.attach_lora(&adapters, lora);
+        self.decoder.attach_lora(&adapters, lora);
         self.vs.freeze();
         self.adapters = Some(adapters);
         Ok(self)
@@ -571,7 +571,7 @@ impl Model {
     /// Writes the attached adapters alone as a PEFT directory at `dir` (replacing one that is
     /// there); an error if the model has none.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let (Some(store), Some(lora)) = (&self.adapters, self.llama.lora()) else {
+        let (Some(store), Some(lora)) = (&self.adapters, self.decoder.lora()) else {
             return Err(ModelError::Config {
                 path: dir.to_owned(),
                 message: "the model has no LoRA adapters to save".into(),
@@ -595,9 +595,9 @@ impl Model {
                     .map(|(name, t)| (name, t.to_kind(kind))),
             );
         }
-        if let Some(adapters) = self.llama.adapters() {
+        if let Some(adapters) = self.decoder.adapters() {
             let deltas: std::collections::HashMap<String, Tensor> = adapters
-                .merged_deltas(self.llama.config(), self.vs.device())
+                .merged_deltas(self.decoder.config(), self.vs.device())
                 .into_iter()
                 .collect();
             tch::no_grad(|| {

@@ -11,8 +11,8 @@ use std::path::Path;
 use serde_json::{Value, json};
 use tch::{Device, Tensor};
 
+use crate::blocks::split_projections;
 use crate::error::{ModelError, Result};
-use crate::llama::split_projections;
 use crate::load::Model;
 
 /// Where a saved model with LoRA adapters keeps them alone, as a PEFT directory.
@@ -53,15 +53,11 @@ impl Model {
             self.save_adapter(&dir.join(ADAPTER_DIR))?;
         }
         // Hugging Face's names: the fused projections split back into q/k/v and gate/up.
-        let named = split_projections(named, self.llama.config());
+        let named = split_projections(named, self.decoder.config());
         Tensor::write_safetensors(&named, dir.join("model.safetensors"))?;
 
-        let config = self.llama.config();
-        let family = match config.model_type.as_str() {
-            "qwen2" => "Qwen2",
-            "mistral" => "Mistral",
-            _ => "Llama",
-        };
+        let config = self.decoder.config();
+        let family = crate::arch::family(config)?.name;
         // A reward model (a scalar `score` head on the trunk) is transformers' sequence
         // classifier with one label; anything else is a causal LM.
         let reward_model = named.iter().any(|(name, _)| name == "score.weight");

@@ -150,7 +150,7 @@ fn a_rows_completion_does_not_depend_on_how_often_tokens_are_read_back() {
 #[test]
 fn decode_attention_takes_a_fused_kernel_on_the_cpu() {
     let Some(model) = embedded() else { return };
-    let llama = &model.llama;
-    assert_eq!(llama.decode_attention_backend(32, 300), "flash_attention");
-    assert_eq!(llama.causal_attention_backend(4, 256), "flash_attention");
+    let decoder = &model.decoder;
+    assert_eq!(decoder.decode_attention_backend(32, 300), "flash_attention");
+    assert_eq!(decoder.causal_attention_backend(4, 256), "flash_attention");
 }

@@ -44,7 +44,7 @@ save_file({k: v.contiguous() for k, v in logits.items()}, out)
 
 fn logits(model: &Model, ids: &[i64]) -> Tensor {
     let input = Tensor::from_slice(ids).unsqueeze(0);
-    tch::no_grad(|| model.llama.forward(&input)).squeeze_dim(0)
+    tch::no_grad(|| model.decoder.forward(&input)).squeeze_dim(0)
 }
 
 fn max_difference(a: &Tensor, b: &Tensor) -> f64 {
@@ -154,13 +154,13 @@ fn adapters_move_between_prefloop_and_peft_and_merge_to_the_same_model() {
         .values()
         .map(Tensor::numel)
         .sum();
-    assert_eq!(declared as u64, lora.parameter_count(ours.llama.config()));
+    assert_eq!(declared as u64, lora.parameter_count(ours.decoder.config()));
     let our_logits = logits(&ours, &ids);
     assert!(
         max_difference(&our_logits, &base_logits) > 1e-2,
         "the adapter changes nothing"
     );
-    let disabled = ours.llama.without_adapters(|| logits(&ours, &ids));
+    let disabled = ours.decoder.without_adapters(|| logits(&ours, &ids));
     assert!(disabled.equal(&base_logits), "adapters off is not the base");
     ours.save_adapter(&at("ours")).unwrap();
     ours.save(&at("merged")).unwrap();
@@ -214,7 +214,7 @@ fn adapters_move_between_prefloop_and_peft_and_merge_to_the_same_model() {
     );
 
     let theirs = load(&at("base")).load_adapter(&at("theirs")).unwrap();
-    let config = theirs.llama.lora().unwrap();
+    let config = theirs.decoder.lora().unwrap();
     assert_eq!((config.rank, config.alpha), (4, 4.0));
     let mut targets = config.targets.clone();
     targets.sort();
@@ -301,7 +301,7 @@ fn adapters_stay_fp32_over_a_bf16_base_and_its_activations_stay_bf16() {
             .all(|v| v.kind() == tch::Kind::Float && v.requires_grad())
     );
     let input = Tensor::from_slice(&[5i64, 17, 300, 42]).unsqueeze(0);
-    let logits = model.llama.forward(&input);
+    let logits = model.decoder.forward(&input);
     assert_eq!(
         logits.kind(),
         tch::Kind::BFloat16,

@@ -74,7 +74,7 @@ fn transformers_loads_what_prefloop_saved_and_agrees() {
 
     // Logits within 1e-3 at every position.
     let input = Tensor::from_slice(&theirs).unsqueeze(0);
-    let logits = tch::no_grad(|| model.llama.forward(&input)).squeeze_dim(0);
+    let logits = tch::no_grad(|| model.decoder.forward(&input)).squeeze_dim(0);
     let diff = (logits - &reference["logits"])
         .abs()
         .max()
@@ -103,8 +103,8 @@ fn transformers_loads_what_prefloop_saved_and_agrees() {
 
     // And prefloop loads its own saved directory to the same weights.
     let reloaded = Model::load(Some(&dir), Device::Cpu, Precision::Fp32).unwrap();
-    let again = tch::no_grad(|| reloaded.llama.forward(&input)).squeeze_dim(0);
-    let original = tch::no_grad(|| model.llama.forward(&input)).squeeze_dim(0);
+    let again = tch::no_grad(|| reloaded.decoder.forward(&input)).squeeze_dim(0);
+    let original = tch::no_grad(|| model.decoder.forward(&input)).squeeze_dim(0);
     assert_eq!(
         (again - original)
             .abs()
@@ -195,7 +195,7 @@ fn transformers_qwen2_and_llama3_rope_scaling_agree() {
             .collect();
         let model = Model::load(Some(&dir), Device::Cpu, Precision::Fp32).unwrap();
         let ids = reference["ids"].unsqueeze(0);
-        let logits = tch::no_grad(|| model.llama.forward(&ids)).squeeze_dim(0);
+        let logits = tch::no_grad(|| model.decoder.forward(&ids)).squeeze_dim(0);
         let diff = (logits - &reference["logits"])
             .abs()
             .max()

@@ -91,7 +91,7 @@ pub fn reference_logps(
         let indices: Vec<usize> = (done..examples.len()).collect();
         for chunk in indices.chunks(batch_size) {
             let batch = pair_batch(examples, chunk, model);
-            let sums = sequence_sum(&token_logprobs(&model.llama, &batch), &batch.loss_mask);
+            let sums = sequence_sum(&token_logprobs(&model.decoder, &batch), &batch.loss_mask);
             let sums: Vec<f32> = Vec::try_from(&sums.to_device(tch::Device::Cpu))?;
             let b = chunk.len();
             let rows: Vec<ReferenceLogps> = chunk
@@ -201,8 +201,8 @@ pub fn dpo_backward(
 ) -> MicroBatch {
     let b = batch.input_ids.size()[0] / 2;
     let logprobs = model
-        .llama
-        .training(|| TokenLogprobs::forward(&model.llama, batch));
+        .decoder
+        .training(|| TokenLogprobs::forward(&model.decoder, batch));
     let tokens = batch
         .loss_mask
         .sum_dim_intlist([1].as_slice(), false, Kind::Float); // (2B,)
@@ -237,7 +237,7 @@ pub fn dpo_backward(
     }
     weighted.backward();
     let loss = weighted.detach() / share.pairs.max(f64::MIN_POSITIVE);
-    logprobs.backward(&model.llama);
+    logprobs.backward(&model.decoder);
 
     let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
     let margins = &out.chosen_rewards - &out.rejected_rewards;

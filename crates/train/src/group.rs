@@ -671,10 +671,10 @@ fn make_experience(
     )
     .to_device(device);
     let loss_mask = &batch.loss_mask * valid.unsqueeze(1);
-    let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.llama, &batch);
-    let actor = &models.actor.llama;
+    let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.decoder, &batch);
+    let actor = &models.actor.decoder;
     let reference_logprobs = match &models.reference {
-        Some(reference) => token_logprobs(&reference.llama, &batch),
+        Some(reference) => token_logprobs(&reference.decoder, &batch),
         // LoRA: the reference is the base the adapters sit on.
         None if config.uses_reference() => actor.without_adapters(|| token_logprobs(actor, &batch)),
         None => old_logprobs.shallow_clone(),
@@ -749,10 +749,10 @@ fn train_on(
                 let batch = e.batch.select(&rows);
                 let pick = |t: &Tensor| t.index_select(0, &rows);
                 let mask = pick(&e.loss_mask);
-                let llama = &models.actor.llama;
-                let logprobs = llama.training(|| match config.entropy_coef > 0.0 {
-                    true => TokenLogprobs::with_entropy(llama, &batch),
-                    false => TokenLogprobs::forward(llama, &batch),
+                let decoder = &models.actor.decoder;
+                let logprobs = decoder.training(|| match config.entropy_coef > 0.0 {
+                    true => TokenLogprobs::with_entropy(decoder, &batch),
+                    false => TokenLogprobs::forward(decoder, &batch),
                 });
                 let out = policy_loss(
                     &logprobs.values,
@@ -776,7 +776,7 @@ fn train_on(
                         * config.entropy_coef;
                 }
                 (&loss * weight).backward();
-                logprobs.backward(&models.actor.llama);
+                logprobs.backward(&models.actor.decoder);
                 optimizer.accumulate();
                 add("policy_loss", out.loss.double_value(&[]), weight);
                 add("loss", loss.double_value(&[]), weight);

@@ -18,7 +18,7 @@
 //! the batch's sampling temperature (TRL, veRL and OpenRLHF do the same), so that at T ≠ 1 the
 //! ratio, the KL and the entropy are of π_T, not of π_1.
 
-use prefloop_model::Llama;
+use prefloop_model::Decoder;
 use tch::{Device, Kind, Tensor};
 
 /// Budget for one chunk's fp32 logits: positions per chunk = budget / (B · V · 4 bytes).
@@ -93,10 +93,10 @@ impl TokenBatch {
         }
     }
 
-    /// Final hidden states of `llama` over the batch, (B, T, C). Right padding needs only the
+    /// Final hidden states of `decoder` over the batch, (B, T, C). Right padding needs only the
     /// causal mask: real tokens never attend to the padding after them.
-    pub fn hidden(&self, llama: &Llama) -> Tensor {
-        llama.forward_hidden_causal(&self.input_ids)
+    pub fn hidden(&self, decoder: &Decoder) -> Tensor {
+        decoder.forward_hidden_causal(&self.input_ids)
     }
 
     /// The rows `rows` of the batch, as a batch of their own.
@@ -140,8 +140,8 @@ impl TokenBatch {
 }
 
 /// The fp32 logits of one chunk at the sampling temperature: hidden (B, c, C) → (B, c, V).
-fn chunk_logits(llama: &Llama, hidden: &Tensor, temperature: f64) -> Tensor {
-    let logits = llama.logits(hidden).to_kind(Kind::Float);
+fn chunk_logits(decoder: &Decoder, hidden: &Tensor, temperature: f64) -> Tensor {
+    let logits = decoder.logits(hidden).to_kind(Kind::Float);
     if temperature == 1.0 {
         logits
     } else {
@@ -150,8 +150,13 @@ fn chunk_logits(llama: &Llama, hidden: &Tensor, temperature: f64) -> Tensor {
 }
 
 /// log π_T(target | prefix) of one chunk: hidden (B, c, C), targets (B, c) → (B, c) fp32.
-fn chunk_logprobs(llama: &Llama, hidden: &Tensor, targets: &Tensor, temperature: f64) -> Tensor {
-    let logits = chunk_logits(llama, hidden, temperature); // (B, c, V)
+fn chunk_logprobs(
+    decoder: &Decoder,
+    hidden: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+) -> Tensor {
+    let logits = chunk_logits(decoder, hidden, temperature); // (B, c, V)
     let picked = logits
         .gather(-1, &targets.unsqueeze(-1), false)
         .squeeze_dim(-1);
@@ -161,12 +166,12 @@ fn chunk_logprobs(llama: &Llama, hidden: &Tensor, targets: &Tensor, temperature:
 /// log π_T(target | prefix) and π_T's entropy at each position of one chunk: hidden
 /// (B, c, C), targets (B, c) → two (B, c) fp32.
 fn chunk_logprobs_and_entropy(
-    llama: &Llama,
+    decoder: &Decoder,
     hidden: &Tensor,
     targets: &Tensor,
     temperature: f64,
 ) -> (Tensor, Tensor) {
-    let logits = chunk_logits(llama, hidden, temperature);
+    let logits = chunk_logits(decoder, hidden, temperature);
     let log_p = logits.log_softmax(-1, Kind::Float); // (B, c, V)
     let picked = log_p
         .gather(-1, &targets.unsqueeze(-1), false)
@@ -191,12 +196,12 @@ fn for_chunks(from: i64, t: i64, chunk: i64, mut f: impl FnMut(i64, i64)) {
 }
 
 /// Per-token log-probs of the batch's targets, (B, T-1) fp32, without a graph.
-pub fn token_logprobs(llama: &Llama, batch: &TokenBatch) -> Tensor {
+pub fn token_logprobs(decoder: &Decoder, batch: &TokenBatch) -> Tensor {
     tch::no_grad(|| {
-        let hidden = batch.hidden(llama);
+        let hidden = batch.hidden(decoder);
         let b = hidden.size()[0];
-        let chunk = chunk_len(b, llama.config().vocab_size as i64);
-        logprobs_of_hidden(llama, &hidden, &batch.targets(), batch, chunk)
+        let chunk = chunk_len(b, decoder.config().vocab_size as i64);
+        logprobs_of_hidden(decoder, &hidden, &batch.targets(), batch, chunk)
     })
 }
 
@@ -211,7 +216,7 @@ fn after_zeros(parts: Vec<Tensor>, b: i64, first: i64, like: &Tensor) -> Tensor 
 /// from `batch`'s first action column on, at its temperature, `chunk` positions at a time:
 /// both (B, T) fp32, 0 before the first action.
 fn logprobs_and_entropy_of_hidden(
-    llama: &Llama,
+    decoder: &Decoder,
     hidden: &Tensor,
     targets: &Tensor,
     batch: &TokenBatch,
@@ -222,7 +227,7 @@ fn logprobs_and_entropy_of_hidden(
     let (mut logprobs, mut entropies) = (Vec::new(), Vec::new());
     for_chunks(first, t, chunk, |start, len| {
         let (picked, entropy) = chunk_logprobs_and_entropy(
-            llama,
+            decoder,
             &hidden.narrow(1, start, len),
             &targets.narrow(1, start, len),
             batch.temperature,
@@ -238,20 +243,20 @@ fn logprobs_and_entropy_of_hidden(
 
 /// Per-token log-probs and the policy's entropy at each position, both (B, T-1) fp32,
 /// without a graph (PPO's rollout statistics).
-pub fn token_logprobs_and_entropy(llama: &Llama, batch: &TokenBatch) -> (Tensor, Tensor) {
+pub fn token_logprobs_and_entropy(decoder: &Decoder, batch: &TokenBatch) -> (Tensor, Tensor) {
     tch::no_grad(|| {
-        let hidden = batch.hidden(llama);
+        let hidden = batch.hidden(decoder);
         let targets = batch.targets();
         let (b, _) = targets.size2().expect("(B, T-1)");
-        let chunk = chunk_len(b, llama.config().vocab_size as i64);
-        logprobs_and_entropy_of_hidden(llama, &hidden, &targets, batch, chunk)
+        let chunk = chunk_len(b, decoder.config().vocab_size as i64);
+        logprobs_and_entropy_of_hidden(decoder, &hidden, &targets, batch, chunk)
     })
 }
 
 /// Per-token log-probs of `targets` (B, T-1) given the trunk's `hidden` (B, T, C), from
 /// `batch`'s first action column on (0 before it), at its temperature.
 fn logprobs_of_hidden(
-    llama: &Llama,
+    decoder: &Decoder,
     hidden: &Tensor,
     targets: &Tensor,
     batch: &TokenBatch,
@@ -262,7 +267,7 @@ fn logprobs_of_hidden(
     let mut parts = Vec::new();
     for_chunks(first, t, chunk, |start, len| {
         parts.push(chunk_logprobs(
-            llama,
+            decoder,
             &hidden.narrow(1, start, len),
             &targets.narrow(1, start, len),
             batch.temperature,
@@ -297,36 +302,36 @@ pub struct TokenLogprobs {
 }
 
 impl TokenLogprobs {
-    pub fn forward(llama: &Llama, batch: &TokenBatch) -> Self {
+    pub fn forward(decoder: &Decoder, batch: &TokenBatch) -> Self {
         let b = batch.input_ids.size()[0];
         Self::forward_in_chunks(
-            llama,
+            decoder,
             batch,
-            chunk_len(b, llama.config().vocab_size as i64),
+            chunk_len(b, decoder.config().vocab_size as i64),
             false,
         )
     }
 
     /// As [`TokenLogprobs::forward`], with the entropy at each position too (twice the
     /// chunk's fp32 logits in memory).
-    pub fn with_entropy(llama: &Llama, batch: &TokenBatch) -> Self {
+    pub fn with_entropy(decoder: &Decoder, batch: &TokenBatch) -> Self {
         let b = batch.input_ids.size()[0];
         Self::forward_in_chunks(
-            llama,
+            decoder,
             batch,
-            chunk_len(b, llama.config().vocab_size as i64),
+            chunk_len(b, decoder.config().vocab_size as i64),
             true,
         )
     }
 
     /// As [`TokenLogprobs::forward`], `chunk` positions at a time.
     pub(crate) fn forward_in_chunks(
-        llama: &Llama,
+        decoder: &Decoder,
         batch: &TokenBatch,
         chunk: i64,
         entropy: bool,
     ) -> Self {
-        let hidden = batch.hidden(llama);
+        let hidden = batch.hidden(decoder);
         let t = hidden.size()[1] - 1;
         let detached = hidden.narrow(1, 0, t).detach();
         let targets = batch.targets();
@@ -334,12 +339,12 @@ impl TokenLogprobs {
         let (values, entropy) = tch::no_grad(|| {
             if !entropy {
                 return (
-                    logprobs_of_hidden(llama, &detached, &targets, batch, chunk),
+                    logprobs_of_hidden(decoder, &detached, &targets, batch, chunk),
                     None,
                 );
             }
             let (values, entropy) =
-                logprobs_and_entropy_of_hidden(llama, &detached, &targets, batch, chunk);
+                logprobs_and_entropy_of_hidden(decoder, &detached, &targets, batch, chunk);
             (values, Some(entropy))
         });
         Self {
@@ -356,7 +361,7 @@ impl TokenLogprobs {
 
     /// Back-propagates the gradient the loss left on `values` through the LM head and the
     /// trunk, accumulating into the parameters' `.grad`.
-    pub fn backward(self, llama: &Llama) {
+    pub fn backward(self, decoder: &Decoder) {
         let grad = self.values.grad();
         let entropy_grad = self
             .entropy
@@ -367,7 +372,7 @@ impl TokenLogprobs {
             return;
         }
         let t = self.targets.size()[1];
-        let head = llama.lm_head();
+        let head = decoder.lm_head();
         let train_head = head.requires_grad();
         let mut head_grad: Option<Tensor> = None; // (V, C) fp32
         let mut hidden_grads = Vec::new();
@@ -379,12 +384,12 @@ impl TokenLogprobs {
                 .set_requires_grad(true);
             let targets = self.targets.narrow(1, start, len);
             let objective = match &entropy_grad {
-                None => (chunk_logprobs(llama, &hidden, &targets, self.temperature)
+                None => (chunk_logprobs(decoder, &hidden, &targets, self.temperature)
                     * grad.narrow(1, start, len))
                 .sum(Kind::Float),
                 Some(entropy_grad) => {
                     let (logprobs, entropy) =
-                        chunk_logprobs_and_entropy(llama, &hidden, &targets, self.temperature);
+                        chunk_logprobs_and_entropy(decoder, &hidden, &targets, self.temperature);
                     (logprobs * grad.narrow(1, start, len)
                         + entropy * entropy_grad.narrow(1, start, len))
                     .sum(Kind::Float)
@@ -446,7 +451,7 @@ pub fn log_ratios(
         let parts: Vec<(&[u32], &[u32])> = sequences.iter().map(|s| s.parts()).collect();
         let logps = |model: &prefloop_model::Model| -> crate::Result<Vec<f32>> {
             let batch = TokenBatch::new(&parts, model.tokenizer.pad_id(), model.vs.device());
-            let sums = sequence_sum(&token_logprobs(&model.llama, &batch), &batch.loss_mask);
+            let sums = sequence_sum(&token_logprobs(&model.decoder, &batch), &batch.loss_mask);
             Ok(Vec::try_from(&sums.to_device(Device::Cpu))?)
         };
         let (ours, theirs) = (logps(policy)?, logps(reference)?);
@@ -462,7 +467,7 @@ mod tests {
 
     use super::*;
 
-    fn tiny_llama() -> (VarStore, Llama) {
+    fn tiny_llama() -> (VarStore, Decoder) {
         let config: Config = serde_json::from_value(serde_json::json!({
             "model_type": "llama", "vocab_size": 50, "hidden_size": 16,
             "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -471,14 +476,14 @@ mod tests {
         }))
         .unwrap();
         let vs = VarStore::new(Device::Cpu);
-        let llama = Llama::new(&vs, &config).unwrap();
+        let decoder = Decoder::new(&vs, &config).unwrap();
         tch::manual_seed(7);
         tch::no_grad(|| {
             for (_, mut v) in vs.variables() {
                 v.copy_(&(v.randn_like() * 0.3));
             }
         });
-        (vs, llama)
+        (vs, decoder)
     }
 
     fn batch() -> TokenBatch {
@@ -519,34 +524,34 @@ mod tests {
     /// Gradients of Σ w·logπ (+ u·Σ entropy) through the chunked path, by name.
     fn chunked_grads(
         vs: &VarStore,
-        llama: &Llama,
+        decoder: &Decoder,
         batch: &TokenBatch,
         chunk: i64,
         w: &Tensor,
         entropy_weight: Option<f64>,
     ) -> (Tensor, Vec<(String, Tensor)>) {
         let logprobs =
-            TokenLogprobs::forward_in_chunks(llama, batch, chunk, entropy_weight.is_some());
+            TokenLogprobs::forward_in_chunks(decoder, batch, chunk, entropy_weight.is_some());
         let mut objective = (&logprobs.values * &batch.loss_mask * w).sum(Kind::Float);
         if let (Some(u), Some(entropy)) = (entropy_weight, &logprobs.entropy) {
             objective += (entropy * &batch.loss_mask).sum(Kind::Float) * u;
         }
         objective.backward();
         let values = logprobs.values.detach();
-        logprobs.backward(llama);
+        logprobs.backward(decoder);
         (values, take_grads(vs))
     }
 
     #[test]
     fn an_entropy_bonus_flows_back_through_the_chunks_as_through_the_whole_softmax() {
-        let (vs, llama) = tiny_llama();
+        let (vs, decoder) = tiny_llama();
         for (batch, w) in cases() {
-            entropy_bonus_case(&vs, &llama, &batch, &w);
+            entropy_bonus_case(&vs, &decoder, &batch, &w);
         }
     }
 
-    fn entropy_bonus_case(vs: &VarStore, llama: &Llama, batch: &TokenBatch, w: &Tensor) {
-        let logits = llama.forward(&batch.input_ids);
+    fn entropy_bonus_case(vs: &VarStore, decoder: &Decoder, batch: &TokenBatch, w: &Tensor) {
+        let logits = decoder.forward(&batch.input_ids);
         let t = logits.size()[1] - 1;
         let log_p = logits.narrow(1, 0, t).log_softmax(-1, Kind::Float);
         let picked = log_p
@@ -558,7 +563,7 @@ mod tests {
             .backward();
         let expected = take_grads(vs);
         for chunk in [1, 3, 100] {
-            let (_, grads) = chunked_grads(vs, llama, batch, chunk, w, Some(0.3));
+            let (_, grads) = chunked_grads(vs, decoder, batch, chunk, w, Some(0.3));
             for ((name, g), (_, e)) in grads.iter().zip(&expected) {
                 let diff = (g - e).abs().max().double_value(&[]);
                 assert!(
@@ -574,11 +579,11 @@ mod tests {
     /// of π_1, the distribution the samples did not come from.)
     #[test]
     fn log_probs_entropy_and_gradients_are_of_the_sampling_temperature() {
-        let (vs, llama) = tiny_llama();
+        let (vs, decoder) = tiny_llama();
         let batch_at_one = batch;
         let batch = batch_at_one().at_temperature(0.7);
         let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).view([3, 1]);
-        let logits = llama.forward(&batch.input_ids);
+        let logits = decoder.forward(&batch.input_ids);
         let t = logits.size()[1] - 1;
         let log_p = (logits.narrow(1, 0, t) / 0.7).log_softmax(-1, Kind::Float);
         let picked = log_p
@@ -591,15 +596,15 @@ mod tests {
         let expected = take_grads(&vs);
         let masked = |x: &Tensor| x * &batch.loss_mask;
         let diff = |a: &Tensor, b: &Tensor| (masked(a) - masked(b)).abs().max().double_value(&[]);
-        let (plain, plain_entropy) = token_logprobs_and_entropy(&llama, &batch);
+        let (plain, plain_entropy) = token_logprobs_and_entropy(&decoder, &batch);
         assert!(diff(&plain, &picked.detach()) < 1e-5, "log-probs at T");
         assert!(
             diff(&plain_entropy, &entropy.detach()) < 1e-5,
             "entropy at T"
         );
-        assert!(diff(&token_logprobs(&llama, &batch), &picked.detach()) < 1e-5);
+        assert!(diff(&token_logprobs(&decoder, &batch), &picked.detach()) < 1e-5);
         for chunk in [1, 100] {
-            let (values, grads) = chunked_grads(&vs, &llama, &batch, chunk, &w, Some(0.3));
+            let (values, grads) = chunked_grads(&vs, &decoder, &batch, chunk, &w, Some(0.3));
             assert!(diff(&values, &picked.detach()) < 1e-5, "chunk {chunk}");
             for ((name, g), (_, e)) in grads.iter().zip(&expected) {
                 let d = (g - e).abs().max().double_value(&[]);
@@ -607,25 +612,25 @@ mod tests {
             }
         }
         // And they are not π_1's.
-        assert!(diff(&plain, &token_logprobs(&llama, &batch_at_one())) > 1e-3);
+        assert!(diff(&plain, &token_logprobs(&decoder, &batch_at_one())) > 1e-3);
     }
 
     #[test]
     fn chunked_log_probs_and_gradients_equal_the_whole_log_softmax() {
-        let (vs, llama) = tiny_llama();
+        let (vs, decoder) = tiny_llama();
         let batch = batch();
         assert_eq!(batch.tokens, 8 + 3 + 10);
         // Completion targets: row 1 has prompt [11] and answer [12, 13], targets 12 and 13.
         let mask: Vec<f32> = Vec::try_from(batch.loss_mask.get(1)).unwrap();
         assert_eq!(mask, [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         for (batch, w) in cases() {
-            log_probs_case(&vs, &llama, &batch, &w);
+            log_probs_case(&vs, &decoder, &batch, &w);
         }
     }
 
-    fn log_probs_case(vs: &VarStore, llama: &Llama, batch: &TokenBatch, w: &Tensor) {
+    fn log_probs_case(vs: &VarStore, decoder: &Decoder, batch: &TokenBatch, w: &Tensor) {
         // Direct: the whole (B, T-1, V) log-softmax with autograd.
-        let logits = llama.forward(&batch.input_ids);
+        let logits = decoder.forward(&batch.input_ids);
         let t = logits.size()[1] - 1;
         let direct = logits
             .narrow(1, 0, t)
@@ -636,7 +641,7 @@ mod tests {
         let expected = take_grads(vs);
 
         for chunk in [1, 3, 100] {
-            let (values, grads) = chunked_grads(vs, llama, batch, chunk, w, None);
+            let (values, grads) = chunked_grads(vs, decoder, batch, chunk, w, None);
             let masked = |x: &Tensor| x * &batch.loss_mask;
             let diff = (masked(&values) - masked(&direct.detach()))
                 .abs()
@@ -652,7 +657,7 @@ mod tests {
             }
         }
         // The no-graph path agrees too.
-        let plain = token_logprobs(llama, batch);
+        let plain = token_logprobs(decoder, batch);
         let diff = ((plain - direct.detach()) * &batch.loss_mask)
             .abs()
             .max()

@@ -273,11 +273,11 @@ impl PpoModels {
     /// log π_ref of the batch's tokens: the reference's, or the actor's with its adapters off.
     fn reference_logprobs(&self, batch: &TokenBatch) -> Tensor {
         match &self.reference {
-            Some(reference) => token_logprobs(&reference.llama, batch),
+            Some(reference) => token_logprobs(&reference.decoder, batch),
             None => self
                 .actor
-                .llama
-                .without_adapters(|| token_logprobs(&self.actor.llama, batch)),
+                .decoder
+                .without_adapters(|| token_logprobs(&self.actor.decoder, batch)),
         }
     }
 }
@@ -453,7 +453,7 @@ fn rollout_requests(chosen: &[usize], seed: u64, iteration: u64) -> Vec<RolloutR
 /// The critic's values at every position, (B, T), without a graph: V(s_t) of the state after
 /// token t.
 fn critic_values(critic: &RewardModel, batch: &TokenBatch) -> Tensor {
-    let hidden = batch.hidden(&critic.model.llama);
+    let hidden = batch.hidden(&critic.model.decoder);
     critic.head.per_token(&hidden).to_kind(Kind::Float)
 }
 
@@ -468,7 +468,7 @@ fn make_experience(
     let device = batch.input_ids.device();
     let mask = batch.loss_mask.shallow_clone();
     let t = mask.size()[1];
-    let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.llama, &batch);
+    let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.decoder, &batch);
     let reference_logprobs = models.reference_logprobs(&batch);
     let all_values = tch::no_grad(|| critic_values(&models.critic, &batch)); // (B, T)
     let values = all_values.narrow(1, 0, t) * &mask;
@@ -592,7 +592,7 @@ fn train_on(
                 let pick = |t: &Tensor| t.index_select(0, &rows);
                 let mask = &batch.loss_mask;
 
-                let actor = &models.actor.llama;
+                let actor = &models.actor.decoder;
                 let logprobs = actor.training(|| TokenLogprobs::forward(actor, &batch));
                 let out = policy_loss(
                     &logprobs.values,
@@ -605,13 +605,13 @@ fn train_on(
                     config.max_new_tokens,
                 );
                 (&out.loss * weight).backward();
-                logprobs.backward(&models.actor.llama);
+                logprobs.backward(&models.actor.decoder);
                 actor_opt.accumulate();
                 add("policy_loss", out.loss.double_value(&[]), weight);
                 add("clip_fraction", out.clip_fraction.double_value(&[]), weight);
                 add("approx_kl", out.approx_kl.double_value(&[]), weight);
 
-                let critic = &models.critic.model.llama;
+                let critic = &models.critic.model.decoder;
                 let hidden = critic.training(|| batch.hidden(critic));
                 let t = hidden.size()[1] - 1;
                 let values = models

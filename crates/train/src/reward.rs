@@ -39,7 +39,7 @@ impl RewardModel {
         // The head is declared in fp32 and, without adapters, takes the trunk's dtype below.
         let kind = model.kind();
         let store = model.trainable();
-        let head = ScalarHead::new(store.root() / "score", model.llama.config().hidden_size);
+        let head = ScalarHead::new(store.root() / "score", model.decoder.config().hidden_size);
         let file = model.source.join("model.safetensors");
         if model.source.is_dir() && file.exists() {
             let saved = Tensor::read_safetensors(&file).map_err(|e| TrainError::Checkpoint {
@@ -99,7 +99,7 @@ impl RewardModel {
 
     /// Scores of the sequences of a batch, (B,) fp32.
     fn scores(&self, batch: &crate::logprobs::TokenBatch) -> Tensor {
-        let hidden = batch.hidden(&self.model.llama);
+        let hidden = batch.hidden(&self.model.decoder);
         self.head
             .at_last_token(&hidden, &batch.attention_mask)
             .to_kind(Kind::Float)
@@ -227,7 +227,7 @@ pub fn train_reward_model(
             let indices: Vec<usize> = positions.iter().map(|&p| train_indices[p]).collect();
             let b = indices.len() as i64;
             let batch = pair_batch(&examples, &indices, &rm.model);
-            let scores = rm.model.llama.training(|| rm.scores(&batch));
+            let scores = rm.model.decoder.training(|| rm.scores(&batch));
             let (chosen, rejected) = (scores.narrow(0, 0, b), scores.narrow(0, b, b));
             let loss = bradley_terry_loss(&chosen, &rejected);
             (&loss * weight).backward();

@@ -65,11 +65,11 @@ pub fn train_sft(
                 indices.iter().map(|&i| examples[i].parts()).collect();
             let batch = TokenBatch::new(&sequences, model.tokenizer.pad_id(), model.vs.device());
             let logprobs = model
-                .llama
-                .training(|| TokenLogprobs::forward(&model.llama, &batch));
+                .decoder
+                .training(|| TokenLogprobs::forward(&model.decoder, &batch));
             let loss = sft_loss(&logprobs.values, &batch.loss_mask);
             (&loss * weight).backward();
-            logprobs.backward(&model.llama);
+            logprobs.backward(&model.decoder);
             Ok(MicroBatch {
                 metrics: BTreeMap::from([("loss".to_string(), loss.double_value(&[]))]),
                 tokens: batch.tokens,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use prefloop_model::{Config, Llama, Model, Precision, fill};
+use prefloop_model::{Config, Decoder, Model, Precision, fill};
 use prefloop_train::{
     AdamW, Estimator, LossAggregation, OptimConfig, PreferenceLoss, RunningMoments, TokenBatch,
     TokenLogprobs, bradley_terry_loss, ema_update, gae, group_advantages, k3_kl,
@@ -325,14 +325,14 @@ impl Golden {
         self.get(name).double_value(&[0])
     }
 
-    fn tiny_llama(&self) -> (VarStore, Llama) {
+    fn tiny_llama(&self) -> (VarStore, Decoder) {
         let dir = self.dir.join("model");
         let config = Config::from_file(&dir.join("config.json")).unwrap();
         let vs = VarStore::new(Device::Cpu);
-        let llama = Llama::new(&vs, &config).unwrap();
+        let decoder = Decoder::new(&vs, &config).unwrap();
         let file = dir.join("model.safetensors");
         fill(&vs, Tensor::read_safetensors(&file).unwrap(), &file).unwrap();
-        (vs, llama)
+        (vs, decoder)
     }
 
     /// PyTorch's value of one of our parameters under `prefix` ("before", "after", …): the
@@ -382,11 +382,11 @@ impl Golden {
 }
 
 impl Golden {
-    /// The DPO loss (β 0.1) of the two golden pairs under `llama`, with the log-probs to
+    /// The DPO loss (β 0.1) of the two golden pairs under `decoder`, with the log-probs to
     /// back-propagate through.
-    fn dpo_loss(&self, llama: &Llama) -> (TokenLogprobs, prefloop_train::PreferenceOutput) {
+    fn dpo_loss(&self, decoder: &Decoder) -> (TokenLogprobs, prefloop_train::PreferenceOutput) {
         let batch = self.pair_batch();
-        let logprobs = TokenLogprobs::forward(llama, &batch);
+        let logprobs = TokenLogprobs::forward(decoder, &batch);
         let sums = sequence_sum(&logprobs.values, &batch.loss_mask);
         let reference = self.get("ref_logps");
         let out = preference_loss(
@@ -418,10 +418,10 @@ fn assert_scalar(ours: &Tensor, theirs: f64, what: &str) {
 #[test]
 fn masked_sequence_log_probs() {
     let g = golden_or_skip!();
-    let (_vs, llama) = g.tiny_llama();
+    let (_vs, decoder) = g.tiny_llama();
     let batch = g.pair_batch();
     let sums = sequence_sum(
-        &prefloop_train::token_logprobs(&llama, &batch),
+        &prefloop_train::token_logprobs(&decoder, &batch),
         &batch.loss_mask,
     );
     assert_close(&sums, g.get("seq_logps"), "sequence log-probs");
@@ -555,11 +555,11 @@ fn value_normalisation_moments_match_the_pooled_statistics() {
 #[test]
 fn one_dpo_optimiser_step_equals_pytorch() {
     let g = golden_or_skip!();
-    let (vs, llama) = g.tiny_llama();
-    let (logprobs, out) = g.dpo_loss(&llama);
+    let (vs, decoder) = g.tiny_llama();
+    let (logprobs, out) = g.dpo_loss(&decoder);
     assert_scalar(&out.loss, g.scalar("dpo_loss"), "DPO loss of the step");
     out.loss.backward();
-    logprobs.backward(&llama);
+    logprobs.backward(&decoder);
     let config = OptimConfig {
         lr: 1e-3,
         weight_decay: 0.1,
@@ -591,16 +591,16 @@ fn one_dpo_optimiser_step_equals_pytorch() {
 #[test]
 fn one_bf16_dpo_step_with_fp32_master_weights_matches_pytorch_in_bf16() {
     let g = golden_or_skip!();
-    let (mut vs, llama) = g.tiny_llama();
+    let (mut vs, decoder) = g.tiny_llama();
     vs.set_kind(Kind::BFloat16);
-    let (logprobs, out) = g.dpo_loss(&llama);
+    let (logprobs, out) = g.dpo_loss(&decoder);
     let (ours, theirs) = (out.loss.double_value(&[]), g.scalar("bf16.loss"));
     assert!(
         (ours - theirs).abs() <= 1e-2 * theirs.abs(),
         "bf16 DPO loss {ours} vs PyTorch's {theirs}"
     );
     out.loss.backward();
-    logprobs.backward(&llama);
+    logprobs.backward(&decoder);
     let config = OptimConfig {
         lr: 1e-3,
         eps: 1.0,
@@ -653,24 +653,24 @@ fn one_lora_dpo_step_equals_the_same_step_in_peft() {
         eprintln!("skipped: needs the embedded model (run scripts/setup)");
         return;
     };
-    let (vs, llama) = g.tiny_llama();
+    let (vs, decoder) = g.tiny_llama();
     let model = Model {
         vs,
-        llama,
+        decoder,
         tokenizer: embedded.tokenizer,
         source: g.dir.join("model"),
         adapters: None,
     }
     .load_adapter(&adapter)
     .unwrap();
-    let (logprobs, out) = g.dpo_loss(&model.llama);
+    let (logprobs, out) = g.dpo_loss(&model.decoder);
     assert_scalar(
         &out.loss,
         g.scalar("lora.loss"),
         "DPO loss with the adapter",
     );
     out.loss.backward();
-    logprobs.backward(&model.llama);
+    logprobs.backward(&model.decoder);
     let config = OptimConfig {
         lr: 1e-3,
         weight_decay: 0.1,

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use prefloop_model::{Config, Llama, Model, Precision, best_device};
+use prefloop_model::{Config, Decoder, Model, Precision, best_device};
 use tch::{Device, Kind, Tensor};
 
 use crate::model_args::ModelArgs;
@@ -56,6 +56,10 @@ impl Shape {
             attention_bias: model_type == "qwen2",
             bos_token_id: bos,
             eos_token_id: eos,
+            sliding_window: None,
+            use_sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
         }
     }
 }
@@ -83,12 +87,12 @@ pub struct RandomModelArgs {
 
 pub fn random_model(args: &RandomModelArgs) -> Result<()> {
     let source = Model::load(args.tokenizer.as_deref(), Device::Cpu, Precision::Fp32)?;
-    let base = source.llama.config();
+    let base = source.decoder.config();
     let config = args
         .shape
         .config(base.eos_token_id.clone(), base.bos_token_id);
     let mut vs = tch::nn::VarStore::new(Device::Cpu);
-    let llama = Llama::new(&vs, &config)?;
+    let decoder = Decoder::new(&vs, &config)?;
     // In name order, so the seed alone decides the weights (the store is a hash map).
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
@@ -112,7 +116,7 @@ pub fn random_model(args: &RandomModelArgs) -> Result<()> {
     let parameters: i64 = vs.variables().values().map(Tensor::numel).sum::<usize>() as i64;
     let model = Model {
         vs,
-        llama,
+        decoder,
         tokenizer: source.tokenizer,
         source: args.out.clone(),
         adapters: None,
@@ -164,15 +168,15 @@ pub fn device(args: &DeviceArgs) -> Result<()> {
         model.source.display(),
         model.kind()
     );
-    let llama = &model.llama;
+    let decoder = &model.decoder;
     println!(
         "sdpa backend, training forward and prefill (8 × 512, causal): {}",
-        llama.causal_attention_backend(8, 512)
+        decoder.causal_attention_backend(8, 512)
     );
     for rows in [128, 512] {
         println!(
             "sdpa backend, decode step ({rows} rows, 384 keys, query groups folded, key mask): {}",
-            llama.decode_attention_backend(rows, 384)
+            decoder.decode_attention_backend(rows, 384)
         );
     }
 
@@ -186,11 +190,11 @@ pub fn device(args: &DeviceArgs) -> Result<()> {
         .map(i64::from)
         .collect();
     let input = Tensor::from_slice(&ids).unsqueeze(0);
-    let ours = tch::no_grad(|| llama.forward(&input.to_device(device)))
+    let ours = tch::no_grad(|| decoder.forward(&input.to_device(device)))
         .to_kind(Kind::Float)
         .to_device(Device::Cpu);
     let reference = Model::load(args.model.model.as_deref(), Device::Cpu, Precision::Fp32)?;
-    let exact = tch::no_grad(|| reference.llama.forward(&input));
+    let exact = tch::no_grad(|| reference.decoder.forward(&input));
     let diff = (&ours - &exact).abs();
     let spread = exact.std(true).double_value(&[]);
     let agree = ours

@@ -71,7 +71,7 @@ const EAGER_BASELINE: &str = include_str!("eager_decoder.py");
 pub fn run(args: &Args) -> Result<()> {
     let device = best_device();
     let model = args.model.load(device)?;
-    let vocab = model.llama.config().vocab_size as u32;
+    let vocab = model.decoder.config().vocab_size as u32;
     let params = SamplingParams {
         top_k: args.top_k,
         max_new_tokens: args.new_tokens,

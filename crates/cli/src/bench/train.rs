@@ -107,7 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
         ..LoraConfig::with_rank(rank, None)
     });
     let model = with_lora(args.model.load(device)?, lora.as_ref(), 0)?;
-    let config = model.llama.config();
+    let config = model.decoder.config();
     let (vocab, hidden) = (config.vocab_size, config.hidden_size);
     // Parameters the step multiplies by per token: every matrix but the embedding lookup,
     // plus the LM head (tied or not).
@@ -173,7 +173,7 @@ pub fn run(args: &Args) -> Result<()> {
             for batch in &batches {
                 let b = batch.input_ids.size()[0] / 2;
                 let reference =
-                    sequence_sum(&token_logprobs(&model.llama, batch), &batch.loss_mask);
+                    sequence_sum(&token_logprobs(&model.decoder, batch), &batch.loss_mask);
                 let reference = (reference.narrow(0, 0, b), reference.narrow(0, b, b));
                 // The bench's DPO has no SFT term: the chosen tokens are not read.
                 let share = Share {

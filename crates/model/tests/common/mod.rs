@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use prefloop_model::{Config, Llama, Model, Precision, Request, Tokenizer, default_model_path};
+use prefloop_model::{Config, Decoder, Model, Precision, Request, Tokenizer, default_model_path};
 use tch::{Device, Tensor, nn::VarStore};
 
 pub fn embedded() -> Option<Model> {
@@ -44,7 +44,7 @@ pub fn smollm_config(vocab_size: usize) -> serde_json::Value {
 pub fn random_model_dir(config: serde_json::Value, tokenizer: &Tokenizer, seed: i64, dir: &Path) {
     let config: Config = serde_json::from_value(config).unwrap();
     let vs = VarStore::new(Device::Cpu);
-    let llama = Llama::new(&vs, &config).unwrap();
+    let decoder = Decoder::new(&vs, &config).unwrap();
     tch::manual_seed(seed);
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {
@@ -58,7 +58,7 @@ pub fn random_model_dir(config: serde_json::Value, tokenizer: &Tokenizer, seed: 
     });
     let model = Model {
         vs,
-        llama,
+        decoder,
         tokenizer: tokenizer.clone(),
         source: dir.to_owned(),
         adapters: None,
