@@ -117,6 +117,64 @@ fn doctor_reports_everything_a_default_run_needs() {
     assert!(report.contains("sandbox (C++)") && report.contains("CUDA"));
 }
 
+/// `doctor --model DIR` says which family a model loads as, its windows and whether its chat
+/// template renders; a family prefloop does not run makes it exit 1, naming the file.
+#[test]
+fn doctor_names_the_family_a_model_loads_as_and_refuses_an_unknown_one() {
+    if !installed() {
+        return;
+    }
+    use prefloop_model::{Decoder, Model, Precision};
+    let base = Model::load(None, tch::Device::Cpu, Precision::Fp32).unwrap();
+    let mut config = base.decoder.config().clone();
+    config.model_type = "qwen3".into();
+    config.hidden_size = 64;
+    config.intermediate_size = 128;
+    config.num_hidden_layers = 2;
+    config.num_attention_heads = 4;
+    config.num_key_value_heads = Some(2);
+    config.head_dim = Some(32);
+    config.sliding_window = Some(8);
+    config.use_sliding_window = Some(true);
+    config.max_window_layers = Some(1);
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("qwen3");
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let decoder = Decoder::new(&vs, &config).unwrap();
+    let model = Model {
+        vs,
+        decoder,
+        tokenizer: base.tokenizer.clone(),
+        source: dir.clone(),
+        adapters: None,
+    };
+    model.save(&dir).unwrap();
+    let dir_arg = dir.to_str().unwrap();
+    let doctor = common::prefloop(&["doctor", "--model", dir_arg]);
+    let report = text(&doctor);
+    assert!(doctor.status.success(), "{report}");
+    for what in [
+        "qwen3 (Qwen3ForCausalLM), 2 layers, hidden 64, 4 query heads and 2 key/value heads of 32",
+        "sliding windows (layer: keys) 1: 8",
+        "its chat template renders",
+    ] {
+        assert!(report.contains(what), "{what:?} in\n{report}");
+    }
+
+    let config_file = dir.join("config.json");
+    let edited = std::fs::read_to_string(&config_file)
+        .unwrap()
+        .replace("\"qwen3\"", "\"qwen3_next\"");
+    std::fs::write(&config_file, edited).unwrap();
+    let doctor = common::prefloop(&["doctor", "--model", dir_arg]);
+    let report = text(&doctor);
+    assert!(!doctor.status.success(), "{report}");
+    assert!(
+        report.contains("config.json: unknown architecture `qwen3_next`"),
+        "{report}"
+    );
+}
+
 #[test]
 fn doctor_without_the_sandbox_runner_exits_non_zero_and_names_the_fix() {
     if !installed() {

@@ -21,7 +21,13 @@ use tch::{Kind, Tensor};
 /// C++ toolchain (each runs a program), and whether the caches are writable. Prints each with
 /// the fix for what is missing; exits 1 when a default run could not work.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Also load this model (a Hugging Face directory or a .gguf file) and say which family it
+    /// was loaded as, its shape, and whether its chat template renders; a setting prefloop
+    /// cannot honour is named with its field.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Level {
@@ -67,7 +73,7 @@ impl Check {
 const SETUP_FIX: &str = "run scripts/setup in the prefloop checkout (or point PREFLOOP_CACHE at \
                          the directory it filled)";
 
-pub fn run(_args: &Args) -> Result<()> {
+pub fn run(args: &Args) -> Result<()> {
     let cache = paths::cache_dir();
     println!("prefloop doctor");
     println!("cache directory: {} ({})", cache.display(), cache_origin());
@@ -75,6 +81,9 @@ pub fn run(_args: &Args) -> Result<()> {
     let model = model();
     checks.push(model.0);
     checks.push(sdpa(model.1.as_ref()));
+    if let Some(path) = &args.model {
+        checks.push(user_model(path));
+    }
     checks.extend(sandbox());
     checks.push(writable(&paths::sandbox_cache_dir()));
     for check in &checks {
@@ -276,6 +285,32 @@ fn model() -> (Check, Option<Model>) {
             let check = Check::lacking("embedded model", Level::Missing, e.to_string(), SETUP_FIX);
             (check, None)
         }
+    }
+}
+
+/// A model the user names: its family and shape as loaded, and its chat template.
+fn user_model(path: &std::path::Path) -> Check {
+    match Model::load(Some(path), best_device(), Precision::Auto) {
+        Ok(model) => {
+            let template = match model.tokenizer.apply_chat_template("Hello") {
+                Ok(_) => "its chat template renders".to_owned(),
+                Err(e) => format!("its chat template does not render ({e})"),
+            };
+            Check::ok(
+                "--model",
+                format!(
+                    "{}: {}; {template}",
+                    path.display(),
+                    model.decoder.describe()
+                ),
+            )
+        }
+        Err(e) => Check::lacking(
+            "--model",
+            Level::Missing,
+            e.to_string(),
+            "see the README's table of the families prefloop loads",
+        ),
     }
 }
 

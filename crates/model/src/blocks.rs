@@ -15,7 +15,7 @@
 use tch::nn::{self, Init, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::Config;
+use crate::config::{Config, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::lora::{LayerAdapters, ProjectionAdapters};
 
@@ -43,29 +43,51 @@ fn adapted(
 /// heads), never expanded by hand.
 pub(crate) const ENABLE_GQA: bool = true;
 
+/// How an RMSNorm scales: by its weight (Llama), or by 1 + its weight, in fp32 before the cast
+/// back (Gemma, whose checkpoints store the weight around 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Norm {
+    Plain,
+    UnitOffset,
+}
+
 #[derive(Debug)]
 pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    norm: Norm,
 }
 
 impl RmsNorm {
-    pub fn new(p: nn::Path, size: i64, eps: f64) -> Self {
+    pub fn new(p: nn::Path, size: i64, eps: f64, norm: Norm) -> Self {
+        let init = match norm {
+            Norm::Plain => 1.0,
+            Norm::UnitOffset => 0.0,
+        };
         Self {
-            weight: p.var("weight", &[size], Init::Const(1.0)),
+            weight: p.var("weight", &[size], Init::Const(init)),
             eps,
+            norm,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        // As transformers: normalised in f32 and cast back (libtorch's rms_norm, one call),
-        // then scaled in the input's dtype. Handing rms_norm the weight would scale before
-        // the cast, which rounds differently in bf16; in f32 there is no cast, the two are
-        // the same products, and rms_norm scales in the same call (one op fewer).
         let shape = [x.size()[x.dim() - 1]];
-        match x.kind() {
-            Kind::Float => x.rms_norm(shape, Some(&self.weight), self.eps),
-            _ => x.rms_norm(shape, None::<&Tensor>, self.eps) * &self.weight,
+        match (self.norm, x.kind()) {
+            // As transformers: normalised in f32 and cast back (libtorch's rms_norm, one call),
+            // then scaled in the input's dtype. Handing rms_norm the weight would scale before
+            // the cast, which rounds differently in bf16; in f32 there is no cast, the two are
+            // the same products, and rms_norm scales in the same call (one op fewer).
+            (Norm::Plain, Kind::Float) => x.rms_norm(shape, Some(&self.weight), self.eps),
+            (Norm::Plain, _) => x.rms_norm(shape, None::<&Tensor>, self.eps) * &self.weight,
+            // Gemma: (normed · (1 + w)) in f32, then cast.
+            (Norm::UnitOffset, kind) => {
+                let scale = self.weight.to_kind(Kind::Float) + 1.0;
+                (x.to_kind(Kind::Float)
+                    .rms_norm(shape, None::<&Tensor>, self.eps)
+                    * scale)
+                    .to_kind(kind)
+            }
         }
     }
 }
@@ -89,13 +111,20 @@ pub(crate) struct RopeAt {
 }
 
 impl Rope {
-    pub fn new(cfg: &Config, device: Device) -> Result<Self> {
+    /// The tables of base `theta` with `scaling` for `cfg`'s head size and positions.
+    pub fn new(
+        cfg: &Config,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        device: Device,
+    ) -> Result<Self> {
         let dim = cfg.head_dim() as i64;
         let mut inv_freq: Vec<f64> = (0..dim / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / dim as f64))
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / dim as f64))
             .collect();
-        if let Some(scaling) = &cfg.rope_scaling {
+        if let Some(scaling) = scaling {
             match scaling.rope_type.as_str() {
+                "default" => {}
                 "linear" => inv_freq.iter_mut().for_each(|f| *f /= scaling.factor),
                 "llama3" => {
                     // Llama 3.1: low frequencies scaled by `factor`, high ones kept, smooth between.
@@ -117,7 +146,7 @@ impl Rope {
                     return Err(ModelError::Config {
                         path: "config.json".into(),
                         message: format!(
-                            "rope_scaling type `{other}` is not supported (linear, llama3)"
+                            "rope_scaling type `{other}` is not supported (default, linear, llama3)"
                         ),
                     });
                 }
@@ -224,14 +253,47 @@ impl SlotCache {
 pub(crate) type LayerKv = Vec<Tensor>;
 
 /// What sets one family's attention apart; everything else (the fused q/k/v, RoPE, grouped-query
-/// SDPA, the slot cache) is shared.
-#[derive(Debug, Clone, Copy, Default)]
+/// attention, the slot cache) is shared.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct AttentionOptions {
-    /// RMSNorm over each query and key head before RoPE (Qwen3).
-    pub qk_norm: bool,
-    /// The keys a query sees, itself included (Mistral, Qwen's sliding layers); None: every
-    /// earlier key.
+    /// RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3), of this kind.
+    pub qk_norm: Option<Norm>,
+    /// The keys a query sees, itself included (Mistral, Qwen's and Gemma's sliding layers);
+    /// None: every earlier key.
     pub window: Option<i64>,
+    /// How queries and keys are rotated: not at all (SmolLM3's NoPE layers), by the model's
+    /// RoPE, or by its local one (Gemma 3's sliding layers).
+    pub rope: Rotation,
+    /// The scores' scale; None: 1/√head_dim (Gemma: 1/√query_pre_attn_scalar).
+    pub scale: Option<f64>,
+    /// Scores soft-capped to ±cap by cap · tanh(s / cap) before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
+/// Which RoPE tables a layer's attention uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rotation {
+    None,
+    Global,
+    Local,
+}
+
+impl AttentionOptions {
+    /// Layer `i`'s window and rotation as the config sets them, without q/k norms, at the
+    /// default scale.
+    pub fn for_layer(cfg: &Config, i: usize) -> Self {
+        Self {
+            qk_norm: None,
+            window: cfg.layer_window(i),
+            rope: if cfg.layer_uses_rope(i) {
+                Rotation::Global
+            } else {
+                Rotation::None
+            },
+            scale: None,
+            softcap: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -245,6 +307,9 @@ pub(crate) struct Attention {
     kv_heads: i64,
     head_dim: i64,
     window: Option<i64>,
+    rope: Rotation,
+    scale: Option<f64>,
+    softcap: Option<f64>,
 }
 
 impl Attention {
@@ -264,15 +329,20 @@ impl Attention {
             nn::linear(&p / name, in_dim, out_dim, config)
         };
         let qkv = (heads + 2 * kv_heads) * head_dim;
-        let norm = |name: &str| RmsNorm::new(&p / name, head_dim, cfg.rms_norm_eps);
+        let norm = |name: &str, kind| RmsNorm::new(&p / name, head_dim, cfg.rms_norm_eps, kind);
         Self {
             qkv_proj: proj("qkv_proj", hidden, qkv, cfg.attention_bias),
             o_proj: proj("o_proj", heads * head_dim, hidden, cfg.output_bias()),
-            qk_norm: options.qk_norm.then(|| (norm("q_norm"), norm("k_norm"))),
+            qk_norm: options
+                .qk_norm
+                .map(|kind| (norm("q_norm", kind), norm("k_norm", kind))),
             heads,
             kv_heads,
             head_dim,
             window: options.window,
+            rope: options.rope,
+            scale: options.scale,
+            softcap: options.softcap,
         }
     }
 
@@ -332,29 +402,58 @@ impl Attention {
             .view([b, t, h + 2 * g, self.head_dim])
             .transpose(1, 2); // (B, H + 2 KV, T, D)
         let qkv = self.normed_heads(qkv);
-        let qk = at.rope.apply(&qkv.narrow(1, 0, h + g));
+        let qk = qkv.narrow(1, 0, h + g);
+        let qk = match self.rope {
+            Rotation::None => qk,
+            Rotation::Global => at.rope.apply(&qk),
+            Rotation::Local => at.local.as_ref().expect("local RoPE tables").apply(&qk),
+        };
         let (q, k) = (qk.narrow(1, 0, h), qk.narrow(1, h, g)); // (B, H | KV, T, D)
         let v = qkv.narrow(1, h + g, g);
-        // Plain causal attention lets torch pick its fused (flash / memory-efficient)
-        // kernels: O(T) memory instead of (B, H, T, T) scores. A window shorter than the
-        // sequence needs its mask.
         let window = self.window.and_then(|w| at.window_mask(w));
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            window,
-            0.0,
-            window.is_none(),
-            None,
-            ENABLE_GQA,
-        );
+        let y = match self.softcap {
+            // Plain causal attention lets torch pick its fused (flash / memory-efficient)
+            // kernels: O(T) memory instead of (B, H, T, T) scores. A window shorter than the
+            // sequence needs its mask.
+            None => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                window,
+                0.0,
+                window.is_none(),
+                self.scale,
+                ENABLE_GQA,
+            ),
+            // No fused kernel caps the scores: computed as transformers' eager attention.
+            Some(cap) => {
+                let seen = match window {
+                    Some(mask) => mask.shallow_clone(),
+                    None => Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0),
+                };
+                let repeat = |x: &Tensor| x.repeat_interleave_self_int(h / g, Some(1), None);
+                self.capped(&q, &repeat(&k), &repeat(&v), &seen.logical_not(), cap)
+            }
+        };
         if let Some(kv) = kv {
             kv.push(Tensor::cat(&[&k, &v], 1));
         }
         y.transpose(1, 2)
             .contiguous()
             .view([b, t, h * self.head_dim])
+    }
+
+    /// Attention with soft-capped scores: softmax(cap · tanh(q kᵀ · scale / cap), masked) v in
+    /// fp32, as transformers' eager attention; `unseen` is true where a query must not see a
+    /// key (broadcast against the scores).
+    fn capped(&self, q: &Tensor, k: &Tensor, v: &Tensor, unseen: &Tensor, cap: f64) -> Tensor {
+        let scale = self
+            .scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f64).sqrt());
+        let scores = q.matmul(&k.transpose(-1, -2)) * scale;
+        let scores = (scores / cap).tanh() * cap;
+        let scores = scores.masked_fill(unseen, f64::NEG_INFINITY);
+        scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(v)
     }
 
     /// One decode step over `normed` (S, C), this step's keys and values written into the
@@ -378,25 +477,40 @@ impl Attention {
             d,
         ]);
         let qkv = self.normed_heads(qkv);
-        let mut rotated = qkv.roll([d / 2], [-1]);
-        rotated *= &step.sin;
-        let _ = rotated.addcmul_(&qkv, &step.cos); // (S, H + 2 KV, 1, D): q, k rotated, v as is
+        let tables = match self.rope {
+            Rotation::None => None,
+            Rotation::Global => Some(&step.rope),
+            Rotation::Local => Some(step.local.as_ref().expect("local RoPE tables")),
+        };
+        let rotated = match tables {
+            Some((cos, sin)) => {
+                let mut rotated = qkv.roll([d / 2], [-1]);
+                rotated *= sin;
+                let _ = rotated.addcmul_(&qkv, cos);
+                rotated // (S, H + 2 KV, 1, D): q, k rotated, v as is
+            }
+            None => qkv,
+        };
         // q (S, H, 1, D), and this step's keys and values (S, 2 KV, 1, D) as the cache lays them.
         let heads = rotated.split_with_sizes([h, 2 * g], 1);
         let _ = cache.scatter_(2, &step.at, &heads[1]);
         let q = heads[0].view([s, g, h / g, d]); // (S, KV, G, D)
         let kv = cache.narrow(2, 0, step.width).chunk(2, 1); // (S, KV, W, D) each
         let (k, v) = (&kv[0], &kv[1]);
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            k,
-            v,
-            Some(step.mask(self.window)),
-            0.0,
-            false,
-            None,
-            false,
-        ); // (S, KV, G, D)
+        let mask = step.mask(self.window);
+        let y = match self.softcap {
+            None => Tensor::scaled_dot_product_attention(
+                &q,
+                k,
+                v,
+                Some(mask),
+                0.0,
+                false,
+                self.scale,
+                false,
+            ),
+            Some(cap) => self.capped(&q, k, v, &mask.isinf(), cap),
+        }; // (S, KV, G, D)
         y.reshape([s, h * d])
     }
 }
@@ -420,13 +534,22 @@ pub(crate) enum Pass<'a> {
 /// attention window shorter than T.
 pub(crate) struct Causal {
     pub rope: RopeAt,
+    /// Gemma 3's sliding layers' own rotation.
+    pub local: Option<RopeAt>,
     /// (window, (T, T) boolean mask, true where a query sees a key).
     pub windows: Vec<(i64, Tensor)>,
 }
 
 impl Causal {
     /// The pass over `t` positions in `kind` on `device`, with masks for the layers' `windows`.
-    pub fn new(rope: &Rope, b: i64, t: i64, windows: &[i64], kind: Kind, device: Device) -> Self {
+    pub fn new(
+        (rope, local): (&Rope, Option<&Rope>),
+        b: i64,
+        t: i64,
+        windows: &[i64],
+        kind: Kind,
+        device: Device,
+    ) -> Self {
         let positions = Tensor::arange(t, (Kind::Int64, device)).expand([b, t], true);
         let windows = windows
             .iter()
@@ -443,6 +566,7 @@ impl Causal {
             .collect();
         Self {
             rope: rope.at(&positions, kind),
+            local: local.map(|local| local.at(&positions, kind)),
             windows,
         }
     }
@@ -467,9 +591,10 @@ pub(crate) struct Step {
     pub windows: Vec<(i64, Tensor)>,
     /// W: the columns read, more than every row's length.
     pub width: i64,
-    /// (S, H + 2 KV, 1, D) each: see [`Rope::decode_tables`].
-    pub cos: Tensor,
-    pub sin: Tensor,
+    /// cos and sin, (S, H + 2 KV, 1, D) each: see [`Rope::decode_tables`].
+    pub rope: (Tensor, Tensor),
+    /// The same of Gemma 3's local RoPE.
+    pub local: Option<(Tensor, Tensor)>,
 }
 
 impl Step {
@@ -503,12 +628,15 @@ pub(crate) fn key_mask(lens: &Tensor, width: i64, window: Option<i64>, kind: Kin
         .narrow(3, 0, width)
 }
 
-/// The SwiGLU MLP: down(silu(gate(x)) · up(x)), gate and up one matmul.
+/// The gated MLP: down(act(gate(x)) · up(x)), gate and up one matmul; act is SiLU (SwiGLU) or
+/// tanh-approximated GELU (Gemma's GeGLU), as the config's `hidden_act` / `hidden_activation`
+/// says.
 #[derive(Debug)]
 pub(crate) struct Mlp {
     /// gate and up stacked, 2 · intermediate rows.
     gate_up_proj: nn::Linear,
     down_proj: nn::Linear,
+    gelu_tanh: bool,
 }
 
 impl Mlp {
@@ -522,6 +650,7 @@ impl Mlp {
         Self {
             gate_up_proj: nn::linear(&p / "gate_up_proj", hidden, 2 * inner, config),
             down_proj: nn::linear(&p / "down_proj", inner, hidden, config),
+            gelu_tanh: cfg.activation() == "gelu_pytorch_tanh",
         }
     }
 
@@ -532,8 +661,13 @@ impl Mlp {
             &a.gate_up
         })
         .chunk(2, -1);
+        let gate = if self.gelu_tanh {
+            gate_up[0].gelu("tanh")
+        } else {
+            gate_up[0].silu()
+        };
         Projected {
-            input: gate_up[0].silu() * &gate_up[1],
+            input: gate * &gate_up[1],
             linear: &self.down_proj,
             lora,
             part: |a| &a.down,
@@ -562,9 +696,14 @@ impl Projected<'_> {
             }
             adapted(out, &self.input, self.lora, self.part)
         } else {
-            let base = self.linear.forward(&self.input);
-            residual + adapted(base, &self.input, self.lora, self.part)
+            residual + self.apply()
         }
+    }
+
+    /// The projection alone (Gemma normalises a block's output before adding it).
+    pub fn apply(self) -> Tensor {
+        let base = self.linear.forward(&self.input);
+        adapted(base, &self.input, self.lora, self.part)
     }
 }
 

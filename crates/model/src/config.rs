@@ -13,13 +13,19 @@ use crate::error::{ModelError, Result};
 pub struct RopeScaling {
     #[serde(alias = "type")]
     pub rope_type: String,
+    /// Absent in `{"rope_type": "default"}`.
+    #[serde(default = "unit_factor")]
     pub factor: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_freq_factor: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_freq_factor: Option<f64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
+}
+
+fn unit_factor() -> f64 {
+    1.0
 }
 
 /// Positions whose RoPE tables a model may have (2^21, past every released context length).
@@ -35,7 +41,8 @@ fn default_rms_norm_eps() -> f64 {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
-    /// The family (arch/mod.rs): "llama", "mistral", "qwen2", "qwen3".
+    /// The family (arch/mod.rs): "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2",
+    /// "gemma3_text".
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -46,7 +53,8 @@ pub struct Config {
     /// `num_attention_heads` (plain multi-head attention).
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    /// Where config.json names it (Qwen3, Gemma); else hidden_size / num_attention_heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
@@ -64,6 +72,10 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
+    /// Kept as given: transformers' default for some families (SmolLM3's 128004) lies outside
+    /// a small vocabulary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
     /// The keys a query sees in a sliding-window layer, itself included: Mistral's on every
     /// layer, Qwen's on the layers `layer_types` names when `use_sliding_window`. Written even
     /// when null: transformers' Mistral defaults it to 4096.
@@ -78,6 +90,39 @@ pub struct Config {
     /// Each layer's attention, "full_attention" or "sliding_attention" (transformers ≥ 4.53).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_types: Option<Vec<String>>,
+    /// SmolLM3: 1 where layer i rotates queries and keys, 0 for a NoPE layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_rope_layers: Option<Vec<u8>>,
+    /// SmolLM3 without `no_rope_layers`: every this-many-th layer is NoPE (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_rope_layer_interval: Option<usize>,
+    /// Bias on the MLP's projections (Llama's and SmolLM3's option): refused, no released
+    /// checkpoint of these families sets it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mlp_bias: bool,
+    /// The MLP's activation: "silu" (Llama's name for the field) …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// … or "gelu_pytorch_tanh" (Gemma's name for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scores scaled by 1/√this rather than 1/√head_dim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: attention scores capped to ±this by tanh. Written even when null, as
+    /// transformers' Gemma 2 defaults it to 50.
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: logits capped to ±this by tanh (written even when null: its default is 30).
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3: the RoPE base of the sliding layers (the global ones use `rope_theta` and
+    /// `rope_scaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3 without `layer_types`: every this-many-th layer is global (default 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
 }
 
 impl Config {
@@ -86,18 +131,23 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        let bad = |message: String| ModelError::Config {
             path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut config: Self =
+            serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
         // Qwen2's config.json leaves the q/k/v bias implicit.
         if config.model_type == "qwen2" {
             config.attention_bias = true;
         }
-        config.check().map_err(|e| ModelError::Config {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        config.check().map_err(|e| bad(e.to_string()))?;
+        // transformers leaves `tie_word_embeddings` out of config.json where it is true (its
+        // base class's default), so an absent one is the family's own default.
+        if raw.get("tie_word_embeddings").is_none() {
+            config.tie_word_embeddings = crate::arch::family(&config)?.tie_word_embeddings;
+        }
         Ok(config)
     }
 
@@ -129,6 +179,24 @@ impl Config {
         if self.sliding_window == Some(0) {
             return Err(refuse("sliding_window 0 sees no key".into()));
         }
+        if self.mlp_bias {
+            return Err(refuse("mlp_bias true is not supported".into()));
+        }
+        if !matches!(self.activation(), "silu" | "gelu_pytorch_tanh") {
+            return Err(refuse(format!(
+                "hidden_act `{}` is not supported (silu, gelu_pytorch_tanh)",
+                self.activation()
+            )));
+        }
+        for (field, value) in [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+        ] {
+            if value.is_some_and(|v| v.is_nan() || v <= 0.0) {
+                return Err(refuse(format!("{field} must be positive")));
+            }
+        }
         (family.check)(self).map_err(refuse)
     }
 
@@ -139,15 +207,42 @@ impl Config {
     /// none.
     pub fn layer_window(&self, layer: usize) -> Option<i64> {
         let window = self.sliding_window? as i64;
-        let qwen = matches!(self.model_type.as_str(), "qwen2" | "qwen3");
+        let gated = matches!(self.model_type.as_str(), "qwen2" | "qwen3" | "smollm3");
         let sliding = match &self.layer_types {
             _ if self.model_type == "llama" => false,
-            _ if qwen && !self.use_sliding_window.unwrap_or(false) => false,
+            _ if gated && !self.use_sliding_window.unwrap_or(false) => false,
             Some(types) => types[layer] == "sliding_attention",
-            None if qwen => layer >= self.max_window_layers.unwrap_or(28),
+            // SmolLM3's NoPE layers slide.
+            None if self.model_type == "smollm3" => !self.layer_uses_rope(layer),
+            // Gemma 2 alternates, sliding first; Gemma 3 makes every 6th layer global.
+            None if self.model_type == "gemma2" => layer.is_multiple_of(2),
+            None if self.model_type == "gemma3_text" => {
+                !(layer + 1).is_multiple_of(self.sliding_window_pattern.unwrap_or(6))
+            }
+            None if gated => layer >= self.max_window_layers.unwrap_or(28),
             None => true,
         };
         sliding.then_some(window)
+    }
+
+    /// The MLP's activation as transformers names it (`hidden_activation`, else `hidden_act`,
+    /// else SiLU).
+    pub fn activation(&self) -> &str {
+        self.hidden_activation
+            .as_deref()
+            .or(self.hidden_act.as_deref())
+            .unwrap_or("silu")
+    }
+
+    /// Whether layer `layer` rotates its queries and keys: all but SmolLM3's NoPE layers.
+    pub fn layer_uses_rope(&self, layer: usize) -> bool {
+        if self.model_type != "smollm3" {
+            return true;
+        }
+        match &self.no_rope_layers {
+            Some(flags) => flags[layer] != 0,
+            None => !(layer + 1).is_multiple_of(self.no_rope_layer_interval.unwrap_or(4)),
+        }
     }
 
     /// The sizes make a model: none zero, heads dividing evenly, and a model no bigger than
@@ -200,11 +295,18 @@ impl Config {
         let (hidden, head) = (n(self.hidden_size), n(self.head_dim()));
         let q = n(self.num_attention_heads).checked_mul(head)?;
         let kv = n(self.num_kv_heads()).checked_mul(head)?;
-        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        let qk_norms = if self.model_type == "qwen3" {
-            2 * head
-        } else {
-            0
+        let bias = match (self.attention_bias, self.output_bias()) {
+            (false, _) => 0,
+            (true, false) => q + 2 * kv,
+            (true, true) => q + 2 * kv + hidden,
+        };
+        let qk_norms = match self.model_type.as_str() {
+            "qwen3" | "gemma3_text" => 2 * head,
+            _ => 0,
+        };
+        let norms = match self.model_type.as_str() {
+            "gemma2" | "gemma3_text" => 4 * hidden,
+            _ => 2 * hidden,
         };
         let attention = hidden.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
         let mlp = hidden
@@ -212,7 +314,7 @@ impl Config {
             .checked_mul(3)?;
         let layer = attention
             .checked_add(mlp)?
-            .checked_add(bias + qk_norms + 2 * hidden)?;
+            .checked_add(bias + qk_norms + norms)?;
         let embeddings = n(self.vocab_size).checked_mul(hidden)?;
         let heads = if self.tie_word_embeddings { 1 } else { 2 };
         n(self.num_hidden_layers)
@@ -225,10 +327,10 @@ impl Config {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Bias on o_proj: Llama's and Qwen3's `attention_bias` puts one on all four attention
+    /// Bias on o_proj: Llama's, Qwen3's and SmolLM3's `attention_bias` puts one on all four attention
     /// projections, where Qwen2's q/k/v bias leaves o_proj without.
     pub fn output_bias(&self) -> bool {
-        self.attention_bias && matches!(self.model_type.as_str(), "llama" | "qwen3")
+        self.attention_bias && matches!(self.model_type.as_str(), "llama" | "qwen3" | "smollm3")
     }
 
     pub fn head_dim(&self) -> usize {

@@ -25,6 +25,10 @@ pub struct Decoder {
     /// (V, C); the embedding matrix itself when embeddings are tied.
     lm_head: Tensor,
     rope: Rope,
+    /// Gemma 3's sliding layers' RoPE (`rope_local_base_freq`, unscaled).
+    local_rope: Option<Rope>,
+    /// Embeddings × this (Gemma: √hidden_size).
+    embed_scale: Option<f64>,
     config: Config,
     /// LoRA adapters beside the projections, if attached (lora.rs).
     lora: Option<Adapters>,
@@ -54,8 +58,15 @@ impl Decoder {
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| (family.layer)(&model / "layers" / i, cfg, i))
                 .collect(),
-            norm: RmsNorm::new(&model / "norm", hidden, cfg.rms_norm_eps),
-            rope: Rope::new(cfg, vs.device())?,
+            norm: RmsNorm::new(&model / "norm", hidden, cfg.rms_norm_eps, family.norm),
+            rope: Rope::new(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), vs.device())?,
+            local_rope: match cfg.rope_local_base_freq {
+                Some(theta) => Some(Rope::new(cfg, theta, None, vs.device())?),
+                None => None,
+            },
+            embed_scale: family
+                .scaled_embeddings
+                .then(|| (cfg.hidden_size as f64).sqrt()),
             embed_tokens,
             lm_head,
             config: cfg.clone(),
@@ -130,6 +141,36 @@ impl Decoder {
         &self.config
     }
 
+    /// The family this model was loaded as and its shape, in one line (for `doctor --model`).
+    pub fn describe(&self) -> String {
+        let cfg = &self.config;
+        let family = arch::family(cfg).map_or("?", |f| f.name);
+        let sliding: Vec<String> = (0..cfg.num_hidden_layers)
+            .filter_map(|i| Some(format!("{i}: {}", cfg.layer_window(i)?)))
+            .collect();
+        format!(
+            "{} ({family}ForCausalLM), {} layers, hidden {}, {} query heads and {} key/value \
+             heads of {}, vocabulary {}, {} embeddings, sliding windows {}",
+            cfg.model_type,
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+            cfg.vocab_size,
+            if cfg.tie_word_embeddings {
+                "tied"
+            } else {
+                "untied"
+            },
+            if sliding.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("(layer: keys) {}", sliding.join(", "))
+            },
+        )
+    }
+
     /// The dtype of the weights; caches, heads and optimiser state that belong to this model
     /// take it from here, never from the device.
     pub fn kind(&self) -> Kind {
@@ -170,14 +211,14 @@ impl Decoder {
     fn decoder(&self, input_ids: &Tensor, mut kv: Option<&mut LayerKv>) -> Tensor {
         let (b, t) = input_ids.size2().expect("(B, T)");
         let at = Causal::new(
-            &self.rope,
+            (&self.rope, self.local_rope.as_ref()),
             b,
             t,
             &self.windows(),
             self.kind(),
             input_ids.device(),
         );
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, C)
+        let mut x = self.embed(input_ids); // (B, T, C)
         for (layer, lora) in self.layers.iter().zip(self.active()) {
             let pass = Pass::Causal {
                 at: &at,
@@ -186,6 +227,16 @@ impl Decoder {
             x = layer.forward(&x, pass, lora);
         }
         self.norm.forward(&x)
+    }
+
+    /// The token embeddings of `ids`, scaled where the family scales them (by √hidden rounded
+    /// to the model's dtype, as transformers multiplies).
+    fn embed(&self, ids: &Tensor) -> Tensor {
+        let x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        match self.embed_scale {
+            Some(scale) => x * Tensor::from(scale).to_kind(self.kind()),
+            None => x,
+        }
     }
 
     /// The distinct attention windows of the layers.
@@ -210,7 +261,11 @@ impl Decoder {
         let s = tokens.size()[0];
         let (h, g, d) = self.head_layout();
         let kind = self.kind();
-        let (cos, sin) = self.rope.decode_tables(lens, h + g, g, kind);
+        let rope = self.rope.decode_tables(lens, h + g, g, kind);
+        let local = self
+            .local_rope
+            .as_ref()
+            .map(|local| local.decode_tables(lens, h + g, g, kind));
         let step = Step {
             at: lens.view([s, 1, 1, 1]).expand([s, 2 * g, 1, d], false),
             mask: key_mask(lens, width, None, kind),
@@ -220,10 +275,10 @@ impl Decoder {
                 .map(|w| (w, key_mask(lens, width, Some(w), kind)))
                 .collect(),
             width,
-            cos,
-            sin,
+            rope,
+            local,
         };
-        let mut x = Tensor::embedding(&self.embed_tokens, tokens, -1, false, false); // (S, C)
+        let mut x = self.embed(tokens); // (S, C)
         let layers = self.layers.iter().zip(self.active());
         for ((layer, lora), cache) in layers.zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, Pass::Decode { step: &step, cache }, lora);
@@ -270,9 +325,14 @@ impl Decoder {
         self.logits(&self.forward_hidden_causal(input_ids))
     }
 
-    /// Logits, (…, V), of hidden states (…, C).
+    /// Logits, (…, V), of hidden states (…, C), soft-capped where the family caps them (Gemma
+    /// 2: cap · tanh(logits / cap)).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.lm_head.tr())
+        let logits = hidden.matmul(&self.lm_head.tr());
+        match self.config.final_logit_softcapping {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
     }
 }
 

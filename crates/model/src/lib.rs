@@ -31,4 +31,4 @@ pub use load::{
 pub use lora::{LoraConfig, PROJECTIONS};
 pub use precision::Precision;
 pub use save::ADAPTER_DIR;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{Message, Tokenizer};

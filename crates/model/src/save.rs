@@ -73,7 +73,9 @@ impl Model {
         };
         let mut config_json = serde_json::to_value(config).expect("a config serialises");
         config_json["architectures"] = json!([architecture]);
-        config_json["hidden_act"] = json!("silu");
+        if config.hidden_act.is_none() && config.hidden_activation.is_none() {
+            config_json["hidden_act"] = json!("silu");
+        }
         config_json["torch_dtype"] = json!(dtype);
         if reward_model {
             config_json["num_labels"] = json!(1);

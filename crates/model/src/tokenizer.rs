@@ -253,6 +253,14 @@ impl Tokenizer {
 
     /// Renders one user message with the model's chat template, ready for the assistant's turn.
     pub fn apply_chat_template(&self, user: &str) -> Result<String> {
+        self.render_chat(&[Message::new("user", user)], true)
+    }
+
+    /// Renders a conversation with the model's chat template as transformers'
+    /// `apply_chat_template(..., tokenize=False)` does: the same variables (`messages`,
+    /// `add_generation_prompt`, `bos_token`, `eos_token`), Python's string methods (minijinja's
+    /// pycompat), `raise_exception` and `strftime_now`.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             ModelError::Template("the model has no chat template; pass raw prompts".into())
         })?;
@@ -265,18 +273,39 @@ impl Tokenizer {
                 Err(JinjaError::new(ErrorKind::InvalidOperation, message))
             },
         );
+        // Llama 3.x dates its system turn with it.
+        env.add_function("strftime_now", |format: String| {
+            chrono::Local::now().format(&format).to_string()
+        });
         env.add_template("chat", template)
             .map_err(|e| ModelError::Template(e.to_string()))?;
         let token = |id: Option<u32>| id.and_then(|id| self.token_text(id)).unwrap_or_default();
         env.get_template("chat")
             .and_then(|t| {
                 t.render(context! {
-                    messages => vec![context! { role => "user", content => user }],
-                    add_generation_prompt => true,
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
                     bos_token => token(self.bos),
                     eos_token => token(self.end_of_turn),
                 })
             })
             .map_err(|e| ModelError::Template(e.to_string()))
+    }
+}
+
+/// One turn of a conversation, as chat templates read it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    /// "system", "user", "assistant" (or "tool").
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: content.to_owned(),
+        }
     }
 }

@@ -25,7 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 kind, out, ref = sys.argv[1:]
 V = 512
 shape = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 families = {
     # Qwen3-0.6B's shape in miniature: head_dim named (4 x 32 = 128 against a hidden size
     # of 64), tied embeddings, no bias.
@@ -35,11 +36,22 @@ families = {
         tie_word_embeddings=False, use_sliding_window=True, sliding_window=8, max_window_layers=1)),
     # Mistral's window on every layer.
     "mistral-window": ("mistral", dict(sliding_window=8, tie_word_embeddings=False)),
+    # A RoPE layer, then a NoPE layer that slides.
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2, use_sliding_window=True,
+        sliding_window=8, tie_word_embeddings=True)),
+    # A sliding then a global layer; scores and logits capped where the caps bite.
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        attn_logit_softcapping=2.0, final_logit_softcapping=1.0, initializer_range=0.1)),
+    # Per-head norms, and two RoPE bases: the global one scaled.
+    "gemma3": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], rope_theta=1e6,
+        rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 model_type, extra = families[kind]
 torch.manual_seed(0)
 config = AutoConfig.for_model(model_type, **shape, **extra)
-model = AutoModelForCausalLM.from_config(config).float().eval()
+# Eager attention, the reference: transformers' SDPA path leaves Gemma 2's score cap out.
+model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
 with torch.no_grad():
     for name, p in model.named_parameters():
         if name.endswith("bias"):
@@ -75,7 +87,8 @@ from peft import PeftModel
 base, saved, adapter, family, ref, out = sys.argv[1:]
 e = load_file(ref)
 def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
 model = load(saved)
 name = type(model).__name__
 assert name == family + "ForCausalLM", name
@@ -207,6 +220,23 @@ fn qwen3_matches_transformers_and_peft() {
     };
     check_family(&python, "qwen3", "Qwen3");
     check_family(&python, "qwen3-bias-sliding", "Qwen3");
+}
+
+#[test]
+fn smollm3_matches_transformers_and_peft() {
+    let Some(python) = venv_python(&["transformers", "peft"]) else {
+        return;
+    };
+    check_family(&python, "smollm3", "SmolLM3");
+}
+
+#[test]
+fn gemma2_and_gemma3_match_transformers_and_peft() {
+    let Some(python) = venv_python(&["transformers", "peft"]) else {
+        return;
+    };
+    check_family(&python, "gemma2", "Gemma2");
+    check_family(&python, "gemma3", "Gemma3");
 }
 
 /// Mistral's `sliding_window` was once ignored: with a window of 8, greedy completions

@@ -6,7 +6,7 @@
 use tch::{Tensor, nn};
 
 use super::{Family, Layer};
-use crate::blocks::{Active, Attention, AttentionOptions, Mlp, Pass, RmsNorm};
+use crate::blocks::{Active, Attention, AttentionOptions, Mlp, Norm, Pass, RmsNorm};
 use crate::config::Config;
 
 #[derive(Debug)]
@@ -18,20 +18,23 @@ pub(super) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Layer `i` of `cfg` under `p`, its attention as `qk_norm` asks (Qwen3 norms each head).
-    pub(super) fn new(p: nn::Path, cfg: &Config, i: usize, qk_norm: bool) -> Self {
+    /// A layer of `cfg` under `p` with `attention` (Qwen3 norms each head, SmolLM3 leaves some
+    /// unrotated).
+    pub(super) fn new(p: nn::Path, cfg: &Config, attention: AttentionOptions) -> Self {
         let hidden = cfg.hidden_size as i64;
-        let attention = AttentionOptions {
-            qk_norm,
-            window: cfg.layer_window(i),
-        };
         Self {
-            input_layernorm: RmsNorm::new(&p / "input_layernorm", hidden, cfg.rms_norm_eps),
+            input_layernorm: RmsNorm::new(
+                &p / "input_layernorm",
+                hidden,
+                cfg.rms_norm_eps,
+                Norm::Plain,
+            ),
             self_attn: Attention::new(&p / "self_attn", cfg, attention),
             post_attention_layernorm: RmsNorm::new(
                 &p / "post_attention_layernorm",
                 hidden,
                 cfg.rms_norm_eps,
+                Norm::Plain,
             ),
             mlp: Mlp::new(&p / "mlp", cfg),
         }
@@ -53,7 +56,11 @@ impl Layer for DecoderLayer {
 }
 
 fn layer(p: nn::Path, cfg: &Config, i: usize) -> Box<dyn Layer> {
-    Box::new(DecoderLayer::new(p, cfg, i, false))
+    Box::new(DecoderLayer::new(
+        p,
+        cfg,
+        AttentionOptions::for_layer(cfg, i),
+    ))
 }
 
 /// Nothing beyond what every family checks (config.rs).
@@ -66,6 +73,9 @@ pub(super) const LLAMA: Family = Family {
     name: "Llama",
     check,
     layer,
+    norm: Norm::Plain,
+    scaled_embeddings: false,
+    tie_word_embeddings: false,
 };
 
 pub(super) const MISTRAL: Family = Family {
@@ -73,6 +83,9 @@ pub(super) const MISTRAL: Family = Family {
     name: "Mistral",
     check,
     layer,
+    norm: Norm::Plain,
+    scaled_embeddings: false,
+    tie_word_embeddings: false,
 };
 
 pub(super) const QWEN2: Family = Family {
@@ -80,4 +93,7 @@ pub(super) const QWEN2: Family = Family {
     name: "Qwen2",
     check,
     layer,
+    norm: Norm::Plain,
+    scaled_embeddings: false,
+    tie_word_embeddings: false,
 };

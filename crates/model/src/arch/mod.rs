@@ -3,14 +3,16 @@
 //! builds its decoder layers from the shared blocks (blocks.rs). A new family is a file here and
 //! a line in [`FAMILIES`].
 
+mod gemma;
 mod llama;
 mod qwen3;
+mod smollm3;
 
 use std::fmt::Debug;
 
 use tch::{Tensor, nn};
 
-use crate::blocks::{Active, Pass};
+use crate::blocks::{Active, Norm, Pass};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 
@@ -34,12 +36,50 @@ pub(crate) struct Family {
     pub check: fn(&Config) -> std::result::Result<(), String>,
     /// Declares layer `i` under `p`.
     pub layer: fn(nn::Path, &Config, usize) -> Box<dyn Layer>,
+    /// The final norm's kind.
+    pub norm: Norm,
+    /// Embeddings scaled by √hidden_size (Gemma), in the model's dtype as transformers rounds it.
+    pub scaled_embeddings: bool,
+    /// `tie_word_embeddings` where config.json leaves it out (transformers' class default).
+    pub tie_word_embeddings: bool,
 }
 
-const FAMILIES: [&Family; 4] = [&llama::LLAMA, &llama::MISTRAL, &llama::QWEN2, &qwen3::QWEN3];
+const FAMILIES: [&Family; 7] = [
+    &llama::LLAMA,
+    &llama::MISTRAL,
+    &llama::QWEN2,
+    &qwen3::QWEN3,
+    &smollm3::SMOLLM3,
+    &gemma::GEMMA2,
+    &gemma::GEMMA3,
+];
+
+/// Model types users try that are not a family here, with why.
+const REFUSED: [(&str, &str); 4] = [
+    (
+        "gemma3",
+        "Gemma 3's multimodal checkpoints are not supported; its text model (`gemma3_text`, e.g. \
+         gemma-3-1b) is",
+    ),
+    (
+        "qwen3_moe",
+        "mixture-of-experts layers are not supported; Qwen3 dense (`qwen3`) is",
+    ),
+    (
+        "qwen3_5",
+        "Qwen3.5's Gated DeltaNet layers are not supported yet",
+    ),
+    ("phi3", "Phi-3's fused checkpoints are not supported yet"),
+];
 
 /// The family of `cfg.model_type`.
 pub(crate) fn family(cfg: &Config) -> Result<&'static Family> {
+    if let Some((model_type, why)) = REFUSED.iter().find(|(t, _)| *t == cfg.model_type) {
+        return Err(ModelError::Unsupported {
+            model_type: (*model_type).to_owned(),
+            message: (*why).to_owned(),
+        });
+    }
     FAMILIES
         .into_iter()
         .find(|f| f.model_type == cfg.model_type)

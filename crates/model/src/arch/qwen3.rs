@@ -7,10 +7,15 @@ use tch::nn;
 
 use super::llama::DecoderLayer;
 use super::{Family, Layer};
+use crate::blocks::{AttentionOptions, Norm};
 use crate::config::Config;
 
 fn layer(p: nn::Path, cfg: &Config, i: usize) -> Box<dyn Layer> {
-    Box::new(DecoderLayer::new(p, cfg, i, true))
+    let attention = AttentionOptions {
+        qk_norm: Some(Norm::Plain),
+        ..AttentionOptions::for_layer(cfg, i)
+    };
+    Box::new(DecoderLayer::new(p, cfg, attention))
 }
 
 /// Qwen3's config.json always names `head_dim` (it is not hidden / heads on most sizes).
@@ -26,4 +31,7 @@ pub(super) const QWEN3: Family = Family {
     name: "Qwen3",
     check,
     layer,
+    norm: Norm::Plain,
+    scaled_embeddings: false,
+    tie_word_embeddings: false,
 };
