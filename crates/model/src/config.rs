@@ -39,7 +39,8 @@ fn default_rms_norm_eps() -> f64 {
     1e-6
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Config::default()` is no model (every size 0); it fills the fields a literal leaves out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// The family (arch/mod.rs): "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2",
     /// "gemma3_text".

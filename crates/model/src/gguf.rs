@@ -81,21 +81,7 @@ fn parse(bytes: &[u8], path: &Path) -> Result<GgufContents> {
         attention_bias: model_type == "qwen2",
         bos_token_id: vocab.bos,
         eos_token_id: vocab.eos.map(serde_json::Value::from),
-        sliding_window: None,
-        use_sliding_window: None,
-        max_window_layers: None,
-        layer_types: None,
-        no_rope_layers: None,
-        no_rope_layer_interval: None,
-        mlp_bias: false,
-        pad_token_id: None,
-        hidden_act: None,
-        hidden_activation: None,
-        query_pre_attn_scalar: None,
-        attn_logit_softcapping: None,
-        final_logit_softcapping: None,
-        rope_local_base_freq: None,
-        sliding_window_pattern: None,
+        ..Config::default()
     };
 
     let mut weights = Vec::with_capacity(gguf.tensors.len());

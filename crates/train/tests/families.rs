@@ -5,15 +5,14 @@
 //! sliding window where the family has one. Skipped with a message when the venv lacks
 //! transformers (run scripts/setup).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use prefloop_model::{Config, Decoder, fill};
-use prefloop_train::{
-    AdamW, LossAggregation, OptimConfig, PreferenceLoss, TokenBatch, TokenLogprobs, policy_loss,
-    preference_loss, sequence_sum,
-};
+use prefloop_train::{AdamW, LossAggregation, OptimConfig, policy_loss};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -101,37 +100,6 @@ fn venv_python() -> Option<PathBuf> {
     ok.then_some(python)
 }
 
-/// PyTorch's value of one of our parameters: the fused q/k/v and gate/up are its parts stacked
-/// along the output rows.
-fn parameter(expected: &HashMap<String, Tensor>, prefix: &str, name: &str) -> Tensor {
-    let fused: [(&str, &[&str]); 3] = [
-        (
-            "qkv_proj.weight",
-            &["q_proj.weight", "k_proj.weight", "v_proj.weight"],
-        ),
-        (
-            "qkv_proj.bias",
-            &["q_proj.bias", "k_proj.bias", "v_proj.bias"],
-        ),
-        (
-            "gate_up_proj.weight",
-            &["gate_proj.weight", "up_proj.weight"],
-        ),
-    ];
-    let parts: Vec<String> = fused
-        .iter()
-        .find_map(|(suffix, parts)| {
-            let layer = name.strip_suffix(suffix)?;
-            Some(parts.iter().map(|part| format!("{layer}{part}")).collect())
-        })
-        .unwrap_or_else(|| vec![name.to_owned()]);
-    let parts: Vec<&Tensor> = parts
-        .iter()
-        .map(|part| &expected[&format!("{prefix}.{part}")])
-        .collect();
-    Tensor::cat(&parts, 0)
-}
-
 fn check_family(python: &Path, kind: &str) {
     let dir = tempfile::tempdir().unwrap();
     let status = Command::new(python)
@@ -153,23 +121,8 @@ fn check_family(python: &Path, kind: &str) {
     let file = model.join("model.safetensors");
     fill(&vs, Tensor::read_safetensors(&file).unwrap(), &file).unwrap();
 
-    let ids = |name: String| -> Vec<u32> {
-        Vec::<i64>::try_from(&expected[&name])
-            .unwrap()
-            .into_iter()
-            .map(|x| x as u32)
-            .collect()
-    };
-    let owned: Vec<(Vec<u32>, Vec<u32>)> = (0..4)
-        .map(|i| (ids(format!("prompt{i}")), ids(format!("answer{i}"))))
-        .collect();
-    let sequences: Vec<(&[u32], &[u32])> = owned
-        .iter()
-        .map(|(p, a)| (p.as_slice(), a.as_slice()))
-        .collect();
-    let batch = TokenBatch::new(&sequences, 0, Device::Cpu);
-    let logprobs = TokenLogprobs::forward(&decoder, &batch);
-
+    let batch = common::pair_batch(&expected);
+    let (logprobs, out) = common::dpo_loss(&decoder, &batch, &expected["ref"]);
     let grpo = policy_loss(
         &logprobs.values,
         &expected["old"],
@@ -189,16 +142,6 @@ fn check_family(python: &Path, kind: &str) {
         "{kind}: GRPO loss {ours} vs PyTorch's {theirs}"
     );
 
-    let sums = sequence_sum(&logprobs.values, &batch.loss_mask);
-    let reference = &expected["ref"];
-    let out = preference_loss(
-        PreferenceLoss::Sigmoid,
-        0.1,
-        &sums.narrow(0, 0, 2),
-        &sums.narrow(0, 2, 2),
-        &reference.narrow(0, 0, 2),
-        &reference.narrow(0, 2, 2),
-    );
     let (ours, theirs) = (
         out.loss.double_value(&[]),
         expected["dpo_loss"].double_value(&[0]),
@@ -220,8 +163,8 @@ fn check_family(python: &Path, kind: &str) {
     optimizer.clip_grad_norm();
     optimizer.step(1e-3);
     for (name, value) in vs.variables() {
-        let before = parameter(&expected, "before", &name);
-        let theirs = parameter(&expected, "after", &name) - &before;
+        let before = common::parameter(&expected, "before", &name);
+        let theirs = common::parameter(&expected, "after", &name) - &before;
         let ours = &value - &before;
         let norm = |t: &Tensor| t.norm().double_value(&[]);
         let (error, size) = (norm(&(&ours - &theirs)), norm(&theirs));

@@ -3,6 +3,8 @@
 //! fp32, and one whole DPO optimiser step against `torch.optim.AdamW` on a tiny Llama.
 //! Skipped with a message when the venv is not installed (run scripts/setup).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -335,69 +337,19 @@ impl Golden {
         (vs, decoder)
     }
 
-    /// PyTorch's value of one of our parameters under `prefix` ("before", "after", …): the
-    /// decoder's fused q/k/v and gate/up are PyTorch's parts stacked along the output rows.
+    /// PyTorch's value of one of our parameters under `prefix` ("before", "after", …).
     fn parameter(&self, prefix: &str, name: &str) -> Tensor {
-        let fused = [
-            (
-                "qkv_proj.weight",
-                &["q_proj.weight", "k_proj.weight", "v_proj.weight"][..],
-            ),
-            (
-                "gate_up_proj.weight",
-                &["gate_proj.weight", "up_proj.weight"][..],
-            ),
-        ];
-        let parts: Vec<String> = fused
-            .iter()
-            .find_map(|(suffix, parts)| {
-                let layer = name.strip_suffix(suffix)?;
-                Some(parts.iter().map(|part| format!("{layer}{part}")).collect())
-            })
-            .unwrap_or_else(|| vec![name.to_owned()]);
-        let parts: Vec<&Tensor> = parts
-            .iter()
-            .map(|part| self.get(&format!("{prefix}.{part}")))
-            .collect();
-        Tensor::cat(&parts, 0)
+        common::parameter(&self.expected, prefix, name)
     }
 
     fn pair_batch(&self) -> TokenBatch {
-        let ids = |name: String| -> Vec<u32> {
-            Vec::<i64>::try_from(self.get(&name))
-                .unwrap()
-                .into_iter()
-                .map(|x| x as u32)
-                .collect()
-        };
-        let owned: Vec<(Vec<u32>, Vec<u32>)> = (0..4)
-            .map(|i| (ids(format!("prompt{i}")), ids(format!("answer{i}"))))
-            .collect();
-        let sequences: Vec<(&[u32], &[u32])> = owned
-            .iter()
-            .map(|(p, a)| (p.as_slice(), a.as_slice()))
-            .collect();
-        TokenBatch::new(&sequences, 0, Device::Cpu)
+        common::pair_batch(&self.expected)
     }
-}
 
-impl Golden {
     /// The DPO loss (β 0.1) of the two golden pairs under `decoder`, with the log-probs to
     /// back-propagate through.
     fn dpo_loss(&self, decoder: &Decoder) -> (TokenLogprobs, prefloop_train::PreferenceOutput) {
-        let batch = self.pair_batch();
-        let logprobs = TokenLogprobs::forward(decoder, &batch);
-        let sums = sequence_sum(&logprobs.values, &batch.loss_mask);
-        let reference = self.get("ref_logps");
-        let out = preference_loss(
-            PreferenceLoss::Sigmoid,
-            0.1,
-            &sums.narrow(0, 0, 2),
-            &sums.narrow(0, 2, 2),
-            &reference.narrow(0, 0, 2),
-            &reference.narrow(0, 2, 2),
-        );
-        (logprobs, out)
+        common::dpo_loss(decoder, &self.pair_batch(), self.get("ref_logps"))
     }
 }
 
