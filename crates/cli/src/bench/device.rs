@@ -19,6 +19,8 @@ pub enum Shape {
     Smollm2_135m,
     /// Qwen2-1.5B: 28 layers, hidden 1536, 12 heads / 2 KV heads, q/k/v bias, vocab 151936.
     Qwen2_1_5b,
+    /// Qwen3-0.6B: 28 layers, hidden 1024, 16 heads × 128 / 8 KV heads, q/k norms, vocab 151936.
+    Qwen3_0_6b,
     /// 2 layers, hidden 64, SmolLM2's vocabulary: for dry runs on a CPU.
     Tiny,
     /// Llama-3-8B: 32 layers, hidden 4096, 32 heads / 8 KV heads, vocab 128256, untied head.
@@ -35,6 +37,7 @@ impl Shape {
         {
             Shape::Smollm2_135m => ("llama", 49152, 576, 1536, 30, 9, 3, 1e5, 8192),
             Shape::Qwen2_1_5b => ("qwen2", 151_936, 1536, 8960, 28, 12, 2, 1e6, 32768),
+            Shape::Qwen3_0_6b => ("qwen3", 151_936, 1024, 3072, 28, 16, 8, 1e6, 40960),
             Shape::Llama3_8b => ("llama", 128_256, 4096, 14336, 32, 32, 8, 5e5, 8192),
             Shape::Tiny => ("llama", 49152, 64, 128, 2, 4, 2, 1e5, 2048),
             Shape::DeepNarrow => ("llama", 49152, 64, 192, 30, 9, 3, 1e5, 8192),
@@ -47,7 +50,11 @@ impl Shape {
             num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: Some(kv),
-            head_dim: matches!(self, Shape::DeepNarrow).then_some(8),
+            head_dim: match self {
+                Shape::DeepNarrow => Some(8),
+                Shape::Qwen3_0_6b => Some(128),
+                _ => None,
+            },
             rms_norm_eps: 1e-5,
             rope_theta: theta,
             rope_scaling: None,
