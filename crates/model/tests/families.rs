@@ -1,6 +1,7 @@
 //! Every family against transformers on tiny random models that transformers itself makes
 //! (`AutoConfig.for_model` + `from_config`, norms and biases moved off their initial constants,
-//! a word-level tokenizer of 512 tokens): logits on a right-padded batch, greedy generation of
+//! a word-level tokenizer of 512 tokens, saved in shards): logits on a right-padded batch (and in
+//! bf16 within its rounding), greedy generation of
 //! 32 tokens through the continuous-batching sampler (prompts longer than the sliding window
 //! among them), the saved directory loading in transformers as the same family with the same
 //! logits, and LoRA adapters loading in peft with the same logits. Skipped with a message when
@@ -58,7 +59,8 @@ with torch.no_grad():
             p.normal_(0.0, 0.5)
         elif "norm" in name:
             p.normal_(1.0, 0.2)
-model.save_pretrained(out, safe_serialization=True)
+# In shards, with an index, as the larger checkpoints come.
+model.save_pretrained(out, safe_serialization=True, max_shard_size="200KB")
 Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0")).save(out + "/tokenizer.json")
 g = torch.Generator().manual_seed(1)
 lengths = [40, 23, 9]
@@ -75,6 +77,7 @@ with torch.no_grad():
         gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
                              do_sample=False)
         e[f"prompt{i}"], e[f"greedy{i}"] = prompt[0], gen[0, n:]
+    e["bf16"] = model.to(torch.bfloat16)(ids, attention_mask=mask).logits.float()
 save_file({k: v.contiguous() for k, v in e.items()}, ref)
 "#;
 
@@ -144,6 +147,22 @@ fn check_family(python: &Path, kind: &str, family: &str) {
     eprintln!("{kind}: max |Δlogit| vs transformers = {diff:e}");
     assert!(diff <= 1e-4, "{kind}: max |Δlogit| = {diff}");
 
+    // In bf16 (the GPU's dtype) the same model computes the same logits within bf16's
+    // rounding, through both passes.
+    let bf16 = Model::load(Some(&at("hf")), Device::Cpu, Precision::Bf16).unwrap();
+    let rounded = logits(&bf16, ids).to_kind(tch::Kind::Float);
+    let diff = max_difference_unpadded(&rounded, &reference["bf16"], mask);
+    let rounding = max_difference_unpadded(&reference["bf16"], &reference["logits"], mask);
+    eprintln!(
+        "{kind}: bf16 against transformers' bf16: max |Δlogit| = {diff:e} (transformers' bf16 against its fp32: {rounding:e})"
+    );
+    // Different kernels round bf16 differently: within twice what bf16 moves transformers' own
+    // logits by.
+    assert!(
+        diff <= 2.0 * rounding,
+        "{kind}: bf16 logits, max |Δlogit| = {diff} against transformers' {rounding}"
+    );
+
     // Greedy decoding, the three prompts sampled together in the slot cache.
     let requests: Vec<Request> = (0..3)
         .map(|i| Request {
@@ -156,6 +175,7 @@ fn check_family(python: &Path, kind: &str, family: &str) {
         })
         .collect();
     let greedy = generate(&model, &requests, &SamplingParams::greedy(32)).unwrap();
+    generate(&bf16, &requests, &SamplingParams::greedy(32)).unwrap();
     for (i, generation) in greedy.iter().enumerate() {
         let theirs = Vec::<i64>::try_from(&reference[&format!("greedy{i}")]).unwrap();
         let ours: Vec<i64> = generation.tokens.iter().map(|&t| i64::from(t)).collect();
