@@ -43,7 +43,7 @@ fn default_rms_norm_eps() -> f64 {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// The family (arch/mod.rs): "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2",
-    /// "gemma3_text".
+    /// "gemma3_text", "phi3".
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -121,6 +121,9 @@ pub struct Config {
     /// `rope_scaling`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
+    /// Phi: the share of each head that rotates (refused unless 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     /// Gemma 3 without `layer_types`: every this-many-th layer is global (default 6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window_pattern: Option<usize>,

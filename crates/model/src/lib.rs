@@ -28,7 +28,7 @@ pub use head::ScalarHead;
 pub use load::{
     DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, Model, best_device, default_model_path, fill,
 };
-pub use lora::{LoraConfig, PROJECTIONS};
+pub use lora::{FUSED_PROJECTIONS, LoraConfig, PROJECTIONS};
 pub use precision::Precision;
 pub use save::ADAPTER_DIR;
 pub use tokenizer::{Message, Tokenizer};

@@ -31,6 +31,10 @@ pub const PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
+/// The fused projections a checkpoint may name instead (Phi-3's `qkv_proj`, `gate_up_proj`):
+/// a target of either also selects its parts, and all of its parts select it.
+pub const FUSED_PROJECTIONS: [&str; 2] = ["qkv_proj", "gate_up_proj"];
+
 /// The prefix PEFT puts before the base model's own parameter names.
 const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -49,8 +53,9 @@ pub struct LoraConfig {
     /// refuse one above 0, since their old log-probs are computed without dropout and the
     /// on-policy ratio would then differ from 1. Default 0.
     pub dropout: f64,
-    /// The projections that get an adapter, by module name (see [`PROJECTIONS`]). Default:
-    /// all seven.
+    /// The projections that get an adapter, by module name (see [`PROJECTIONS`]; a fused
+    /// projection, [`FUSED_PROJECTIONS`], selects its parts, and all of a fused projection's
+    /// parts select it on a family whose checkpoints fuse them). Default: all seven.
     pub targets: Vec<String>,
 }
 
@@ -95,10 +100,14 @@ impl LoraConfig {
             return Err("lora.targets: name at least one projection".into());
         }
         for target in &self.targets {
-            if !PROJECTIONS.contains(&target.as_str()) {
+            if !PROJECTIONS.contains(&target.as_str())
+                && !FUSED_PROJECTIONS.contains(&target.as_str())
+            {
                 return Err(format!(
-                    "lora.targets: `{target}` is not one of the decoder's projections ({})",
-                    PROJECTIONS.join(", ")
+                    "lora.targets: `{target}` is not one of the decoder's projections ({}, or \
+                     the fused {})",
+                    PROJECTIONS.join(", "),
+                    FUSED_PROJECTIONS.join(", ")
                 ));
             }
         }
@@ -108,31 +117,87 @@ impl LoraConfig {
     /// Parameters of the adapters this config puts on a decoder of shape `cfg`: r · (in + out)
     /// per adapted projection per layer.
     pub fn parameter_count(&self, cfg: &Config) -> u64 {
-        let (hidden, inner) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-        let d = cfg.head_dim() as u64;
-        let (q, kv) = (
-            cfg.num_attention_heads as u64 * d,
-            cfg.num_kv_heads() as u64 * d,
-        );
-        let shapes = [
-            ("q_proj", hidden, q),
-            ("k_proj", hidden, kv),
-            ("v_proj", hidden, kv),
-            ("o_proj", q, hidden),
-            ("gate_proj", hidden, inner),
-            ("up_proj", hidden, inner),
-            ("down_proj", inner, hidden),
-        ];
-        let per_layer: u64 = shapes
+        let per_layer: u64 = sites(cfg)
             .iter()
-            .filter(|(name, ..)| self.targets(name))
-            .map(|(_, inputs, outputs)| u64::from(self.rank) * (inputs + outputs))
+            .flatten()
+            .filter(|site| site.selected(self))
+            .map(|site| u64::from(self.rank) * (site.inputs + site.rows) as u64)
             .sum();
         per_layer * cfg.num_hidden_layers as u64
     }
 
     fn targets(&self, projection: &str) -> bool {
         self.targets.iter().any(|t| t == projection)
+    }
+}
+
+/// A projection an adapter can sit on, as the checkpoint names it.
+struct Site {
+    module: &'static str,
+    name: &'static str,
+    /// Targets that select it too when all are given (a fused projection's parts; a part's
+    /// fused projection).
+    aliases: &'static [&'static str],
+    inputs: i64,
+    rows: i64,
+}
+
+impl Site {
+    fn selected(&self, lora: &LoraConfig) -> bool {
+        lora.targets(self.name)
+            || (!self.aliases.is_empty() && self.aliases.iter().all(|alias| lora.targets(alias)))
+    }
+}
+
+/// A layer's projections in the decoder's four fused groups (q/k/v, o, gate/up, down), as the
+/// family's checkpoints name them: apart (q_proj …) or fused (Phi-3's qkv_proj, gate_up_proj).
+fn sites(cfg: &Config) -> [Vec<Site>; 4] {
+    let (hidden, inner) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+    let d = cfg.head_dim() as i64;
+    let (q, kv) = (
+        cfg.num_attention_heads as i64 * d,
+        cfg.num_kv_heads() as i64 * d,
+    );
+    let site = |module, name, aliases, inputs, rows| Site {
+        module,
+        name,
+        aliases,
+        inputs,
+        rows,
+    };
+    let o = vec![site("self_attn", "o_proj", &[][..], q, hidden)];
+    let down = vec![site("mlp", "down_proj", &[][..], inner, hidden)];
+    if crate::arch::fused_checkpoint(cfg) {
+        let qkv_parts: &[&str] = &["q_proj", "k_proj", "v_proj"];
+        let gate_up_parts: &[&str] = &["gate_proj", "up_proj"];
+        [
+            vec![site("self_attn", "qkv_proj", qkv_parts, hidden, q + 2 * kv)],
+            o,
+            vec![site(
+                "mlp",
+                "gate_up_proj",
+                gate_up_parts,
+                hidden,
+                2 * inner,
+            )],
+            down,
+        ]
+    } else {
+        let qkv: &[&str] = &["qkv_proj"];
+        let gate_up: &[&str] = &["gate_up_proj"];
+        [
+            vec![
+                site("self_attn", "q_proj", qkv, hidden, q),
+                site("self_attn", "k_proj", qkv, hidden, kv),
+                site("self_attn", "v_proj", qkv, hidden, kv),
+            ],
+            o,
+            vec![
+                site("mlp", "gate_proj", gate_up, hidden, inner),
+                site("mlp", "up_proj", gate_up, hidden, inner),
+            ],
+            down,
+        ]
     }
 }
 
@@ -257,48 +322,44 @@ impl Adapters {
     /// `vs`'s device), under the base model's own names: `model.layers.N.self_attn.q_proj.
     /// lora_A.weight` and so on.
     pub(crate) fn new(vs: &nn::VarStore, cfg: &Config, lora: &LoraConfig) -> Self {
-        let (hidden, inner) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
-        let d = cfg.head_dim() as i64;
-        let (q_rows, kv_rows) = (
-            cfg.num_attention_heads as i64 * d,
-            cfg.num_kv_heads() as i64 * d,
-        );
+        let sites = sites(cfg);
         let root = vs.root();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let layer = &root / "model" / "layers" / i;
-                let part = |module: &str, name: &str, inputs: i64, rows: i64| {
-                    let adapter = lora
-                        .targets(name)
-                        .then(|| Adapter::new(&(&layer / module / name), inputs, rows, lora));
-                    (rows, adapter)
+                let group = |g: usize| ProjectionAdapters {
+                    parts: sites[g]
+                        .iter()
+                        .map(|site| {
+                            let adapter = site.selected(lora).then(|| {
+                                let path = &layer / site.module / site.name;
+                                Adapter::new(&path, site.inputs, site.rows, lora)
+                            });
+                            (site.rows, adapter)
+                        })
+                        .collect(),
                 };
                 LayerAdapters {
-                    qkv: ProjectionAdapters {
-                        parts: vec![
-                            part("self_attn", "q_proj", hidden, q_rows),
-                            part("self_attn", "k_proj", hidden, kv_rows),
-                            part("self_attn", "v_proj", hidden, kv_rows),
-                        ],
-                    },
-                    o: ProjectionAdapters {
-                        parts: vec![part("self_attn", "o_proj", q_rows, hidden)],
-                    },
-                    gate_up: ProjectionAdapters {
-                        parts: vec![
-                            part("mlp", "gate_proj", hidden, inner),
-                            part("mlp", "up_proj", hidden, inner),
-                        ],
-                    },
-                    down: ProjectionAdapters {
-                        parts: vec![part("mlp", "down_proj", inner, hidden)],
-                    },
+                    qkv: group(0),
+                    o: group(1),
+                    gate_up: group(2),
+                    down: group(3),
                 }
             })
             .collect();
+        // The modules adapted, as this checkpoint names them: what PEFT's target_modules says.
+        let targets = sites
+            .iter()
+            .flatten()
+            .filter(|site| site.selected(lora))
+            .map(|site| site.name.to_owned())
+            .collect();
         Self {
             layers,
-            config: lora.clone(),
+            config: LoraConfig {
+                targets,
+                ..lora.clone()
+            },
         }
     }
 

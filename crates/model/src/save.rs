@@ -52,8 +52,13 @@ impl Model {
         if self.adapters.is_some() {
             self.save_adapter(&dir.join(ADAPTER_DIR))?;
         }
-        // Hugging Face's names: the fused projections split back into q/k/v and gate/up.
-        let named = split_projections(named, self.decoder.config());
+        // Hugging Face's names: the fused projections split back into q/k/v and gate/up, but
+        // for a family whose checkpoints keep them fused.
+        let named = if crate::arch::fused_checkpoint(self.decoder.config()) {
+            named
+        } else {
+            split_projections(named, self.decoder.config())
+        };
         Tensor::write_safetensors(&named, dir.join("model.safetensors"))?;
 
         let config = self.decoder.config();

@@ -43,6 +43,8 @@ families = {
     # A sliding then a global layer; scores and logits capped where the caps bite.
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
         attn_logit_softcapping=2.0, final_logit_softcapping=1.0, initializer_range=0.1)),
+    # Fused q/k/v and gate/up in the checkpoint, Phi-3-mini-4k's window on every layer.
+    "phi3": ("phi3", dict(sliding_window=8, tie_word_embeddings=False)),
     # Per-head norms, and two RoPE bases: the global one scaled.
     "gemma3": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
         layer_types=["sliding_attention", "full_attention"], rope_theta=1e6,
@@ -257,6 +259,14 @@ fn gemma2_and_gemma3_match_transformers_and_peft() {
     };
     check_family(&python, "gemma2", "Gemma2");
     check_family(&python, "gemma3", "Gemma3");
+}
+
+#[test]
+fn phi3_matches_transformers_and_peft() {
+    let Some(python) = venv_python(&["transformers", "peft"]) else {
+        return;
+    };
+    check_family(&python, "phi3", "Phi3");
 }
 
 /// Mistral's `sliding_window` was once ignored: with a window of 8, greedy completions

@@ -34,6 +34,7 @@ families = {
         sliding_window=6)),
     "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
         attn_logit_softcapping=2.0, final_logit_softcapping=1.0)),
+    "phi3": ("phi3", dict(sliding_window=6)),
     "gemma3": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
         layer_types=["sliding_attention", "full_attention"], rope_local_base_freq=1e4)),
 }
@@ -188,6 +189,7 @@ fn one_dpo_step_and_a_grpo_loss_of_each_family_match_pytorch() {
         "qwen3-bias-sliding",
         "mistral-window",
         "smollm3",
+        "phi3",
         "gemma2",
         "gemma3",
     ] {

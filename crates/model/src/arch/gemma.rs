@@ -99,6 +99,7 @@ pub(super) const GEMMA2: Family = Family {
     norm: Norm::UnitOffset,
     scaled_embeddings: true,
     tie_word_embeddings: true,
+    fused_checkpoint: false,
 };
 
 pub(super) const GEMMA3: Family = Family {
@@ -109,4 +110,5 @@ pub(super) const GEMMA3: Family = Family {
     norm: Norm::UnitOffset,
     scaled_embeddings: true,
     tie_word_embeddings: true,
+    fused_checkpoint: false,
 };

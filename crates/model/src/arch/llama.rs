@@ -76,6 +76,7 @@ pub(super) const LLAMA: Family = Family {
     norm: Norm::Plain,
     scaled_embeddings: false,
     tie_word_embeddings: false,
+    fused_checkpoint: false,
 };
 
 pub(super) const MISTRAL: Family = Family {
@@ -86,6 +87,7 @@ pub(super) const MISTRAL: Family = Family {
     norm: Norm::Plain,
     scaled_embeddings: false,
     tie_word_embeddings: false,
+    fused_checkpoint: false,
 };
 
 pub(super) const QWEN2: Family = Family {
@@ -96,4 +98,5 @@ pub(super) const QWEN2: Family = Family {
     norm: Norm::Plain,
     scaled_embeddings: false,
     tie_word_embeddings: false,
+    fused_checkpoint: false,
 };

@@ -5,6 +5,7 @@
 
 mod gemma;
 mod llama;
+mod phi3;
 mod qwen3;
 mod smollm3;
 
@@ -42,9 +43,12 @@ pub(crate) struct Family {
     pub scaled_embeddings: bool,
     /// `tie_word_embeddings` where config.json leaves it out (transformers' class default).
     pub tie_word_embeddings: bool,
+    /// Checkpoints name q/k/v and gate/up fused (`qkv_proj`, `gate_up_proj`: Phi-3), so they
+    /// are saved fused and LoRA adapts the fused projections.
+    pub fused_checkpoint: bool,
 }
 
-const FAMILIES: [&Family; 7] = [
+const FAMILIES: [&Family; 8] = [
     &llama::LLAMA,
     &llama::MISTRAL,
     &llama::QWEN2,
@@ -52,10 +56,11 @@ const FAMILIES: [&Family; 7] = [
     &smollm3::SMOLLM3,
     &gemma::GEMMA2,
     &gemma::GEMMA3,
+    &phi3::PHI3,
 ];
 
 /// Model types users try that are not a family here, with why.
-const REFUSED: [(&str, &str); 4] = [
+const REFUSED: [(&str, &str); 3] = [
     (
         "gemma3",
         "Gemma 3's multimodal checkpoints are not supported; its text model (`gemma3_text`, e.g. \
@@ -69,7 +74,6 @@ const REFUSED: [(&str, &str); 4] = [
         "qwen3_5",
         "Qwen3.5's Gated DeltaNet layers are not supported yet",
     ),
-    ("phi3", "Phi-3's fused checkpoints are not supported yet"),
 ];
 
 /// The family of `cfg.model_type`.
@@ -87,6 +91,11 @@ pub(crate) fn family(cfg: &Config) -> Result<&'static Family> {
             model_type: cfg.model_type.clone(),
             known: model_types().join(", "),
         })
+}
+
+/// Whether `cfg`'s family keeps q/k/v and gate/up fused in its checkpoints.
+pub(crate) fn fused_checkpoint(cfg: &Config) -> bool {
+    family(cfg).is_ok_and(|f| f.fused_checkpoint)
 }
 
 /// Every `model_type` prefloop loads.

@@ -34,4 +34,5 @@ pub(super) const QWEN3: Family = Family {
     norm: Norm::Plain,
     scaled_embeddings: false,
     tie_word_embeddings: false,
+    fused_checkpoint: false,
 };

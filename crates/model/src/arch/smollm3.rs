@@ -40,4 +40,5 @@ pub(super) const SMOLLM3: Family = Family {
     norm: Norm::Plain,
     scaled_embeddings: false,
     tie_word_embeddings: true,
+    fused_checkpoint: false,
 };

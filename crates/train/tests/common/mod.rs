@@ -13,8 +13,12 @@ use tch::{Device, Tensor};
 
 /// PyTorch's value under `prefix` ("before", "after", …) of one of our parameters: the
 /// decoder's fused q/k/v (weights and biases) and gate/up are PyTorch's parts stacked along the
-/// output rows.
+/// output rows (where PyTorch holds them apart).
 pub fn parameter(expected: &HashMap<String, Tensor>, prefix: &str, name: &str) -> Tensor {
+    // Phi-3's checkpoints hold them fused already.
+    if let Some(whole) = expected.get(&format!("{prefix}.{name}")) {
+        return whole.shallow_clone();
+    }
     let fused: [(&str, &[&str]); 3] = [
         (
             "qkv_proj.weight",
