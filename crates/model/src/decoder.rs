@@ -144,12 +144,12 @@ impl Decoder {
     /// The family this model was loaded as and its shape, in one line (for `doctor --model`).
     pub fn describe(&self) -> String {
         let cfg = &self.config;
-        let family = arch::family(cfg).map_or("?", |f| f.name);
+        let family = arch::family(cfg).map_or("?", |f| f.causal_lm);
         let sliding: Vec<String> = (0..cfg.num_hidden_layers)
             .filter_map(|i| Some(format!("{i}: {}", cfg.layer_window(i)?)))
             .collect();
         format!(
-            "{} ({family}ForCausalLM), {} layers, hidden {}, {} query heads and {} key/value \
+            "{} ({family}), {} layers, hidden {}, {} query heads and {} key/value \
              heads of {}, vocabulary {}, {} embeddings, sliding windows {}",
             cfg.model_type,
             cfg.num_hidden_layers,

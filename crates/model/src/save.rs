@@ -62,14 +62,14 @@ impl Model {
         Tensor::write_safetensors(&named, dir.join("model.safetensors"))?;
 
         let config = self.decoder.config();
-        let family = crate::arch::family(config)?.name;
+        let family = crate::arch::family(config)?;
         // A reward model (a scalar `score` head on the trunk) is transformers' sequence
         // classifier with one label; anything else is a causal LM.
         let reward_model = named.iter().any(|(name, _)| name == "score.weight");
         let architecture = if reward_model {
-            format!("{family}ForSequenceClassification")
+            family.classifier
         } else {
-            format!("{family}ForCausalLM")
+            family.causal_lm
         };
         let dtype = match named.first().map(|(_, t)| t.kind()) {
             Some(tch::Kind::BFloat16) => "bfloat16",

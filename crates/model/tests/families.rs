@@ -4,7 +4,8 @@
 //! bf16 within its rounding), greedy generation of
 //! 32 tokens through the continuous-batching sampler (prompts longer than the sliding window
 //! among them), the saved directory loading in transformers as the same family with the same
-//! logits, and LoRA adapters loading in peft with the same logits. Skipped with a message when
+//! logits, a reward model (a scalar head on the trunk) loading as its sequence classifier with
+//! the same scores, and LoRA adapters loading in peft with the same logits. Skipped with a message when
 //! the venv lacks transformers or peft (run scripts/setup).
 
 mod common;
@@ -14,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{read_tensors, venv_python};
-use prefloop_model::{LoraConfig, Model, Precision, Request, SamplingParams, generate};
+use prefloop_model::{LoraConfig, Model, Precision, Request, SamplingParams, ScalarHead, generate};
 use tch::{Device, Tensor};
 
 /// The transformers side: the model directory and the reference outputs.
@@ -66,7 +67,7 @@ model.save_pretrained(out, safe_serialization=True, max_shard_size="200KB")
 Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0")).save(out + "/tokenizer.json")
 g = torch.Generator().manual_seed(1)
 lengths = [40, 23, 9]
-ids = torch.randint(0, V, (len(lengths), max(lengths)), generator=g)
+ids = torch.randint(3, V, (len(lengths), max(lengths)), generator=g)
 mask = torch.zeros_like(ids)
 for i, n in enumerate(lengths):
     mask[i, :n] = 1
@@ -87,9 +88,9 @@ save_file({k: v.contiguous() for k, v in e.items()}, ref)
 const CHECK: &str = r#"
 import sys, torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from peft import PeftModel
-base, saved, adapter, family, ref, out = sys.argv[1:]
+base, saved, adapter, family, rm_dir, ref, out = sys.argv[1:]
 e = load_file(ref)
 def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
@@ -101,6 +102,13 @@ with torch.no_grad():
     r = {"saved": model(e["ids"], attention_mask=e["mask"]).logits,
          "peft": PeftModel.from_pretrained(load(base), adapter).eval()(
              e["ids"], attention_mask=e["mask"]).logits}
+    rm = AutoModelForSequenceClassification.from_pretrained(
+        rm_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    name = type(rm).__name__
+    assert name.endswith("ForSequenceClassification"), name
+    # It scores the last token that is not its pad id.
+    ids = e["ids"].masked_fill(e["mask"] == 0, rm.config.pad_token_id)
+    r["rm"] = rm(ids, attention_mask=e["mask"]).logits[:, 0]
 save_file({k: v.contiguous() for k, v in r.items()}, out)
 "#;
 
@@ -189,6 +197,28 @@ fn check_family(python: &Path, kind: &str, family: &str) {
         );
     }
 
+    // A reward model: a random scalar head on the trunk, saved as transformers' classifier.
+    let reward_model = Model::load(Some(&at("hf")), Device::Cpu, Precision::Fp32).unwrap();
+    let head = ScalarHead::new(
+        reward_model.vs.root() / "score",
+        reward_model.decoder.config().hidden_size,
+    );
+    tch::manual_seed(9);
+    tch::no_grad(|| {
+        for (name, mut var) in reward_model.vs.variables() {
+            if name.starts_with("score") {
+                var.copy_(&(var.randn_like() * 0.1));
+            }
+        }
+    });
+    reward_model.save(&at("rm")).unwrap();
+    let last = (mask.sum_dim_intlist(1, false, tch::Kind::Int64) - 1).unsqueeze(1);
+    let our_scores = tch::no_grad(|| {
+        head.per_token(&reward_model.decoder.forward_hidden_causal(ids))
+            .gather(1, &last, false)
+            .squeeze_dim(1)
+    });
+
     // Saved, and with random LoRA adapters on every projection saved as PEFT.
     model.save(&at("saved")).unwrap();
     let lora = LoraConfig::with_rank(4, None);
@@ -215,6 +245,7 @@ fn check_family(python: &Path, kind: &str, family: &str) {
             &at("saved"),
             &at("adapter"),
             Path::new(family),
+            &at("rm"),
             &at("ref.safetensors"),
             &at("check.safetensors"),
         ],
@@ -227,6 +258,9 @@ fn check_family(python: &Path, kind: &str, family: &str) {
         diff <= 1e-4,
         "{kind}: saved directory, max |Δlogit| = {diff}"
     );
+    let diff = (&check["rm"] - &our_scores).abs().max().double_value(&[]);
+    eprintln!("{kind}: reward model in transformers: max |Δscore| = {diff:e}");
+    assert!(diff <= 1e-4, "{kind}: reward model, max |Δscore| = {diff}");
     let diff = max_difference_unpadded(&check["peft"], &our_adapted, mask);
     eprintln!("{kind}: LoRA, prefloop vs peft: max |Δlogit| = {diff:e}");
     assert!(

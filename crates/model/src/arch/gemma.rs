@@ -93,7 +93,8 @@ fn check(cfg: &Config) -> Result<(), String> {
 
 pub(super) const GEMMA2: Family = Family {
     model_type: "gemma2",
-    name: "Gemma2",
+    causal_lm: "Gemma2ForCausalLM",
+    classifier: "Gemma2ForSequenceClassification",
     check,
     layer,
     norm: Norm::UnitOffset,
@@ -104,7 +105,8 @@ pub(super) const GEMMA2: Family = Family {
 
 pub(super) const GEMMA3: Family = Family {
     model_type: "gemma3_text",
-    name: "Gemma3",
+    causal_lm: "Gemma3ForCausalLM",
+    classifier: "Gemma3TextForSequenceClassification",
     check,
     layer,
     norm: Norm::UnitOffset,

@@ -70,7 +70,8 @@ fn check(_: &Config) -> Result<(), String> {
 
 pub(super) const LLAMA: Family = Family {
     model_type: "llama",
-    name: "Llama",
+    causal_lm: "LlamaForCausalLM",
+    classifier: "LlamaForSequenceClassification",
     check,
     layer,
     norm: Norm::Plain,
@@ -81,7 +82,8 @@ pub(super) const LLAMA: Family = Family {
 
 pub(super) const MISTRAL: Family = Family {
     model_type: "mistral",
-    name: "Mistral",
+    causal_lm: "MistralForCausalLM",
+    classifier: "MistralForSequenceClassification",
     check,
     layer,
     norm: Norm::Plain,
@@ -92,7 +94,8 @@ pub(super) const MISTRAL: Family = Family {
 
 pub(super) const QWEN2: Family = Family {
     model_type: "qwen2",
-    name: "Qwen2",
+    causal_lm: "Qwen2ForCausalLM",
+    classifier: "Qwen2ForSequenceClassification",
     check,
     layer,
     norm: Norm::Plain,

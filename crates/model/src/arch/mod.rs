@@ -31,8 +31,10 @@ pub(crate) trait Layer: Debug + Send {
 pub(crate) struct Family {
     /// `model_type` in config.json.
     pub model_type: &'static str,
-    /// transformers' class prefix (`{name}ForCausalLM`, `{name}ForSequenceClassification`).
-    pub name: &'static str,
+    /// transformers' causal-LM class, written as the saved policy's architecture.
+    pub causal_lm: &'static str,
+    /// transformers' sequence classifier, written as a saved reward model's or critic's.
+    pub classifier: &'static str,
     /// Refuses a setting the family's layers do not implement, naming the field and value.
     pub check: fn(&Config) -> std::result::Result<(), String>,
     /// Declares layer `i` under `p`.

@@ -34,7 +34,8 @@ fn check(cfg: &Config) -> Result<(), String> {
 
 pub(super) const PHI3: Family = Family {
     model_type: "phi3",
-    name: "Phi3",
+    causal_lm: "Phi3ForCausalLM",
+    classifier: "Phi3ForSequenceClassification",
     check,
     layer,
     norm: Norm::Plain,

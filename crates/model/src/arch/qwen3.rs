@@ -28,7 +28,8 @@ fn check(cfg: &Config) -> Result<(), String> {
 
 pub(super) const QWEN3: Family = Family {
     model_type: "qwen3",
-    name: "Qwen3",
+    causal_lm: "Qwen3ForCausalLM",
+    classifier: "Qwen3ForSequenceClassification",
     check,
     layer,
     norm: Norm::Plain,

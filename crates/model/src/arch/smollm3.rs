@@ -34,7 +34,8 @@ fn check(cfg: &Config) -> Result<(), String> {
 
 pub(super) const SMOLLM3: Family = Family {
     model_type: "smollm3",
-    name: "SmolLM3",
+    causal_lm: "SmolLM3ForCausalLM",
+    classifier: "SmolLM3ForSequenceClassification",
     check,
     layer,
     norm: Norm::Plain,
