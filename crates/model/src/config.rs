@@ -180,6 +180,14 @@ impl Config {
                 )));
             }
         }
+        if let Some(scaling) = &self.rope_scaling
+            && !matches!(scaling.rope_type.as_str(), "default" | "linear" | "llama3")
+        {
+            return Err(refuse(format!(
+                "rope_scaling.rope_type `{}` is not supported (default, linear, llama3)",
+                scaling.rope_type
+            )));
+        }
         if self.sliding_window == Some(0) {
             return Err(refuse("sliding_window 0 sees no key".into()));
         }
@@ -361,5 +369,119 @@ pub(crate) fn token_ids(value: &serde_json::Value) -> Vec<u32> {
             .filter_map(|v| v.as_u64().map(|n| n as u32))
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny config of `model_type` with `extra` fields.
+    fn config(model_type: &str, extra: serde_json::Value) -> Config {
+        let mut value = serde_json::json!({
+            "model_type": model_type, "vocab_size": 64, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+        });
+        for (key, v) in extra.as_object().unwrap() {
+            value[key] = v.clone();
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn refusal(model_type: &str, extra: serde_json::Value) -> String {
+        config(model_type, extra).check().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn settings_no_family_implements_are_refused_naming_the_field_and_value() {
+        let cases = [
+            (
+                refusal(
+                    "phi3",
+                    serde_json::json!({"rope_scaling": {"type": "longrope", "factor": 32.0}}),
+                ),
+                "rope_scaling.rope_type `longrope` is not supported",
+            ),
+            (
+                refusal("phi3", serde_json::json!({"partial_rotary_factor": 0.75})),
+                "partial_rotary_factor 0.75 is not supported",
+            ),
+            (
+                refusal("qwen3", serde_json::json!({})),
+                "head_dim: Qwen3 configs name it",
+            ),
+            (
+                refusal(
+                    "gemma2",
+                    serde_json::json!({"head_dim": 8, "query_pre_attn_scalar": 8,
+                        "layer_types": ["sliding_attention", "chunked_attention"]}),
+                ),
+                "layer_types[1] `chunked_attention` is not supported",
+            ),
+            (
+                refusal("llama", serde_json::json!({"mlp_bias": true})),
+                "mlp_bias true is not supported",
+            ),
+            (
+                refusal("llama", serde_json::json!({"hidden_act": "relu"})),
+                "hidden_act `relu` is not supported",
+            ),
+            (
+                refusal("gemma3", serde_json::json!({})),
+                "Gemma 3's multimodal checkpoints are not supported",
+            ),
+            (
+                refusal("falcon", serde_json::json!({})),
+                "unknown architecture `falcon`",
+            ),
+        ];
+        for (error, expected) in cases {
+            assert!(
+                error.contains(expected),
+                "{error:?} should say {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_family_reads_its_sliding_layers_and_rotation_from_its_config() {
+        let windows = |c: &Config| (0..4).map(|i| c.layer_window(i)).collect::<Vec<_>>();
+        let four = serde_json::json!({"num_hidden_layers": 4, "sliding_window": 8});
+        let with = |extra: serde_json::Value| {
+            let mut v = four.clone();
+            for (key, value) in extra.as_object().unwrap() {
+                v[key] = value.clone();
+            }
+            v
+        };
+        // Mistral slides everywhere; Llama never; Qwen only with use_sliding_window, from
+        // max_window_layers on.
+        assert_eq!(windows(&config("mistral", four.clone())), [Some(8); 4]);
+        assert_eq!(windows(&config("llama", four.clone())), [None; 4]);
+        assert_eq!(windows(&config("qwen2", four.clone())), [None; 4]);
+        let qwen = config(
+            "qwen2",
+            with(serde_json::json!({"use_sliding_window": true, "max_window_layers": 2})),
+        );
+        assert_eq!(windows(&qwen), [None, None, Some(8), Some(8)]);
+        // Gemma 2 alternates, sliding first; Gemma 3 makes every pattern-th layer global.
+        assert_eq!(
+            windows(&config("gemma2", four.clone())),
+            [Some(8), None, Some(8), None]
+        );
+        let gemma3 = config(
+            "gemma3_text",
+            with(serde_json::json!({"sliding_window_pattern": 2})),
+        );
+        assert_eq!(windows(&gemma3), [Some(8), None, Some(8), None]);
+        // SmolLM3: every fourth layer is NoPE, and with use_sliding_window the NoPE ones slide.
+        let smol = config(
+            "smollm3",
+            with(serde_json::json!({"use_sliding_window": true})),
+        );
+        let rope: Vec<bool> = (0..4).map(|i| smol.layer_uses_rope(i)).collect();
+        assert_eq!(rope, [true, true, true, false]);
+        assert_eq!(windows(&smol), [None, None, None, Some(8)]);
     }
 }
