@@ -45,10 +45,11 @@ fn parse(bytes: &[u8], path: &Path) -> Result<GgufContents> {
         .general_architecture()
         .map_err(|e| bad(format!("general.architecture: {e:?}")))?;
     let model_type = match arch {
-        "llama" | "qwen2" => arch.to_owned(),
+        "llama" | "qwen2" | "qwen3" => arch.to_owned(),
         other => {
             return Err(bad(format!(
-                "general.architecture `{other}`: prefloop reads GGUF files of llama and qwen2"
+                "general.architecture `{other}`: prefloop reads GGUF files of llama, qwen2 and \
+                 qwen3"
             )));
         }
     };
@@ -329,6 +330,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",

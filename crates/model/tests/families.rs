@@ -112,6 +112,57 @@ with torch.no_grad():
 save_file({k: v.contiguous() for k, v in r.items()}, out)
 "#;
 
+/// A Qwen3 GGUF file as llama.cpp writes one, with its own Python package (gguf-py): the
+/// tensors renamed by its `TensorNameMap` for the architecture, the hyper-parameters by its
+/// writer's `add_*` calls as `convert_hf_to_gguf.py` makes them, the vocabulary copied field by
+/// field from the embedded SmolLM2 GGUF (which llama.cpp converted), F32. Also the transformers
+/// directory of the same model and its logits.
+const GGUF_MAKE: &str = r#"
+import sys, torch, gguf
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+hf, embedded, out, ref = sys.argv[1:]
+torch.manual_seed(0)
+config = AutoConfig.for_model("qwen3", vocab_size=49152, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True)
+model = AutoModelForCausalLM.from_config(config).float().eval()
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.normal_(1.0, 0.2)
+model.save_pretrained(hf, safe_serialization=True)
+w = gguf.GGUFWriter(out, "qwen3")
+w.add_context_length(config.max_position_embeddings)
+w.add_embedding_length(config.hidden_size)
+w.add_block_count(config.num_hidden_layers)
+w.add_feed_forward_length(config.intermediate_size)
+w.add_head_count(config.num_attention_heads)
+w.add_head_count_kv(config.num_key_value_heads)
+w.add_rope_freq_base(config.rope_theta)
+w.add_layer_norm_rms_eps(config.rms_norm_eps)
+w.add_key_length(config.head_dim)
+w.add_value_length(config.head_dim)
+w.add_file_type(gguf.LlamaFileType.ALL_F32)
+reader = gguf.GGUFReader(embedded)
+for field in reader.fields.values():
+    if field.name.startswith("tokenizer."):
+        sub = field.types[1] if len(field.types) > 1 else None
+        w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, config.num_hidden_layers)
+for name, tensor in model.state_dict().items():
+    if name == "lm_head.weight":
+        continue  # tied: llama.cpp writes no output tensor
+    w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+ids = (torch.arange(40) * 7919 % 49152).unsqueeze(0)
+with torch.no_grad():
+    save_file({"ids": ids[0].contiguous(), "logits": model(ids).logits[0].contiguous()}, ref)
+"#;
+
 /// Largest |Δ| between `ours` and `theirs` (B, T, V) over each row's first `lengths[b]`
 /// positions (the padding's logits are not compared).
 fn max_difference_unpadded(ours: &Tensor, theirs: &Tensor, mask: &Tensor) -> f64 {
@@ -301,6 +352,41 @@ fn phi3_matches_transformers_and_peft() {
         return;
     };
     check_family(&python, "phi3", "Phi3");
+}
+
+#[test]
+fn qwen3_loads_from_a_gguf_file_as_llama_cpp_writes_it() {
+    let (Some(python), true) = (
+        venv_python(&["transformers", "gguf"]),
+        prefloop_model::default_model_path().exists(),
+    ) else {
+        eprintln!("skipped: needs the embedded model's GGUF (run scripts/setup)");
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let at = |name: &str| scratch.path().join(name);
+    run(
+        &python,
+        GGUF_MAKE,
+        &[
+            &at("hf"),
+            &prefloop_model::default_model_path(),
+            &at("qwen3.gguf"),
+            &at("ref.safetensors"),
+        ],
+        "gguf-py writing a Qwen3 GGUF",
+    );
+    let reference = read_tensors(&at("ref.safetensors"));
+    let model = Model::load(Some(&at("qwen3.gguf")), Device::Cpu, Precision::Fp32).unwrap();
+    assert_eq!(model.decoder.config().model_type, "qwen3");
+    assert_eq!(model.decoder.config().head_dim(), 32);
+    let ids = reference["ids"].unsqueeze(0);
+    let diff = (logits(&model, &ids).squeeze_dim(0) - &reference["logits"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    eprintln!("qwen3 from GGUF: max |Δlogit| vs transformers = {diff:e}");
+    assert!(diff <= 1e-4, "qwen3 from GGUF: max |Δlogit| = {diff}");
 }
 
 /// Mistral's `sliding_window` was once ignored: with a window of 8, greedy completions
