@@ -29,6 +29,8 @@ pub struct Decoder {
     local_rope: Option<Rope>,
     /// Embeddings × this (Gemma: √hidden_size).
     embed_scale: Option<f64>,
+    /// The layers' distinct attention windows, each needing its mask once per pass.
+    windows: Vec<i64>,
     config: Config,
     /// LoRA adapters beside the projections, if attached (lora.rs).
     lora: Option<Adapters>,
@@ -54,10 +56,15 @@ impl Decoder {
         } else {
             (&root / "lm_head").var("weight", &[vocab, hidden], Init::Const(0.0))
         };
+        let layers: Vec<Box<dyn Layer>> = (0..cfg.num_hidden_layers)
+            .map(|i| (family.layer)(&model / "layers" / i, cfg, i))
+            .collect();
+        let mut windows: Vec<i64> = layers.iter().filter_map(|l| l.window()).collect();
+        windows.sort_unstable();
+        windows.dedup();
         Ok(Self {
-            layers: (0..cfg.num_hidden_layers)
-                .map(|i| (family.layer)(&model / "layers" / i, cfg, i))
-                .collect(),
+            layers,
+            windows,
             norm: RmsNorm::new(&model / "norm", hidden, cfg.rms_norm_eps, family.norm),
             rope: Rope::new(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), vs.device())?,
             local_rope: match cfg.rope_local_base_freq {
@@ -214,7 +221,7 @@ impl Decoder {
             (&self.rope, self.local_rope.as_ref()),
             b,
             t,
-            &self.windows(),
+            &self.windows,
             self.kind(),
             input_ids.device(),
         );
@@ -237,14 +244,6 @@ impl Decoder {
             Some(scale) => x * Tensor::from(scale).to_kind(self.kind()),
             None => x,
         }
-    }
-
-    /// The distinct attention windows of the layers.
-    fn windows(&self) -> Vec<i64> {
-        let mut windows: Vec<i64> = self.layers.iter().filter_map(|l| l.window()).collect();
-        windows.sort_unstable();
-        windows.dedup();
-        windows
     }
 
     /// One decode step: `tokens` (S,) at positions `lens` (S,), each row's token written into
@@ -270,9 +269,9 @@ impl Decoder {
             at: lens.view([s, 1, 1, 1]).expand([s, 2 * g, 1, d], false),
             mask: key_mask(lens, width, None, kind),
             windows: self
-                .windows()
-                .into_iter()
-                .map(|w| (w, key_mask(lens, width, Some(w), kind)))
+                .windows
+                .iter()
+                .map(|&w| (w, key_mask(lens, width, Some(w), kind)))
                 .collect(),
             width,
             rope,
