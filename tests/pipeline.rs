@@ -12,10 +12,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{prefloop, text, tiny_model, tiny_reward_model};
-use prefloop_core::{Pair, PairSource, Record, Sample, Score};
+use prefloop_core::{Pair, PairSource, Record, Sample, Score, Verdict};
 use prefloop_data::{Manifest, StageReader, StageWriter, WriterOptions};
 use prefloop_model::default_model_path;
-use prefloop_pipeline::{PipelineError, RunDir};
+use prefloop_pipeline::{PROBLEMS_DIR, PipelineError, RunDir};
 
 const HUMANEVAL: &str = "../../../shared/data/humaneval/HumanEval.jsonl.gz";
 
@@ -240,9 +240,9 @@ fn two_dpo_iter_rounds_generate_score_pair_train_and_sample_from_the_trained_pol
     assert!(lines[0]["train/loss"].as_f64().unwrap().is_finite());
     assert_eq!(lines[0]["pairs"], 3.0);
     // KL(π_k ‖ π_k-1) on round k's samples: none for round 0, then how far each update moved.
-    assert!(lines[0].get("kl").is_none());
+    assert!(lines[0].get("kl_to_previous").is_none());
     for line in &lines[1..] {
-        let kl = line["kl"].as_f64().unwrap();
+        let kl = line["kl_to_previous"].as_f64().unwrap();
         assert!(
             kl.is_finite() && kl > 0.0,
             "an lr 1e-3 update moves the policy: {kl}"
@@ -254,7 +254,10 @@ fn two_dpo_iter_rounds_generate_score_pair_train_and_sample_from_the_trained_pol
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
     assert!(html.matches("<svg").count() >= 5, "charts drawn");
     assert!(html.contains("pass@4") && html.contains("Training loss"));
-    assert!(html.contains("KL to the reference"));
+    assert!(
+        html.contains("KL to the previous policy"),
+        "the report charts DPO-Iter's KL"
+    );
     assert_eq!(
         html.matches("<th>round ").count(),
         3,
@@ -648,7 +651,7 @@ fn two_ppo_rounds_keep_each_iterations_rollouts_and_scores_and_log_kl() {
     for line in &lines[..2] {
         for key in [
             "reward/mean",
-            "kl",
+            "kl_to_reference",
             "entropy",
             "clip_fraction",
             "value_loss",
@@ -803,7 +806,7 @@ fn a_grpo_run_killed_at_many_points_resumes_to_the_rows_and_policy_of_an_unbroke
     let lines = metrics(&whole);
     for key in [
         "reward/mean",
-        "kl",
+        "kl_to_reference",
         "clip_fraction/high",
         "groups/dropped_fraction",
         "entropy",
@@ -1547,5 +1550,202 @@ fn held_out_prompts_that_are_also_training_prompts_are_refused_by_name() {
             && stderr.contains("2 held-out prompt(s) are also training prompts")
             && stderr.contains("b, c"),
         "{stderr}"
+    );
+}
+
+/// Four HumanEval-style problems in `dir` whose prompt ends in an open comment, so that any
+/// one-line completion compiles: `one` and `three` return what their tests expect, `two` and
+/// `four` do not (every completion passes the first two and fails the others). Returns the
+/// JSONL file.
+fn comment_problems(dir: &Path) -> PathBuf {
+    let path = dir.join("toy.jsonl");
+    let text: String = [
+        ("one", 1, 1),
+        ("two", 2, 5),
+        ("three", 3, 3),
+        ("four", 4, 7),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (name, returns, expected))| {
+        let row = serde_json::json!({
+            "task_id": format!("T/{i}"),
+            "prompt": format!("def {name}():\n    return {returns}\n\n# "),
+            "canonical_solution": "a comment\n",
+            "test": format!("def check(candidate):\n    assert candidate() == {expected}\n"),
+            "entry_point": name,
+        });
+        format!("{row}\n")
+    })
+    .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `[score] scorer = ["tests", "program"]` with weights: every row's reward is the weighted sum
+/// of what the tests alone and the program alone give the same completion, its verdict and
+/// counts are the tests', and each scorer's mean is a round metric; `prefloop train grpo`
+/// takes the same scorers as flags.
+#[test]
+fn a_grpo_run_scored_by_tests_plus_a_program_sums_their_weighted_rewards() {
+    let runner = prefloop_sandbox::default_runtime_dir().join("python-runner.wasm");
+    if !model_ready() || !runner.exists() {
+        eprintln!("skipped: needs the sandbox runner (scripts/setup)");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("tiny");
+    tiny_model(&model);
+    let problems = comment_problems(scratch.path());
+    std::fs::write(
+        scratch.path().join("length.py"),
+        "def reward(prompt, completion):\n    return -len(completion) / 100\n",
+    )
+    .unwrap();
+    let config = |name: &str, score: &str| {
+        let path = scratch.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "algorithm = \"grpo\"\nrounds = 1\nfinal_generation = false\nmodel = {model:?}\n\
+                 [data]\nproblems = {problems:?}\nimport = \"humaneval\"\n\
+                 [generate]\nn = 3\nmax_new_tokens = 6\ntop_k = 20\n\
+                 [score]\nprogram = \"length.py\"\n{score}\n\
+                 [group]\nrollout_batch_size = 4\ngroup_size = 3\nmax_new_tokens = 6\n\
+                 max_extra_draws = 0\noverlong = \"keep\"\n[group.actor]\nlr = 1e-3\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let run = |name: &str, score: &str| {
+        let out = scratch.path().join(name);
+        let done = prefloop(&run_args(&config(name, score), &out));
+        assert!(done.status.success(), "{}", text(&done.stderr));
+        let round = out.join("round-0000");
+        let samples: Vec<Sample> = rows(&round.join("samples"));
+        let scores: Vec<Score> = rows(&round.join("scores"));
+        (out, samples, scores)
+    };
+    let (_, tests_samples, tests) = run("tests", "scorer = \"tests\"");
+    let (_, program_samples, program) = run("program", "scorer = \"program\"");
+    let (sum_run, sum_samples, sum) = run(
+        "sum",
+        "scorer = [\"tests\", \"program\"]\nweights = [1.0, 0.5]",
+    );
+    // The first round samples from the starting policy whatever scores it.
+    assert_eq!(tests_samples, sum_samples);
+    assert_eq!(program_samples, sum_samples);
+    assert_eq!(sum.len(), 12);
+    let passed = sum.iter().filter(|s| s.verdict == Verdict::Ok).count();
+    assert_eq!(
+        passed, 6,
+        "the completions of `one` and `three` pass: {sum:?}"
+    );
+    for ((s, t), p) in sum.iter().zip(&tests).zip(&program) {
+        assert_eq!((&s.problem_id, s.sample_idx), (&t.problem_id, t.sample_idx));
+        assert_eq!(s.scorer, prefloop_core::Scorer::Sum);
+        assert_eq!(
+            (s.verdict, s.passed, s.total),
+            (t.verdict, t.passed, t.total)
+        );
+        let expected = t.reward + 0.5 * p.reward;
+        assert!((s.reward - expected).abs() < 1e-5, "{s:?} {t:?} {p:?}");
+        assert!(p.reward < 0.0, "a length penalty: {p:?}");
+    }
+    let line = &metrics(&sum_run)[0];
+    let mean = |scores: &[Score]| scores.iter().map(|s| f64::from(s.reward)).sum::<f64>() / 12.0;
+    let logged = |key: &str| {
+        line[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {line}"))
+    };
+    assert!((logged("score/tests/mean") - mean(&tests)).abs() < 1e-5);
+    assert!((logged("score/program/mean") - mean(&program)).abs() < 1e-5);
+    assert!((logged("reward/mean") - mean(&sum)).abs() < 1e-5);
+
+    // `prefloop train grpo` with the same scorers as flags, on the problems stage the run
+    // imported; and with a reward program alone on prompts.
+    let trained = scratch.path().join("train-grpo");
+    let flags = prefloop(&[
+        "train",
+        "grpo",
+        "--model",
+        model.to_str().unwrap(),
+        "--problems",
+        sum_run.join(PROBLEMS_DIR).to_str().unwrap(),
+        "--program",
+        scratch.path().join("length.py").to_str().unwrap(),
+        "--weight",
+        "program=0.5",
+        "--out",
+        trained.to_str().unwrap(),
+        "--iterations",
+        "1",
+        "--rollout-batch-size",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--group-size",
+        "3",
+    ]);
+    assert!(flags.status.success(), "{}", text(&flags.stderr));
+    assert!(trained.join("policy").exists());
+    let iteration: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(trained.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let reward = iteration["reward/mean"].as_f64().unwrap();
+    assert!(
+        reward > 4.0 && reward < 5.0,
+        "half pass (10), less a small penalty: {reward}"
+    );
+    let prompts = scratch.path().join("prompts.jsonl");
+    prompt_file(&prompts, &["a", "b"]);
+    let program_only = prefloop(&[
+        "train",
+        "grpo",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--program",
+        scratch.path().join("length.py").to_str().unwrap(),
+        "--out",
+        scratch.path().join("program-only").to_str().unwrap(),
+        "--iterations",
+        "1",
+        "--rollout-batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert!(
+        program_only.status.success(),
+        "{}",
+        text(&program_only.stderr)
+    );
+    // A weight for a scorer that is not one is refused by name.
+    let bad = prefloop(&[
+        "train",
+        "grpo",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--program",
+        "length.py",
+        "--weight",
+        "rm=2",
+        "--out",
+        scratch.path().join("bad").to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("--weight rm"),
+        "{}",
+        text(&bad.stderr)
     );
 }

@@ -16,10 +16,10 @@ use prefloop_model::{
     ADAPTER_DIR, Model, Precision, Request, SamplingParams, default_model_path, generate,
 };
 use prefloop_train::{
-    Encoder, Estimator, GroupConfig, GroupModels, IterationRecord, LoopConfig, LoraConfig,
-    LossAggregation, OptimConfig, Overlong, PpoConfig, PpoModels, PromptExample, RewardConfig,
-    RewardModel, Rollout, SftConfig, TokenBatch, TokenLogprobs, Truncated, k3_kl, policy_loss,
-    train_group, train_ppo, train_reward_model, train_sft,
+    Encoder, Estimator, GroupConfig, IterationRecord, LoopConfig, LoraConfig, LossAggregation,
+    OptimConfig, Overlong, PpoConfig, PpoModels, PromptExample, RewardConfig, RewardModel, Rollout,
+    SftConfig, TokenBatch, TokenLogprobs, Truncated, k3_kl, policy_loss, train_group, train_ppo,
+    train_reward_model, train_sft,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -692,7 +692,12 @@ fn ppo_on_a_programmatic_reward_raises_the_mean_reward_with_kl_bounded() {
     assert_eq!(records.len(), 8);
     let curve: Vec<String> = records
         .iter()
-        .map(|r| format!("{:.2}/{:.3}", r.metrics["reward/mean"], r.metrics["kl"]))
+        .map(|r| {
+            format!(
+                "{:.2}/{:.3}",
+                r.metrics["reward/mean"], r.metrics["kl_to_reference"]
+            )
+        })
         .collect();
     // Each iteration's rollouts come from the policy as trained so far. The trained policies'
     // rollouts (the later half: 256) against 256 fresh rollouts of the starting policy, with
@@ -713,7 +718,7 @@ fn ppo_on_a_programmatic_reward_raises_the_mean_reward_with_kl_bounded() {
         "mean reward {before:.3} → {trained:.3}; {curve:?}"
     );
     for r in &records {
-        let kl = r.metrics["kl"];
+        let kl = r.metrics["kl_to_reference"];
         // A random 64-wide policy starts near uniform over 49k tokens (entropy ≈ 10.8 nats),
         // and top-k sampling makes the k1 estimate run high; what matters is that it stays a
         // few nats a token instead of running away. Seen at the last iteration: 2.7 to 3.5
@@ -819,7 +824,7 @@ fn small_lora() -> LoraConfig {
 /// Fresh adapters are the base, so the first iteration's KL to the reference (the base with
 /// the adapters off) is 0 up to the rounding of differently shaped batches; training moves it.
 fn kl_starts_at_the_base_and_moves(records: &[IterationRecord]) {
-    let kl = |i: usize| records[i].metrics["kl"].abs();
+    let kl = |i: usize| records[i].metrics["kl_to_reference"].abs();
     assert!(kl(0) < 1e-6, "KL {} before any update", kl(0));
     assert!(
         kl(2) > 1e3 * kl(0).max(1e-9),
@@ -834,12 +839,15 @@ fn a_lora_ppo_run_trains_adapters_on_actor_and_critic_and_resumes_exactly_after_
     };
     let config = PpoConfig {
         lora: Some(small_lora()),
-        ema_reference: false,
+        ema_reference: Some(false),
         ..ppo_config(3)
     };
     let rng = libtorch_rng();
     let models = PpoModels::load(Some(&model), Device::Cpu, Precision::Fp32, &config).unwrap();
-    assert!(models.reference.is_none(), "no reference copy: the base is");
+    assert!(
+        models.policy.reference.is_none(),
+        "no reference copy: the base is"
+    );
     // The critic trains its adapters and its value head, and nothing of its base.
     let critic: Vec<String> = models
         .critic
@@ -853,7 +861,7 @@ fn a_lora_ppo_run_trains_adapters_on_actor_and_critic_and_resumes_exactly_after_
     drop((models, rng));
     // With the EMA on, a LoRA run is refused before any work: its reference cannot move.
     let ema = PpoConfig {
-        ema_reference: true,
+        ema_reference: Some(true),
         ..config.clone()
     };
     let refused = ppo_run(
@@ -1240,7 +1248,9 @@ fn group_run(
     reward: &mut dyn FnMut(&[Rollout]) -> prefloop_train::Result<Vec<f32>>,
 ) -> prefloop_train::Result<Vec<IterationRecord>> {
     let _rng = libtorch_rng();
-    let models = GroupModels::load(Some(model), Device::Cpu, Precision::Fp32, config).unwrap();
+    let models = config
+        .load_policy(Some(model), Device::Cpu, Precision::Fp32)
+        .unwrap();
     train_group(
         &models,
         &ppo_prompts(),
@@ -1265,7 +1275,9 @@ fn a_lora_grpo_run_takes_its_reference_from_the_base_and_resumes_exactly_after_a
         ..group_config(3, 1)
     };
     let rng = libtorch_rng();
-    let models = GroupModels::load(Some(&model), Device::Cpu, Precision::Fp32, &config).unwrap();
+    let models = config
+        .load_policy(Some(&model), Device::Cpu, Precision::Fp32)
+        .unwrap();
     assert!(
         models.reference.is_none(),
         "no second model: the base is the reference"
@@ -1353,7 +1365,7 @@ fn group_estimators_raise_the_mean_reward_on_a_programmatic_reward_with_kl_bound
         let last = records[records.len() - 3..].iter().map(reward).sum::<f64>() / 3.0;
         let curve: Vec<String> = records
             .iter()
-            .map(|r| format!("{:.2}/{:.3}", reward(r), r.metrics["kl"]))
+            .map(|r| format!("{:.2}/{:.3}", reward(r), r.metrics["kl_to_reference"]))
             .collect();
         gains.push(format!(
             "{estimator:?} seed {seed}: {first:.3} → {last:.3} {curve:?}"
@@ -1364,7 +1376,7 @@ fn group_estimators_raise_the_mean_reward_on_a_programmatic_reward_with_kl_bound
         );
         for r in &records {
             assert!(
-                r.metrics["kl"].abs() < 6.0,
+                r.metrics["kl_to_reference"].abs() < 6.0,
                 "{estimator:?} seed {seed}: {curve:?}"
             );
         }
@@ -1849,15 +1861,19 @@ fn the_group_schedule_keeps_to_its_plan_after_an_iteration_short_of_rows() {
     };
     // Iteration 0: the first group is rewarded alike (dropped), so 2 rows for 4 minibatches.
     let mut reward = |iteration: u64, rollouts: &[Rollout]| {
-        Ok((0..rollouts.len())
-            .map(|i| match (iteration, i) {
-                (0, 0 | 1) => 1.0,
-                _ => (i % 2) as f32,
-            })
-            .collect())
+        Ok::<_, prefloop_train::TrainError>(
+            (0..rollouts.len())
+                .map(|i| match (iteration, i) {
+                    (0, 0 | 1) => 1.0,
+                    _ => (i % 2) as f32,
+                })
+                .collect(),
+        )
     };
     let rng = libtorch_rng();
-    let models = GroupModels::load(Some(&model), Device::Cpu, Precision::Fp32, &config).unwrap();
+    let models = config
+        .load_policy(Some(&model), Device::Cpu, Precision::Fp32)
+        .unwrap();
     let records = train_group(
         &models,
         &ppo_prompts(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::model_args::ModelArgs;
 use anyhow::Result;
-use prefloop_model::best_device;
+use prefloop_model::{Batching, InProcess, best_device};
 use prefloop_pipeline::{GenerateConfig, Shard, generate_stage, read_prompts};
 use prefloop_train::{EncodeConfig, Encoder};
 
@@ -99,8 +99,17 @@ pub fn run(args: &Args) -> Result<()> {
         raw_prompts: args.raw,
     };
     let encoder = Encoder::new(&model.tokenizer, encode)?;
+    let mut generator = InProcess::new(&model, Batching::new(config.batch_size));
     let report = generate_stage(
-        &model, &encoder, &prompts, &config, &policy, args.round, args.seed, args.shard, &args.out,
+        &mut generator,
+        &encoder,
+        &prompts,
+        &config,
+        &policy,
+        args.round,
+        args.seed,
+        args.shard,
+        &args.out,
     )?;
     println!(
         "wrote {} samples ({} this run, {:.0} tok/s) to {}",

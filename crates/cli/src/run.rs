@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use prefloop_pipeline::{
-    CONFIG_FILE, METRICS_FILE, POLICY_LINK, RoundMetrics, Rounds, RunConfig, RunDir, Stage,
-    TENSORBOARD_DIR, merge_shards, read_state, run_rounds, write_events, write_report,
+    CONFIG_FILE, KL_TO_PREVIOUS, METRICS_FILE, POLICY_LINK, RoundMetrics, Rounds, RunConfig,
+    RunDir, Stage, TENSORBOARD_DIR, merge_shards, read_state, run_rounds, write_events,
+    write_report,
 };
+use prefloop_train::KL_TO_REFERENCE;
 
 /// Start a run from a config, or continue it: the same command again after a kill (or
 /// nightly) carries on where the run stands, with no duplicated or missing rows.
@@ -159,8 +161,11 @@ fn summary(metrics: &RoundMetrics) -> String {
     if let Some(pairs) = get("pairs") {
         parts.push(format!("{pairs} pairs"));
     }
-    if let Some(kl) = get("kl") {
-        parts.push(format!("KL {kl:.3}"));
+    if let Some(kl) = get(KL_TO_PREVIOUS) {
+        parts.push(format!("KL to the previous policy {kl:.3}"));
+    }
+    if let Some(kl) = get(KL_TO_REFERENCE) {
+        parts.push(format!("KL to the reference {kl:.4}"));
     }
     if let Some(loss) = get("policy_loss") {
         parts.push(format!("policy loss {loss:.4}"));

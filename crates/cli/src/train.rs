@@ -1,16 +1,22 @@
 //! `prefloop train sft|rm|dpo`: the trainers of prefloop-train behind flags. Settings come from
 //! an optional TOML file (the trainer's config struct, every field defaulted) with flags on top.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use prefloop_core::Problem;
 use prefloop_model::{Model, Precision, best_device};
+use prefloop_pipeline::{
+    ProgramFields, PromptRow, ScoreConfig, Scorer, ScorerKind, ScorerList, Task, read_problems,
+    read_prompts,
+};
 use prefloop_train::{
-    DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, GroupModels, IterationRecord,
-    LoopConfig, LoraConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss, PromptExample,
-    REWARD_MODEL_DIR, RewardConfig, RewardModel, Rollout, SftConfig, StepRecord, train_dpo,
-    train_group, train_ppo, train_reward_model, train_sft, with_lora,
+    DpoConfig, EncodeConfig, Estimator, GroupConfig, IterationRecord, KL_TO_REFERENCE, LoopConfig,
+    LoraConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss, PromptExample, REWARD_MODEL_DIR,
+    RewardConfig, RewardModel, Rollout, SftConfig, StepRecord, train_dpo, train_group, train_ppo,
+    train_reward_model, train_sft, with_lora,
 };
 use serde::de::DeserializeOwned;
 
@@ -41,11 +47,13 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// PPO from prompts with a reward model: actor, critic and reference start from --model;
+    /// PPO from prompts, scored by a reward model, a reward program, unit tests or a weighted
+    /// sum of them (see the scoring flags): actor, critic and reference start from --model;
     /// saves OUT/policy and OUT/critic. The paper's tricks are config switches
     /// (advantage_normalisation, rollout_batch_size, ema_reference, value_normalisation).
     /// With --lora-rank the actor and critic train adapters and the reference is the actor's
-    /// base with its adapters off, which cannot move: ema_reference is turned off. Log-probs,
+    /// base with its adapters off, which cannot move: the EMA reference is off (as in the
+    /// library: ema_reference defaults to off with LoRA, and true is refused). Log-probs,
     /// ratio and KL are of the logits divided by the rollouts' `temperature`; LoRA takes no
     /// dropout here (the on-policy ratio must be 1).
     Ppo {
@@ -54,7 +62,8 @@ pub enum Command {
         #[command(flatten)]
         lora: LoraRankArgs,
     },
-    /// A group estimator (GRPO, RLOO, REINFORCE++-baseline) from prompts with a reward model:
+    /// A group estimator (GRPO, RLOO, REINFORCE++-baseline) from prompts, scored by a reward
+    /// model, a reward program, unit tests or a weighted sum of them (see the scoring flags):
     /// group_size completions per prompt, advantages from each group, no critic; saves
     /// OUT/policy. Settings: the GroupConfig fields (see crates/train/src/group.rs). Log-probs,
     /// ratio, KL and entropy are of the logits divided by the rollouts' `temperature`; LoRA
@@ -156,16 +165,31 @@ fn parse_loss(s: &str) -> Result<PreferenceLoss, String> {
 }
 
 /// Flags of the online trainers (PPO and the group estimators), which sample from the policy
-/// and score with a reward model. Each one left out keeps the config file's value.
+/// and score what they sample. Each one left out keeps the config file's value.
 #[derive(Debug, clap::Args)]
 pub struct OnlineArgs {
-    /// JSONL or Parquet prompts (a problems shard works).
+    /// JSONL or Parquet prompts (a problems shard works); with --problems and no --prompts,
+    /// the problems' own prompts.
     #[arg(long)]
-    prompts: PathBuf,
-    /// A reward model `prefloop train rm` saved (its OUT/reward_model).
+    prompts: Option<PathBuf>,
+    /// Score with a reward model `prefloop train rm` saved (its OUT/reward_model).
     #[arg(long)]
-    reward_model: PathBuf,
-    /// TOML file with the trainer's config fields (see crates/train), plus `dtype`.
+    reward_model: Option<PathBuf>,
+    /// Score with a reward program: a Python file defining `reward(prompt, completion,
+    /// **fields) -> float`, run in the sandbox with each prompt row's other fields.
+    #[arg(long)]
+    program: Option<PathBuf>,
+    /// Score by running each completion against its problem's unit tests in the sandbox: a
+    /// problems stage (`prefloop import`).
+    #[arg(long)]
+    problems: Option<PathBuf>,
+    /// With several scorers, one's weight in the sum, as KIND=W (`--weight tests=1 --weight
+    /// program=0.1`; kinds tests, program, rm); 1 when not given.
+    #[arg(long = "weight", value_parser = parse_weight)]
+    weights: Vec<(ScorerKind, f64)>,
+    /// TOML file with the trainer's config fields (see crates/train), plus `dtype` and a
+    /// `[score]` table as a run's (its scorer list, weights, limits); the scoring flags
+    /// replace its scorers.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Starting policy: a .gguf file or a Hugging Face directory; the embedded default if
@@ -202,7 +226,9 @@ impl OnlineArgs {
         &self,
         fields: impl FnOnce(&mut C) -> OnlineFields<'_>,
     ) -> Result<(C, Precision)> {
-        let (mut config, file_dtype): (C, _) = read_config(self.config.as_deref())?;
+        let mut table = read_table(self.config.as_deref())?;
+        table.remove("score");
+        let (mut config, file_dtype): (C, _) = from_table(table, self.config.as_deref())?;
         let f = fields(&mut config);
         set(f.iterations, self.iterations);
         set(f.rollout_batch_size, self.rollout_batch_size);
@@ -212,27 +238,137 @@ impl OnlineArgs {
         Ok((config, self.dtype.unwrap_or(file_dtype)))
     }
 
-    fn prompts(&self) -> Result<Vec<PromptExample>> {
-        Ok(prefloop_pipeline::read_prompts(&self.prompts)?
-            .into_iter()
-            .map(|p| PromptExample {
-                problem_id: p.problem_id,
-                prompt: p.prompt,
-            })
-            .collect())
-    }
+    /// The prompts and how to score what is sampled from them: the config file's `[score]`
+    /// with the scoring flags' scorers (in the order tests, program, rm) in place of its own.
+    /// The reward model loads in `precision` and encodes prompts as `encode` says.
+    fn scoring(&self, precision: Precision, encode: EncodeConfig) -> Result<Scoring> {
+        let flags = [
+            (ScorerKind::Tests, self.problems.is_some()),
+            (ScorerKind::Program, self.program.is_some()),
+            (ScorerKind::Rm, self.reward_model.is_some()),
+        ];
+        let kinds: Vec<ScorerKind> = flags.iter().filter(|f| f.1).map(|f| f.0).collect();
+        let file = read_table(self.config.as_deref())?.remove("score");
+        if kinds.is_empty() && file.is_none() {
+            anyhow::bail!(
+                "nothing scores the rollouts: give --reward-model, --program or --problems"
+            );
+        }
+        let mut score: ScoreConfig = match file {
+            Some(table) => table.try_into().with_context(|| {
+                format!("{}: invalid [score] table", display(self.config.as_deref()))
+            })?,
+            None => ScoreConfig::default(),
+        };
+        if !kinds.is_empty() {
+            score.scorer = ScorerList::Many(kinds);
+            score.weights.clear();
+        }
+        if !self.weights.is_empty() {
+            let parts = score.parts();
+            if let Some((kind, _)) = self.weights.iter().find(|(k, _)| !score.uses(*k)) {
+                anyhow::bail!("--weight {}=…: not one of the scorers", kind.name());
+            }
+            let given = |kind| self.weights.iter().rev().find(|(k, _)| *k == kind);
+            score.weights = parts
+                .iter()
+                .map(|&(kind, weight)| given(kind).map_or(weight, |w| w.1))
+                .collect();
+        }
+        if self.program.is_some() {
+            score.program.clone_from(&self.program);
+        }
+        if self.reward_model.is_some() {
+            score.reward_model.clone_from(&self.reward_model);
+        }
+        if let Err((field, message)) = score.check() {
+            anyhow::bail!("`{field}`: {message}");
+        }
+        let problems: HashMap<String, Problem> = match &self.problems {
+            Some(dir) => read_problems(dir)?
+                .into_iter()
+                .map(|p| (p.problem_id.clone(), p))
+                .collect(),
+            None => HashMap::new(),
+        };
+        let rows = match (&self.prompts, &self.problems) {
+            (Some(path), _) => read_prompts(path)?,
+            (None, Some(_)) => {
+                let mut rows: Vec<PromptRow> = problems
+                    .values()
+                    .map(|p| PromptRow {
+                        problem_id: p.problem_id.clone(),
+                        prompt: p.prompt.clone(),
+                        ..PromptRow::default()
+                    })
+                    .collect();
+                rows.sort_by(|a, b| a.problem_id.cmp(&b.problem_id));
+                rows
+            }
+            (None, None) => anyhow::bail!("give --prompts (or --problems, whose prompts are used)"),
+        };
+        let mut scorer = Scorer::new(&score, precision, encode);
+        scorer.open()?; // a missing or bad scorer is an error before any sampling
 
-    /// The reward model, scoring rollouts with prompts encoded as `encode` says.
-    fn reward_model(&self, precision: Precision, encode: EncodeConfig) -> Result<Scorer> {
-        let rm = RewardModel::new(Model::load(
-            Some(&self.reward_model),
-            best_device(),
-            precision,
-        )?)?;
-        // Checked now, so a bad encoding is an error before any sampling.
-        Encoder::new(&rm.model.tokenizer, encode.clone())?;
-        Ok(Scorer { rm, encode })
+        Ok(Scoring {
+            scorer,
+            problems,
+            fields: rows
+                .iter()
+                .map(|p| (p.problem_id.clone(), p.fields.clone()))
+                .collect(),
+            prompts: rows
+                .into_iter()
+                .map(|p| PromptExample {
+                    problem_id: p.problem_id,
+                    prompt: p.prompt,
+                })
+                .collect(),
+        })
     }
+}
+
+/// What an online trainer's rollouts are scored by, and the prompts it samples from.
+struct Scoring {
+    scorer: Scorer,
+    problems: HashMap<String, Problem>,
+    fields: ProgramFields,
+    prompts: Vec<PromptExample>,
+}
+
+impl Scoring {
+    /// The rewards of an iteration's rollouts; with several scorers, each one's mean is
+    /// logged.
+    fn reward(&mut self, iteration: u64, rollouts: &[Rollout]) -> Result<Vec<f32>> {
+        let task = Task {
+            problems: &self.problems,
+            fields: &self.fields,
+        };
+        let rewards = self
+            .scorer
+            .score_rollouts(rollouts, iteration as u32, task)?;
+        for (name, mean) in self.scorer.part_means() {
+            tracing::info!(iteration, scorer = name, mean, "scored");
+        }
+        Ok(rewards)
+    }
+}
+
+/// `KIND=W`: a scorer's weight.
+fn parse_weight(s: &str) -> Result<(ScorerKind, f64), String> {
+    let (kind, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KIND=WEIGHT, e.g. program=0.1"))?;
+    let kind = match kind {
+        "tests" => ScorerKind::Tests,
+        "program" => ScorerKind::Program,
+        "rm" => ScorerKind::Rm,
+        other => return Err(format!("unknown scorer {other:?} (tests, program, rm)")),
+    };
+    let weight: f64 = weight
+        .parse()
+        .map_err(|e| format!("{weight:?}: not a number ({e})"))?;
+    Ok((kind, weight))
 }
 
 /// The fields of an online trainer's config that flags set.
@@ -244,35 +380,13 @@ struct OnlineFields<'a> {
     encode: &'a mut EncodeConfig,
 }
 
-/// A reward model that scores rollouts.
-struct Scorer {
-    rm: RewardModel,
-    encode: EncodeConfig,
-}
-
-impl Scorer {
-    fn score(&self, rollouts: &[Rollout], batch: usize) -> prefloop_train::Result<Vec<f32>> {
-        let texts: Vec<(&str, &str)> = rollouts
-            .iter()
-            .map(|r| (r.prompt.as_str(), r.completion.as_str()))
-            .collect();
-        let encoder = Encoder::new(&self.rm.model.tokenizer, self.encode.clone())?;
-        self.rm.score(&encoder, &texts, batch)
-    }
-}
-
 /// A progress bar over iterations showing the reward and KL.
 fn iteration_progress(iterations: u64) -> (ProgressBar, impl FnMut(&IterationRecord, u64)) {
     let bar = ProgressBar::new(iterations);
     let handle = bar.clone();
     let on_iteration = move |r: &IterationRecord, _: u64| {
         handle.set_position(r.step);
-        let metric = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
-        handle.set_message(format!(
-            "reward {:.3} · KL {:.4}",
-            metric("reward/mean"),
-            metric("kl")
-        ));
+        handle.set_message(r.summary());
     };
     (bar, on_iteration)
 }
@@ -382,19 +496,39 @@ fn set<T: Copy>(target: &mut T, value: Option<T>) {
 /// the precision the command loads the model in, which is the command's business, not the
 /// trainer's.
 fn read_config<C: DeserializeOwned + Default>(path: Option<&Path>) -> Result<(C, Precision)> {
+    from_table(read_table(path)?, path)
+}
+
+/// The TOML table of a config file (empty without one).
+fn read_table(path: Option<&Path>) -> Result<toml::Table> {
     let Some(path) = path else {
-        return Ok((C::default(), Precision::Auto));
+        return Ok(toml::Table::new());
     };
-    let invalid = || format!("{}: invalid trainer config", path.display());
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut table: toml::Table = toml::from_str(&text).with_context(invalid)?;
+    toml::from_str(&text).with_context(|| format!("{}: invalid trainer config", path.display()))
+}
+
+/// A trainer's config and `dtype` from a config file's `table` (the defaults where empty).
+fn from_table<C: DeserializeOwned + Default>(
+    mut table: toml::Table,
+    path: Option<&Path>,
+) -> Result<(C, Precision)> {
+    if table.is_empty() {
+        return Ok((C::default(), Precision::Auto));
+    }
+    let invalid = || format!("{}: invalid trainer config", display(path));
     let dtype = match table.remove("dtype") {
         Some(value) => value.try_into().with_context(invalid)?,
         None => Precision::Auto,
     };
     let config = table.try_into().with_context(invalid)?;
     Ok((config, dtype))
+}
+
+/// A config file's path as shown in errors.
+fn display(path: Option<&Path>) -> String {
+    path.map_or_else(String::new, |p| p.display().to_string())
 }
 
 /// A progress bar over optimiser steps showing the loss and throughput.
@@ -512,15 +646,12 @@ pub fn run(command: &Command) -> Result<()> {
                 seed: &mut c.seed,
                 encode: &mut c.encode,
             })?;
-            if lora.lora_rank.is_some() {
-                lora.apply(&mut config.lora);
-                config.ema_reference = false;
-            }
-            let prompts = online.prompts()?;
+            lora.apply(&mut config.lora);
+            let mut scoring = online.scoring(precision, config.encode.clone())?;
+            let prompts = std::mem::take(&mut scoring.prompts);
             let models =
                 PpoModels::load(online.model.as_deref(), best_device(), precision, &config)?;
-            let scorer = online.reward_model(precision, config.encode.clone())?;
-            let mut reward = |_: u64, r: &[Rollout]| scorer.score(r, config.micro_batch_size);
+            let mut reward = |iteration: u64, r: &[Rollout]| scoring.reward(iteration, r);
             let (bar, on_iteration) = iteration_progress(config.iterations);
             let records = train_ppo(
                 &models,
@@ -531,7 +662,7 @@ pub fn run(command: &Command) -> Result<()> {
                 on_iteration,
             )?;
             bar.finish();
-            let keys = ["reward/mean", "kl", "policy_loss", "value_loss"];
+            let keys = ["reward/mean", KL_TO_REFERENCE, "policy_loss", "value_loss"];
             summarise_iterations(&records, &keys, &online.out.join(POLICY_DIR));
         }
         Command::Grpo {
@@ -549,14 +680,13 @@ pub fn run(command: &Command) -> Result<()> {
             })?;
             set(&mut config.group_size, *group_size);
             lora.apply(&mut config.lora);
-            let prompts = online.prompts()?;
-            let models =
-                GroupModels::load(online.model.as_deref(), best_device(), precision, &config)?;
-            let scorer = online.reward_model(precision, config.encode.clone())?;
-            let mut reward = |_: u64, r: &[Rollout]| scorer.score(r, config.micro_batch_size);
+            let mut scoring = online.scoring(precision, config.encode.clone())?;
+            let prompts = std::mem::take(&mut scoring.prompts);
+            let policy = config.load_policy(online.model.as_deref(), best_device(), precision)?;
+            let mut reward = |iteration: u64, r: &[Rollout]| scoring.reward(iteration, r);
             let (bar, on_iteration) = iteration_progress(config.iterations);
             let records = train_group(
-                &models,
+                &policy,
                 &prompts,
                 *estimator,
                 &mut reward,
@@ -568,7 +698,7 @@ pub fn run(command: &Command) -> Result<()> {
             bar.finish();
             let keys = [
                 "reward/mean",
-                "kl",
+                KL_TO_REFERENCE,
                 "policy_loss",
                 "groups/dropped_fraction",
             ];

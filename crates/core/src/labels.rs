@@ -149,6 +149,9 @@ labels! {
         Tests = "tests",
         /// A reward program (`reward(prompt, completion, **fields)`) run in the sandbox.
         Program = "program",
+        /// A weighted sum of several of these; `passed`, `total` and `verdict` are the tests'
+        /// where tests are one of them, else those of the first whose verdict is not OK.
+        Sum = "sum",
     }
 }
 

@@ -54,6 +54,10 @@ pub enum ModelError {
     #[error("no model given and the embedded default is not installed at {}: run scripts/setup, or pass --model", .0.display())]
     NoDefaultModel(PathBuf),
 
+    /// A generator could not sample (generator.rs): what it was asked and why not.
+    #[error("generator: {0}")]
+    Generator(String),
+
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

@@ -24,6 +24,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::blocks::SlotCache;
 use crate::error::{ModelError, Result};
+use crate::generator::{Generator, InProcess};
 use crate::load::Model;
 
 /// How to sample. Defaults are the paper's rollout settings (temperature 1, top-k 200).
@@ -159,15 +160,7 @@ pub fn collect(
     params: &SamplingParams,
     batching: Batching,
 ) -> Result<Vec<Generation>> {
-    let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
-    generate_each(model, requests, params, batching, |i, g| {
-        out[i] = Some(g);
-        Ok::<(), ModelError>(())
-    })?;
-    Ok(out
-        .into_iter()
-        .map(|g| g.expect("every request finishes"))
-        .collect())
+    InProcess::new(model, batching).collect(requests, params)
 }
 
 /// Samples one completion for each request, `batching.slots` at a time, handing each to

@@ -9,6 +9,7 @@ mod config;
 mod decoder;
 mod error;
 mod generate;
+mod generator;
 mod gguf;
 mod head;
 mod load;
@@ -24,6 +25,7 @@ pub use error::{ModelError, Result};
 pub use generate::{
     Batching, GenerateStats, Generation, Request, SamplingParams, collect, generate, generate_each,
 };
+pub use generator::{Generator, InProcess};
 pub use head::ScalarHead;
 pub use load::{
     DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, Model, best_device, default_model_path, fill,

@@ -226,8 +226,12 @@ impl Default for GenerateConfig {
 pub struct ScoreConfig {
     /// `tests` runs each completion against its problem's unit tests in the sandbox; `rm`
     /// scores it with `reward_model`; `program` runs the reward program `program` on it in
-    /// the sandbox. Default tests.
-    pub scorer: ScorerKind,
+    /// the sandbox. A list (`["tests", "program"]`) scores with the weighted sum of each
+    /// (TRL's `reward_funcs`), e.g. tests plus a length penalty program. Default tests.
+    pub scorer: ScorerList,
+    /// The weight of each scorer of the list, in its order (TRL's `reward_weights`). Default:
+    /// 1 each.
+    pub weights: Vec<f64>,
     /// A reward model directory (`prefloop train rm`), for `scorer = "rm"`.
     pub reward_model: Option<PathBuf>,
     /// A Python file defining `reward(prompt, completion, **fields) -> float`, for `scorer =
@@ -266,7 +270,8 @@ impl Default for ScoreConfig {
     fn default() -> Self {
         let time = prefloop_sandbox::TimePolicy::default();
         Self {
-            scorer: ScorerKind::Tests,
+            scorer: ScorerList::One(ScorerKind::Tests),
+            weights: Vec::new(),
             reward_model: None,
             program: None,
             program_time_limit_ms: prefloop_sandbox::Limits::default().time.as_millis() as u64,
@@ -286,12 +291,104 @@ impl Default for ScoreConfig {
 /// The dataset kinds `data.import` takes: those that import to a problems stage.
 const PROBLEM_DATASETS: &[&str] = &["apps", "codecontests", "humaneval", "mbpp"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScorerKind {
     Tests,
     Rm,
     Program,
+}
+
+impl ScorerKind {
+    /// Its name in configs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tests => "tests",
+            Self::Rm => "rm",
+            Self::Program => "program",
+        }
+    }
+}
+
+/// `scorer`: one scorer, or several whose rewards are summed with `weights`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ScorerList {
+    One(ScorerKind),
+    Many(Vec<ScorerKind>),
+}
+
+impl ScoreConfig {
+    /// Each scorer with its weight, in the config's order.
+    pub fn parts(&self) -> Vec<(ScorerKind, f64)> {
+        let kinds = match &self.scorer {
+            ScorerList::One(kind) => vec![*kind],
+            ScorerList::Many(kinds) => kinds.clone(),
+        };
+        let weight = |i: usize| self.weights.get(i).copied().unwrap_or(1.0);
+        kinds
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k, weight(i)))
+            .collect()
+    }
+
+    /// Whether `kind` is one of the scorers.
+    pub fn uses(&self, kind: ScorerKind) -> bool {
+        self.parts().iter().any(|(k, _)| *k == kind)
+    }
+
+    /// Every setting checked; an error names the field.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        self.check_parts()?;
+        let required = [
+            (
+                ScorerKind::Rm,
+                self.reward_model.is_none(),
+                "score.reward_model",
+            ),
+            (ScorerKind::Program, self.program.is_none(), "score.program"),
+        ];
+        for (kind, missing, field) in required {
+            if self.uses(kind) && missing {
+                let message = format!("required when scorer = \"{}\"", kind.name());
+                return Err((field, message));
+            }
+        }
+        if self.batch_size == 0 || self.rm_batch_size == 0 {
+            return Err(("score", "batch sizes must be at least 1".into()));
+        }
+        if self.fuel == Some(0) {
+            return Err(("score.fuel", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The list and its weights checked.
+    fn check_parts(&self) -> std::result::Result<(), (&'static str, String)> {
+        let parts = self.parts();
+        if parts.is_empty() {
+            return Err(("score.scorer", "names no scorer".into()));
+        }
+        let mut kinds: Vec<ScorerKind> = parts.iter().map(|(k, _)| *k).collect();
+        kinds.sort();
+        kinds.dedup();
+        if kinds.len() < parts.len() {
+            return Err(("score.scorer", "names a scorer twice".into()));
+        }
+        if !self.weights.is_empty() && self.weights.len() != parts.len() {
+            let message = format!(
+                "{} weights for {} scorers: give one per scorer, or none",
+                self.weights.len(),
+                parts.len()
+            );
+            return Err(("score.weights", message));
+        }
+        if self.weights.iter().any(|w| !w.is_finite()) {
+            return Err(("score.weights", "must be finite numbers".into()));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -428,10 +525,10 @@ impl RunConfig {
             (Some(_), false) => {
                 return Err(fail("data.prompts", "give either problems or prompts"));
             }
-            (Some(_), true) if self.score.scorer == ScorerKind::Tests => {
+            (Some(_), true) if self.score.uses(ScorerKind::Tests) => {
                 return Err(fail(
                     "data.prompts",
-                    "prompts have no tests: score them with scorer = \"rm\"",
+                    "prompts have no tests: score them with scorer = \"rm\" or \"program\"",
                 ));
             }
             _ => {}
@@ -461,10 +558,10 @@ impl RunConfig {
                 "n, batch_size and shard_rows must be at least 1",
             ));
         }
-        if self.score.scorer == ScorerKind::Rm && self.score.reward_model.is_none() {
-            return Err(fail("score.reward_model", "required when scorer = \"rm\""));
+        if let Err((field, message)) = self.score.check() {
+            return Err(fail(field, &message));
         }
-        if self.eval.prompts.is_some() && self.score.scorer == ScorerKind::Tests {
+        if self.eval.prompts.is_some() && self.score.uses(ScorerKind::Tests) {
             return Err(fail(
                 "eval.prompts",
                 "held-out prompts carry no tests: evaluate with scorer = \"program\" or \"rm\"",
@@ -475,15 +572,6 @@ impl RunConfig {
         }
         if self.eval.every == 0 {
             return Err(fail("eval.every", "must be at least 1"));
-        }
-        if self.score.scorer == ScorerKind::Program && self.score.program.is_none() {
-            return Err(fail("score.program", "required when scorer = \"program\""));
-        }
-        if self.score.batch_size == 0 || self.score.rm_batch_size == 0 {
-            return Err(fail("score", "batch sizes must be at least 1"));
-        }
-        if self.score.fuel == Some(0) {
-            return Err(fail("score.fuel", "must be at least 1"));
         }
         let trainer = match self.algorithm {
             Algorithm::DpoIter => "dpo",

@@ -10,15 +10,15 @@ use std::path::Path;
 use std::time::Instant;
 
 use prefloop_data::{Manifest, stage_stats};
-use prefloop_model::{Model, best_device};
+use prefloop_model::{Batching, InProcess, Model, best_device};
 use prefloop_train::Encoder;
 
-use crate::config::{GenerateConfig, ScorerKind};
+use crate::config::GenerateConfig;
 use crate::error::Result;
 use crate::generate::{PromptRow, generate_stage, row_seed};
 use crate::rounds::{Run, mean_log_ratio, policy_name, program_fields};
 use crate::run_dir::Stage;
-use crate::score::{reward_options, score_program_stage, score_rm_stage};
+use crate::score::{Task, score_stage_with};
 use crate::shard::Shard;
 
 /// Under a round's directory: the held-out evaluation's samples and scores stages.
@@ -128,8 +128,9 @@ impl Run<'_> {
         // Seeds of their own: the held-out rows never repeat a training row's draws.
         let seed = row_seed(config.generate.seed ^ EVAL_SEED, u64::from(round));
         let encoder = Encoder::new(&policy.tokenizer, config.score_encoding())?;
+        let mut generator = InProcess::new(policy, Batching::new(generate.batch_size));
         generate_stage(
-            policy,
+            &mut generator,
             &encoder,
             prompts,
             &generate,
@@ -142,33 +143,16 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The held-out samples scored by the run's scorer into `out`.
+    /// The held-out samples scored by the run's scorer into `scores`.
     fn score_eval(&mut self, prompts: &[PromptRow], samples: &Path, scores: &Path) -> Result<()> {
-        let (dir, config) = (self.dir, self.config);
-        let batch = config.score.batch_size;
-        match config.score.scorer {
-            ScorerKind::Program => {
-                let fields = program_fields(prompts);
-                let (sandbox, program) = self.scorer.program(dir, config, &mut self.state)?;
-                let options = reward_options(&config.score);
-                score_program_stage(
-                    sandbox,
-                    program,
-                    &fields,
-                    samples,
-                    &options,
-                    batch,
-                    Shard::WHOLE,
-                    scores,
-                )?;
-            }
-            ScorerKind::Rm => {
-                let rm = self.scorer.reward_model(config)?;
-                let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
-                score_rm_stage(rm, &encoder, samples, config.score.rm_batch_size, scores)?;
-            }
-            ScorerKind::Tests => unreachable!("validate refuses eval with the tests scorer"),
-        }
+        let fields = program_fields(prompts);
+        let task = Task {
+            problems: &self.inputs.by_id,
+            fields: &fields,
+        };
+        score_stage_with(&mut self.scorer, task, samples, Shard::WHOLE, scores)?;
+        // Each scorer's mean is the training rows' to report.
+        self.scorer.part_means();
         Ok(())
     }
 }

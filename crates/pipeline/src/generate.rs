@@ -13,7 +13,7 @@ use arrow_schema::DataType;
 use indicatif::{ProgressBar, ProgressStyle};
 use prefloop_core::Sample;
 use prefloop_data::{ShardReader, StageWriter, WriterOptions};
-use prefloop_model::{Batching, Generation, Model, Request, SamplingParams, generate_each};
+use prefloop_model::{Generation, Generator, Request, SamplingParams};
 use prefloop_train::Encoder;
 
 use crate::config::GenerateConfig;
@@ -47,15 +47,16 @@ impl GenerateReport {
     }
 }
 
-/// Samples `config.n` completions of every prompt of `shard` from `model` into the samples
-/// stage `out` (the shard's directory under it), after the rows it already holds. Prompts are
+/// Samples `config.n` completions of every prompt of `shard` from `generator` into the samples
+/// stage `out` (the shard's directory under it), after the rows it already holds, writing
+/// `config.batch_size` finished rows at a time. Prompts are
 /// encoded by `encoder`, the trainer's, so a policy is trained on the prompt tokens it sampled
 /// from (templated or raw alike, cut to the same length). `policy` goes into the `policy`
 /// column; `seed` with the row's number in the whole stage seeds each sample, so the shards of
 /// a stage hold the rows an unsharded run would.
 #[allow(clippy::too_many_arguments)] // each is one of the stage's independent inputs
 pub fn generate_stage(
-    model: &Model,
+    generator: &mut impl Generator,
     encoder: &Encoder,
     prompts: &[PromptRow],
     config: &GenerateConfig,
@@ -111,8 +112,7 @@ pub fn generate_stage(
     // worth at a time, so a killed stage resumes after the rows it wrote.
     let mut finished: BTreeMap<usize, Generation> = BTreeMap::new();
     let mut written = 0;
-    let batching = Batching::new(config.batch_size);
-    generate_each(model, &requests, &params, batching, |index, generation| {
+    generator.generate_each(&requests, &params, |index, generation| {
         finished.insert(index, generation);
         let ready = (written..).take_while(|i| finished.contains_key(i)).count();
         if ready < config.batch_size && written + ready < requests.len() {

@@ -8,9 +8,7 @@ mod config;
 mod error;
 mod eval;
 mod generate;
-mod group_rounds;
-mod online;
-mod ppo_rounds;
+mod online_rounds;
 mod prompt_source;
 mod report;
 mod rounds;
@@ -21,23 +19,22 @@ mod tensorboard;
 
 pub use config::{
     Algorithm, DataConfig, EvalConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig,
-    ScorerKind, WhenExhausted,
+    ScorerKind, ScorerList, WhenExhausted,
 };
 pub use error::{PipelineError, Result};
 pub use eval::EVAL_DIR;
 pub use generate::{GenerateReport, PromptRow, generate_stage, read_prompts, row_seed};
-pub use group_rounds::GROUP_DIR;
-pub use ppo_rounds::PPO_DIR;
+pub use online_rounds::{GROUP_DIR, PPO_DIR};
 pub use prompt_source::{RoundPrompts, SourceFile};
 pub use report::{REPORT_FILE, write_report};
-pub use rounds::{PROBLEMS_DIR, RoundMetrics, run_rounds};
+pub use rounds::{KL_TO_PREVIOUS, PROBLEMS_DIR, RoundMetrics, run_rounds};
 pub use run_dir::{
     CONFIG_FILE, Extension, LOCK_FILE, METRICS_FILE, POLICY_LINK, RoundState, Rounds, RunDir,
     RunState, STATE_FILE, Stage, read_state,
 };
 pub use score::{
-    ProgramFields, ScoreReport, read_problems, reward_options, score_options, score_program_stage,
-    score_rm_stage, score_tests_stage,
+    ProgramFields, ScoreReport, Scorer, Task, read_problems, reward_options, rollout_samples,
+    score_options, score_program_stage, score_rm_stage, score_stage_with, score_tests_stage,
 };
 pub use shard::{Shard, merge_shards};
 pub use tensorboard::{TENSORBOARD_DIR, write_events};

@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use prefloop_core::{Pair, Sample, Score, Scorer, Verdict};
 use prefloop_data::StageReader;
+use prefloop_train::KL_TO_REFERENCE;
 
 use crate::error::{PipelineError, Result};
+use crate::rounds::KL_TO_PREVIOUS;
 use crate::run_dir::{CONFIG_FILE, METRICS_FILE, RunState, Stage};
 
 pub const REPORT_FILE: &str = "report.html";
@@ -71,11 +73,24 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     if !pass.is_empty() {
         charts.push(chart("pass@k", "round", &pass)?);
     }
-    let kl = per_round("kl");
-    charts.push(if kl.is_empty() {
-        "<p class=\"none\">KL: not measured by this run's algorithm.</p>".to_owned()
+    let to_previous = per_round(KL_TO_PREVIOUS);
+    let to_reference = per_round(KL_TO_REFERENCE);
+    charts.push(if !to_previous.is_empty() {
+        let series = [(KL_TO_PREVIOUS.into(), to_previous)];
+        chart(
+            "KL to the previous policy (per sequence, on its samples)",
+            "round",
+            &series,
+        )?
+    } else if !to_reference.is_empty() {
+        let series = [(KL_TO_REFERENCE.into(), to_reference)];
+        chart(
+            "KL to the reference (per token, on the rollouts)",
+            "round",
+            &series,
+        )?
     } else {
-        chart("KL to the reference", "round", &[("kl".into(), kl)])?
+        "<p class=\"none\">KL: not measured by this run.</p>".to_owned()
     });
     let state = crate::run_dir::read_state(run)?;
     let verdicts = verdict_counts(run)?;

@@ -1,8 +1,8 @@
 //! The round loop (DESIGN §4). DPO-Iter: generate from the current policy → score → pairs
 //! (best against worst, the reference solution where nothing passed) → DPO against the
-//! policy the round started from → the next round samples from the trained policy. PPO runs
-//! one iteration per round (ppo_rounds.rs). Either way an optional last round generates and
-//! scores with the final policy.
+//! policy the round started from → the next round samples from the trained policy. PPO and
+//! the group estimators run one iteration of the online core per round (online_rounds.rs).
+//! Either way an optional last round generates and scores with the final policy.
 //!
 //! Every stage writes durably and is marked complete in `state.json` only after its output is
 //! whole, so the same call after a kill at any point continues where the run stood.
@@ -12,14 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use prefloop_core::{Pair, Problem, Sample};
+use prefloop_core::{Pair, Problem, Sample, Score};
 use prefloop_data::{
     DatasetKind, ImportOptions, Manifest, PairsOptions, StageReader, StageWriter, WriterOptions,
     build_pairs, stage_stats,
 };
-use prefloop_model::{Model, best_device};
-use prefloop_sandbox::{Calibration, RewardProgram, Sandbox};
-use prefloop_train::{Encoder, RewardModel, log_ratios, train_dpo, with_lora};
+use prefloop_model::{Batching, InProcess, Model, best_device};
+use prefloop_train::{Encoder, log_ratios, train_dpo, with_lora};
 
 use crate::config::{Algorithm, RunConfig, ScorerKind};
 use crate::error::{PipelineError, Result};
@@ -28,10 +27,7 @@ use crate::prompt_source::{
     RoundPrompts, choose, is_growing, per_round, read_prompt_source, recorded,
 };
 use crate::run_dir::{METRICS_FILE, RoundState, RunDir, RunState, Stage};
-use crate::score::{
-    ProgramFields, read_problems, reward_options, score_options, score_program_stage,
-    score_rm_stage, score_tests_stage,
-};
+use crate::score::{ProgramFields, Scorer, Task, read_problems, score_stage_with};
 use crate::shard::Shard;
 
 /// Where an imported dataset's problems stage lives in the run directory.
@@ -39,6 +35,11 @@ pub const PROBLEMS_DIR: &str = "problems";
 
 /// Under a round: the pairs its update trains on when earlier rounds' are replayed.
 pub const REPLAY_DIR: &str = "replay";
+
+/// The round metric of DPO-Iter's KL(π_k ‖ π_{k-1}) per sequence, on round k's samples: how
+/// far the previous round's update moved the policy (PPO's and the group estimators' KL is
+/// another: per token, to their reference, `prefloop_train::KL_TO_REFERENCE`).
+pub const KL_TO_PREVIOUS: &str = "kl_to_previous";
 
 /// What one round measured: one line of the run's `metrics.jsonl`.
 pub type RoundMetrics = BTreeMap<String, f64>;
@@ -147,12 +148,12 @@ pub fn run_rounds(
         dir,
         config,
         inputs,
-        scorer: Scorers::default(),
+        scorer: Scorer::new(&config.score, config.dtype, config.score_encoding()),
         state,
     };
-    if config.score.scorer == ScorerKind::Program && !run.state.finished {
+    if config.score.uses(ScorerKind::Program) && !run.state.finished {
         // A changed reward program stops the run before anything is sampled with it.
-        run.scorer.program(dir, config, &mut run.state)?;
+        run.check_program()?;
     }
     let start = config.model.clone().unwrap_or_default();
     let last_policy = match config.algorithm {
@@ -169,9 +170,8 @@ pub fn run_rounds(
             }
             policy
         }
-        Algorithm::Ppo => run.ppo_rounds(&mut on_round)?,
-        Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => {
-            run.group_rounds(&mut on_round)?
+        Algorithm::Ppo | Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => {
+            run.online_rounds(&mut on_round)?
         }
     };
     if config.final_generation {
@@ -194,7 +194,7 @@ pub(crate) struct Run<'a> {
     pub dir: &'a RunDir,
     pub config: &'a RunConfig,
     pub inputs: Inputs,
-    pub scorer: Scorers,
+    pub scorer: Scorer,
     pub state: RunState,
 }
 
@@ -214,6 +214,28 @@ impl Run<'_> {
             self.dir.save_state(&self.state)?;
         }
         Ok(())
+    }
+
+    /// Reads the reward program and records its hash in the run's state the first time; a
+    /// later process (a resume) refuses a program that changed, so every round of a run is
+    /// scored by the same function.
+    fn check_program(&mut self) -> Result<()> {
+        let program = self.scorer.program()?;
+        let sha256 = program.sha256().to_owned();
+        match &self.state.program_sha256 {
+            Some(recorded) if *recorded != sha256 => Err(PipelineError::Config {
+                path: self.config.score.program.clone().expect("validated"),
+                message: format!(
+                    "the reward program changed since the run first read it (sha256 \
+                     {recorded}, now {sha256}): restore it, or start a new run"
+                ),
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.state.program_sha256 = Some(sha256);
+                self.dir.save_state(&self.state)
+            }
+        }
     }
 
     /// Chooses and records the prompts of round `round` when the run chooses them round by
@@ -309,8 +331,9 @@ impl Run<'_> {
             let prompts = self.round_prompts(round)?;
             let policy = model.as_ref().expect("loaded");
             let encoder = Encoder::new(&policy.tokenizer, config.score_encoding())?;
+            let mut generator = InProcess::new(policy, Batching::new(config.generate.batch_size));
             let report = generate_stage(
-                policy,
+                &mut generator,
                 &encoder,
                 &prompts,
                 &config.generate,
@@ -329,45 +352,15 @@ impl Run<'_> {
             let began = Instant::now();
             let samples = dir.stage_dir(round, Stage::Generate);
             let out = dir.stage_dir(round, Stage::Score);
-            let report = match config.score.scorer {
-                ScorerKind::Tests => {
-                    let (sandbox, calibration) = self.scorer.tests()?;
-                    score_tests_stage(
-                        sandbox,
-                        &self.inputs.by_id,
-                        &samples,
-                        &score_options(&config.score),
-                        calibration,
-                        config.score.batch_size,
-                        Shard::WHOLE,
-                        &out,
-                    )?
-                }
-                ScorerKind::Rm => {
-                    let rm = self.scorer.reward_model(config)?;
-                    let encoder = Encoder::new(&rm.model.tokenizer, config.score_encoding())?;
-                    let batch = config.score.rm_batch_size;
-                    score_rm_stage(rm, &encoder, &samples, batch, &out)?
-                }
-                ScorerKind::Program => {
-                    let fields = program_fields(&self.round_prompts(round)?);
-                    let (sandbox, program) = self.scorer.program(dir, config, &mut self.state)?;
-                    score_program_stage(
-                        sandbox,
-                        program,
-                        &fields,
-                        &samples,
-                        &reward_options(&config.score),
-                        config.score.batch_size,
-                        Shard::WHOLE,
-                        &out,
-                    )?
-                }
+            let fields = program_fields(&self.round_prompts(round)?);
+            let task = Task {
+                problems: &self.inputs.by_id,
+                fields: &fields,
             };
+            let report = score_stage_with(&mut self.scorer, task, &samples, Shard::WHOLE, &out)?;
             tracing::debug!(scored = report.new_rows, passed = report.passed, "scored");
             let seconds = began.elapsed().as_secs_f64();
-            let detail = self.scorer.calibration_detail(config);
-            self.complete(round, Stage::Score, seconds, &detail)?;
+            self.complete_score(round, seconds)?;
         }
         Ok(())
     }
@@ -379,7 +372,7 @@ impl Run<'_> {
         let (dir, config) = (self.dir, self.config);
         let measured = self.state.rounds[round as usize]
             .measured
-            .contains_key("kl");
+            .contains_key(KL_TO_PREVIOUS);
         let wanted = config.algorithm == Algorithm::DpoIter && config.kl_to_previous;
         if round == 0 || !wanted || measured {
             return Ok(());
@@ -406,7 +399,7 @@ impl Run<'_> {
             )?
         };
         let entry = &mut self.state.rounds[round as usize];
-        entry.measured.insert("kl".into(), kl);
+        entry.measured.insert(KL_TO_PREVIOUS.into(), kl);
         entry
             .measured
             .insert("time/kl".into(), began.elapsed().as_secs_f64());
@@ -560,6 +553,25 @@ impl Run<'_> {
         self.complete(round, stage, 0.0, &detail)
     }
 
+    /// The samples' scores from the run's scorer.
+    pub(crate) fn score(&mut self, samples: &[Sample]) -> Result<Vec<Score>> {
+        let fields = program_fields(&self.inputs.prompts);
+        let task = Task {
+            problems: &self.inputs.by_id,
+            fields: &fields,
+        };
+        self.scorer.score(samples, task)
+    }
+
+    /// Marks round `round`'s score stage complete after `seconds`, with what the scorer
+    /// measured (its calibration, each of several scorers' mean).
+    pub(crate) fn complete_score(&mut self, round: u32, seconds: f64) -> Result<()> {
+        let means = self.scorer.part_means();
+        let mut detail = self.scorer.calibration_detail();
+        detail.extend(means.iter().map(|(k, v)| (k.as_str(), *v)));
+        self.complete(round, Stage::Score, seconds, &detail)
+    }
+
     /// Marks `stage` of `round` complete, with its wall time and what it measured.
     pub(crate) fn complete(
         &mut self,
@@ -663,96 +675,6 @@ pub(crate) fn program_fields(prompts: &[PromptRow]) -> ProgramFields {
         .collect()
 }
 
-/// Scorers, opened once per process and only when a stage needs them.
-#[derive(Default)]
-pub(crate) struct Scorers {
-    sandbox: Option<Sandbox>,
-    /// Reference solutions' times, measured once per problem for the whole run.
-    calibration: Calibration,
-    reward_model: Option<RewardModel>,
-    program: Option<RewardProgram>,
-}
-
-impl Scorers {
-    /// The sandbox and the run's calibration, for the tests scorer.
-    pub(crate) fn tests(&mut self) -> Result<(&Sandbox, &Calibration)> {
-        if self.sandbox.is_none() {
-            self.sandbox = Some(Sandbox::open_default()?);
-        }
-        Ok((self.sandbox.as_ref().expect("opened"), &self.calibration))
-    }
-
-    /// The sandbox and the run's reward program, read once. The first read records the
-    /// program's hash in the run's state; a later process (a resume) refuses a program that
-    /// changed, so every round of a run is scored by the same function.
-    pub(crate) fn program(
-        &mut self,
-        dir: &RunDir,
-        config: &RunConfig,
-        state: &mut RunState,
-    ) -> Result<(&Sandbox, &RewardProgram)> {
-        if self.program.is_none() {
-            let path = config.score.program.as_deref().expect("validated");
-            let program = RewardProgram::read(path)?;
-            match &state.program_sha256 {
-                Some(recorded) if recorded != program.sha256() => {
-                    return Err(PipelineError::Config {
-                        path: path.to_owned(),
-                        message: format!(
-                            "the reward program changed since the run first read it (sha256 \
-                             {recorded}, now {}): restore it, or start a new run",
-                            program.sha256()
-                        ),
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    state.program_sha256 = Some(program.sha256().to_owned());
-                    dir.save_state(state)?;
-                }
-            }
-            tracing::info!(program = %path.display(), sha256 = program.sha256(), "reward program");
-            self.program = Some(program);
-        }
-        self.tests()?;
-        Ok((
-            self.sandbox.as_ref().expect("opened"),
-            self.program.as_ref().expect("read"),
-        ))
-    }
-
-    /// With calibration on, how many problems kept the default limit (their reference is
-    /// missing or fails its tests): a round metric, as the log names them.
-    pub(crate) fn calibration_detail(&self, config: &RunConfig) -> Vec<(&'static str, f64)> {
-        match config.score.scorer == ScorerKind::Tests && config.score.calibrate {
-            true => vec![(
-                "calibration/uncalibrated",
-                self.calibration.uncalibrated().len() as f64,
-            )],
-            false => Vec::new(),
-        }
-    }
-
-    pub(crate) fn reward_model(&mut self, config: &RunConfig) -> Result<&RewardModel> {
-        if self.reward_model.is_none() {
-            let path = config.score.reward_model.as_deref();
-            let rm = RewardModel::new(Model::load(path, best_device(), config.dtype)?)?;
-            self.reward_model = Some(rm);
-        }
-        Ok(self.reward_model.as_ref().expect("loaded"))
-    }
-}
-
-impl std::fmt::Debug for Scorers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scorers")
-            .field("sandbox", &self.sandbox.is_some())
-            .field("reward_model", &self.reward_model.is_some())
-            .field("program", &self.program.as_ref().map(|p| p.sha256()))
-            .finish()
-    }
-}
-
 /// The DPO update's summary from its `metrics.jsonl`: steps, and the last step's loss and
 /// TRL metrics. Empty when the round had no pairs to train on.
 fn train_summary(train_dir: &Path) -> Result<Vec<(&'static str, f64)>> {
@@ -802,7 +724,7 @@ fn round_metrics(dir: &RunDir, config: &RunConfig, round: &RoundState) -> Result
         metrics.insert("reward/mean".into(), stats.reward_mean);
         metrics.insert("reward/std".into(), stats.reward_std);
         metrics.insert("completion_tokens".into(), stats.mean_tokens);
-        if config.score.scorer == ScorerKind::Tests {
+        if config.score.uses(ScorerKind::Tests) {
             for (k, value) in &stats.pass_at {
                 metrics.insert(format!("pass@{k}"), *value);
             }

@@ -1,23 +1,295 @@
-//! The score stage: a samples stage into a scores stage, by running each completion against
-//! its problem's unit tests in the sandbox, with a reward model, or with a reward program in
-//! the sandbox. Resumable: a killed stage continues after the scores already written.
+//! Scoring: the [`Scorer`] seam (unit tests in the sandbox, a reward model, a reward program in
+//! the sandbox, or a weighted sum of several), built once from `[score]` and used by every
+//! round kind, the held-out evaluation and the `prefloop train` commands; and the score stage,
+//! a samples stage into a scores stage, resumable: a killed stage continues after the scores
+//! already written.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use prefloop_core::{Problem, Sample, Score, Scorer, Verdict};
+use prefloop_core::{Problem, Sample, Score, Verdict};
 use prefloop_data::{StageReader, StageWriter, WriterOptions};
+use prefloop_model::{Model, Precision, best_device};
 use prefloop_sandbox::{
     Calibration, JudgeOptions, Limits, RewardOptions, RewardProgram, Sandbox, ScoreOptions,
     TimePolicy, score_samples,
 };
-use prefloop_train::{Encoder, RewardModel};
+use prefloop_train::{EncodeConfig, Encoder, RewardModel, Rollout};
 
-use crate::config::ScoreConfig;
+use crate::config::{ScoreConfig, ScorerKind};
 use crate::error::Result;
 use crate::shard::Shard;
+
+/// What samples answer, for the scorers that need it: each problem with its tests, by id (the
+/// tests scorer), and each prompt row's other fields, by problem id (a reward program).
+#[derive(Debug, Clone, Copy)]
+pub struct Task<'a> {
+    pub problems: &'a HashMap<String, Problem>,
+    pub fields: &'a ProgramFields,
+}
+
+/// Scores samples as `[score]` says: built once, it opens what its scorers need the first
+/// time they are asked (the sandbox, the reward model, the reward program), keeps the tests'
+/// calibration for the whole process, and sums the rewards of several scorers with their
+/// weights (TRL's `reward_funcs` and `reward_weights`), keeping each scorer's mean.
+pub struct Scorer {
+    config: ScoreConfig,
+    /// The precision the reward model loads in, and how it encodes prompts.
+    dtype: Precision,
+    encode: EncodeConfig,
+    sandbox: Option<Sandbox>,
+    /// Reference solutions' times, measured once per problem.
+    calibration: Calibration,
+    reward_model: Option<RewardModel>,
+    program: Option<RewardProgram>,
+    /// With several scorers: each one's sum of rewards and count since the last
+    /// [`Scorer::part_means`].
+    part_sums: BTreeMap<ScorerKind, (f64, u64)>,
+}
+
+impl Scorer {
+    /// The scorer of `config` (already validated); a reward model loads in `dtype` and
+    /// encodes prompts as `encode` says.
+    pub fn new(config: &ScoreConfig, dtype: Precision, encode: EncodeConfig) -> Self {
+        Self {
+            config: config.clone(),
+            dtype,
+            encode,
+            sandbox: None,
+            calibration: Calibration::default(),
+            reward_model: None,
+            program: None,
+            part_sums: BTreeMap::new(),
+        }
+    }
+
+    /// The scores of `samples`, in order.
+    pub fn score(&mut self, samples: &[Sample], task: Task) -> Result<Vec<Score>> {
+        let parts = self.config.parts();
+        if let [(kind, weight)] = parts[..] {
+            let mut scores = self.score_part(kind, samples, task)?;
+            if weight != 1.0 {
+                scores.iter_mut().for_each(|s| s.reward *= weight as f32);
+            }
+            return Ok(scores);
+        }
+        let mut scored = Vec::with_capacity(parts.len());
+        for &(kind, _) in &parts {
+            let scores = self.score_part(kind, samples, task)?;
+            let (sum, count) = self.part_sums.entry(kind).or_default();
+            *sum += scores.iter().map(|s| f64::from(s.reward)).sum::<f64>();
+            *count += scores.len() as u64;
+            scored.push(scores);
+        }
+        Ok((0..samples.len())
+            .map(|i| summed(&parts, scored.iter().map(|scores| &scores[i])))
+            .collect())
+    }
+
+    /// The rewards of rollouts of round `round`, in order.
+    pub fn score_rollouts(
+        &mut self,
+        rollouts: &[Rollout],
+        round: u32,
+        task: Task,
+    ) -> Result<Vec<f32>> {
+        let samples = rollout_samples(rollouts, round, "");
+        Ok(self
+            .score(&samples, task)?
+            .iter()
+            .map(|s| s.reward)
+            .collect())
+    }
+
+    /// With several scorers, each one's mean reward over what was scored since the last call
+    /// (`score/<scorer>/mean`, before weighting); nothing with one.
+    pub fn part_means(&mut self) -> Vec<(String, f64)> {
+        std::mem::take(&mut self.part_sums)
+            .into_iter()
+            .filter(|(_, (_, count))| *count > 0)
+            .map(|(kind, (sum, count))| (format!("score/{}/mean", kind.name()), sum / count as f64))
+            .collect()
+    }
+
+    /// Opens now what each scorer needs (the sandbox, the reward model and its encoding, the
+    /// reward program), so that a missing or bad one is an error before any sampling.
+    pub fn open(&mut self) -> Result<()> {
+        for (kind, _) in self.config.parts() {
+            match kind {
+                ScorerKind::Tests => {
+                    self.sandbox()?;
+                }
+                ScorerKind::Rm => {
+                    let encode = self.encode.clone();
+                    Encoder::new(&self.reward_model()?.model.tokenizer, encode)?;
+                }
+                ScorerKind::Program => {
+                    self.sandbox()?;
+                    self.program()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The reward program, read once; an error names the file.
+    pub fn program(&mut self) -> Result<&RewardProgram> {
+        if self.program.is_none() {
+            let path = self
+                .config
+                .program
+                .as_deref()
+                .expect("validated with the config");
+            let program = RewardProgram::read(path)?;
+            tracing::info!(program = %path.display(), sha256 = program.sha256(), "reward program");
+            self.program = Some(program);
+        }
+        Ok(self.program.as_ref().expect("read"))
+    }
+
+    /// How many samples a score stage scores (and writes) at a time: the reward model's batch
+    /// when it scores alone, else `batch_size`.
+    pub fn stage_batch(&self) -> usize {
+        match self.config.parts()[..] {
+            [(ScorerKind::Rm, _)] => self.config.rm_batch_size,
+            _ => self.config.batch_size,
+        }
+    }
+
+    /// With the tests calibrated, how many problems kept the default limit (their reference
+    /// is missing or fails its tests): a round metric, as the log names them.
+    pub fn calibration_detail(&self) -> Vec<(&'static str, f64)> {
+        match self.config.uses(ScorerKind::Tests) && self.config.calibrate {
+            true => vec![(
+                "calibration/uncalibrated",
+                self.calibration.uncalibrated().len() as f64,
+            )],
+            false => Vec::new(),
+        }
+    }
+
+    fn reward_model(&mut self) -> Result<&RewardModel> {
+        if self.reward_model.is_none() {
+            let path = self.config.reward_model.as_deref();
+            let model = Model::load(path, best_device(), self.dtype)?;
+            self.reward_model = Some(RewardModel::new(model)?);
+        }
+        Ok(self.reward_model.as_ref().expect("loaded"))
+    }
+
+    fn sandbox(&mut self) -> Result<&Sandbox> {
+        if self.sandbox.is_none() {
+            self.sandbox = Some(Sandbox::open_default()?);
+        }
+        Ok(self.sandbox.as_ref().expect("opened"))
+    }
+
+    /// One scorer's scores of `samples`.
+    fn score_part(
+        &mut self,
+        kind: ScorerKind,
+        samples: &[Sample],
+        task: Task,
+    ) -> Result<Vec<Score>> {
+        match kind {
+            ScorerKind::Tests => {
+                self.sandbox()?;
+                let options = score_options(&self.config);
+                let sandbox = self.sandbox.as_ref().expect("opened");
+                Ok(score_samples(
+                    sandbox,
+                    task.problems,
+                    samples,
+                    &options,
+                    &self.calibration,
+                )?)
+            }
+            ScorerKind::Rm => {
+                self.reward_model()?;
+                let rm = self.reward_model.as_ref().expect("loaded");
+                let encoder = Encoder::new(&rm.model.tokenizer, self.encode.clone())?;
+                rm_scores(rm, &encoder, samples, self.config.rm_batch_size)
+            }
+            ScorerKind::Program => {
+                self.sandbox()?;
+                self.program()?;
+                let options = reward_options(&self.config);
+                let (sandbox, program) = (
+                    self.sandbox.as_ref().expect("opened"),
+                    self.program.as_ref().expect("read"),
+                );
+                let fields = |id: &str| task.fields.get(id).cloned();
+                Ok(program.score(sandbox, samples, &fields, &options)?)
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Scorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scorer")
+            .field("parts", &self.config.parts())
+            .field("sandbox", &self.sandbox.is_some())
+            .field("reward_model", &self.reward_model.is_some())
+            .field("program", &self.program.as_ref().map(|p| p.sha256()))
+            .finish()
+    }
+}
+
+/// One sample's scores by each of `parts` as their weighted sum: `passed`, `total` and
+/// `verdict` are the tests' where tests are a part, else the first part's whose verdict is not
+/// OK (else the first part's).
+fn summed<'s>(parts: &[(ScorerKind, f64)], scores: impl Iterator<Item = &'s Score>) -> Score {
+    let scores: Vec<&Score> = scores.collect();
+    let tests = parts.iter().position(|(k, _)| *k == ScorerKind::Tests);
+    let failed = scores.iter().position(|s| s.verdict != Verdict::Ok);
+    let outcome = scores[tests.or(failed).unwrap_or(0)];
+    let reward = parts
+        .iter()
+        .zip(&scores)
+        .map(|((_, weight), s)| f64::from(s.reward) * weight)
+        .sum::<f64>();
+    Score {
+        reward: reward as f32,
+        scorer: prefloop_core::Scorer::Sum,
+        wall_ms: scores.iter().map(|s| s.wall_ms).sum(),
+        ..outcome.clone()
+    }
+}
+
+/// Rollouts as sample rows of round `round`, sampled by `policy`.
+pub fn rollout_samples(rollouts: &[Rollout], round: u32, policy: &str) -> Vec<Sample> {
+    rollouts
+        .iter()
+        .map(|r| Sample {
+            problem_id: r.problem_id.clone(),
+            prompt: r.prompt.clone(),
+            completion: r.completion.clone(),
+            sample_idx: r.sample_idx,
+            round,
+            policy: policy.to_owned(),
+            seed: r.seed,
+            num_tokens: r.num_tokens,
+            logprob_sum: r.logprob_sum,
+            finish: r.finish,
+        })
+        .collect()
+}
+
+/// Scores the samples of `shard` with `scorer` into the scores stage `out`, a stage batch at
+/// a time.
+pub fn score_stage_with(
+    scorer: &mut Scorer,
+    task: Task,
+    samples: &Path,
+    shard: Shard,
+    out: &Path,
+) -> Result<ScoreReport> {
+    let batch = scorer.stage_batch();
+    score_stage(samples, batch, shard, out, |rows| scorer.score(rows, task))
+}
 
 /// What a score stage did in this process.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -157,7 +429,7 @@ pub fn rm_scores(
             sample_idx: s.sample_idx,
             round: s.round,
             reward,
-            scorer: Scorer::RewardModel,
+            scorer: prefloop_core::Scorer::RewardModel,
             passed: 0,
             total: 0,
             verdict: Verdict::Ok,

@@ -1,41 +1,36 @@
 //! Group-based policy gradients without a critic: GRPO, RLOO and REINFORCE++-baseline
-//! (estimators.rs), with DAPO's dynamic sampling, clip-higher and overlong handling. One
-//! iteration, as one loop:
+//! (estimators.rs), with DAPO's dynamic sampling, clip-higher and overlong handling, over the
+//! online core (online.rs). What the group estimators add to it:
 //!
-//! 1. sample `group_size` completions for each of the iteration's prompts and score them;
-//!    groups whose valid rewards are all equal carry no signal and are dropped, and further
-//!    prompts are drawn until the batch holds `rollout_batch_size` informative groups or
-//!    `max_extra_draws` draws more have been made (dynamic sampling);
-//! 2. make experience: the sampling policy's and the reference's log-probs, each group's
-//!    advantages, the KL penalty as a reward where it goes there;
-//! 3. epochs over shuffled minibatches of the clipped surrogate, the k3 KL term where it goes
-//!    in the loss, an entropy bonus;
-//! 4. move the EMA reference, if it is one; log; checkpoint.
+//! - sampling: `group_size` completions for each of the iteration's prompts, scored; groups
+//!   whose valid rewards are all equal carry no signal and are dropped, and further prompts
+//!   are drawn until the batch holds `rollout_batch_size` informative groups or
+//!   `max_extra_draws` draws more have been made (dynamic sampling);
+//! - experience: each group's advantages, the KL penalty as a reward where it goes there;
+//! - the loss: the k3 KL term where it goes in the loss, an entropy bonus.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
-use std::time::Instant;
 
-use prefloop_model::{LoraConfig, Model, Precision, SamplingParams};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
+use prefloop_model::{Batching, Generator, InProcess, LoraConfig, Precision, SamplingParams};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::checkpoint::{self, Part};
-use crate::ema::EmaReference;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::estimators::{
     Estimator, group_advantages, informative, overlong_penalty, token_advantages,
 };
 use crate::examples::EncodeConfig;
-use crate::logprobs::{TokenBatch, TokenLogprobs, token_logprobs, token_logprobs_and_entropy};
-use crate::losses::{LossAggregation, k3_kl, masked_mean, policy_loss};
-use crate::optim::{AdamW, OptimConfig};
+use crate::logprobs::token_logprobs_and_entropy;
+use crate::losses::LossAggregation;
+use crate::online::{
+    Algorithm, Experience, Metrics, Policy, Prompts, Sampled, ScoreFn, Settings, SurrogateLoss,
+    Trainer, train_online,
+};
+use crate::optim::OptimConfig;
 use crate::rollout::{
-    IterationRecord, Iterations, PromptExample, RewardFn, Rollout, RolloutRequest, SampledFn,
-    check_scores, encode_prompts, exact_weights, pack, prompt_stream, sample, truncated,
+    IterationRecord, PromptExample, RewardFn, Rollout, RolloutRequest, SampledFn, pack,
+    prompt_stream, sample,
 };
 
 /// Where the KL penalty to the reference goes.
@@ -246,91 +241,229 @@ impl GroupConfig {
         }
     }
 
-    /// Whether the run needs a reference model at all.
-    fn uses_reference(&self) -> bool {
+    /// Whether the run measures KL to a reference at all.
+    pub fn uses_reference(&self) -> bool {
         self.kl_coef > 0.0
     }
 
-    /// Optimiser steps of the whole run, which the schedule spans.
-    fn total_steps(&self) -> u64 {
-        self.iterations * (self.epochs * self.num_minibatches) as u64
-    }
-}
-
-/// The models a group estimator holds: the policy, and the reference when a KL penalty needs
-/// one and the policy has no LoRA adapters to switch off.
-#[derive(Debug)]
-pub struct GroupModels {
-    pub actor: Model,
-    pub reference: Option<Model>,
-}
-
-impl GroupModels {
-    /// The policy (with fresh adapters when `config` has `lora`; and, when `config` has a KL
-    /// penalty and no LoRA, the reference) from the weights at `path` (the embedded default
-    /// when None), in `precision`.
-    pub fn load(
+    /// The policy this config trains, from the weights at `path` (the embedded default when
+    /// None) in `precision`: with fresh adapters when it has `lora`, and with a reference copy
+    /// when it has a KL penalty and no adapters to switch off.
+    pub fn load_policy(
+        &self,
         path: Option<&Path>,
         device: tch::Device,
         precision: Precision,
-        config: &GroupConfig,
-    ) -> Result<Self> {
-        let reference = match config.uses_reference() && config.lora.is_none() {
-            true => {
-                let mut reference = Model::load(path, device, precision)?;
-                reference.vs.freeze();
-                Some(reference)
-            }
-            false => None,
-        };
-        let actor = Model::load(path, device, precision)?;
-        Ok(Self {
-            actor: crate::with_lora(actor, config.lora.as_ref(), config.seed)?,
-            reference,
-        })
+    ) -> Result<Policy> {
+        let lora = self.lora.as_ref();
+        Policy::load(
+            path,
+            device,
+            precision,
+            lora,
+            self.seed,
+            self.uses_reference(),
+        )
     }
+}
 
-    fn parts<'a>(
-        &'a self,
-        actor: &'a mut AdamW,
-        ema: Option<&'a mut EmaReference>,
-    ) -> Vec<Part<'a>> {
-        let mut parts = vec![Part::trained("policy", self.actor.trainable(), actor)];
-        if let Some(reference) = &self.reference {
-            parts.push(Part {
-                name: "reference",
-                vs: &reference.vs,
-                optimizer: None,
-                ema,
-            });
-        }
-        parts
+/// A group estimator as an online algorithm.
+#[derive(Debug)]
+pub struct Group<'c> {
+    config: &'c GroupConfig,
+    estimator: Estimator,
+}
+
+impl<'c> Group<'c> {
+    /// `estimator` under `config` (checked here).
+    pub fn new(config: &'c GroupConfig, estimator: Estimator) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config, estimator })
     }
 }
 
 /// Where an iteration's sampling stands across draws.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
-struct Cursor {
+pub struct Cursor {
     /// Positions of the prompt stream used so far (the next draw starts here).
     position: usize,
 }
 
-/// The groups an iteration sampled and the informative ones it trains on.
+/// The groups an iteration sampled (its rollouts, draw after draw) and the informative ones
+/// it trains on.
 #[derive(Debug)]
-struct Groups {
-    /// Every rollout sampled this iteration, draw after draw, and its score.
-    rollouts: Vec<Rollout>,
-    scores: Vec<f32>,
-    /// Kept groups: their first row in `rollouts`.
+pub struct Groups {
+    /// Kept groups: their first row in the iteration's rollouts.
     kept: Vec<usize>,
     /// Prompt index and answer tokens of every rollout.
     prompt_of: Vec<usize>,
     answers: Vec<Vec<u32>>,
     sampled_groups: usize,
     draws: usize,
-    tokens: usize,
-    /// Seconds spent in the reward function.
-    scoring: f64,
+}
+
+impl Algorithm for Group<'_> {
+    type State = Cursor;
+    type Detail = Groups;
+
+    fn name(&self) -> String {
+        format!("{:?}", self.estimator).to_lowercase()
+    }
+
+    fn settings(&self) -> Settings<'_> {
+        let config = self.config;
+        let kl_in_loss = config.kl == KlPenalty::Loss && config.uses_reference();
+        Settings {
+            iterations: config.iterations,
+            seed: config.seed,
+            checkpoint_every: config.checkpoint_every,
+            epochs: config.epochs,
+            num_minibatches: config.num_minibatches,
+            micro_batch_size: config.micro_batch_size,
+            sampling: config.sampling(),
+            ema_eta: config.ema_reference.then_some(config.ema_eta),
+            loss: SurrogateLoss {
+                clip_low: config.clip_low,
+                clip_high: config.clip_high,
+                aggregation: config.loss_aggregation,
+                kl_coef: kl_in_loss.then_some(config.kl_coef),
+                entropy_coef: config.entropy_coef,
+            },
+            optimizer: &config.actor,
+            encode: &config.encode,
+        }
+    }
+
+    /// Draws groups until the batch is full of informative ones (dynamic sampling) or the
+    /// draws run out. Rollout seeds come from their position in the prompt stream, so a
+    /// resumed iteration draws the same rollouts.
+    fn sample<G: Generator, E: From<TrainError>>(
+        &self,
+        prompts: &Prompts,
+        iteration: u64,
+        cursor: &mut Cursor,
+        generator: &mut G,
+        reward: &mut ScoreFn<E>,
+    ) -> std::result::Result<Sampled<Groups>, E> {
+        let config = self.config;
+        let k = config.group_size;
+        let wanted = config.rollout_batch_size;
+        let (mut rollouts, mut scored) = (Vec::new(), Vec::new());
+        let mut groups = Groups {
+            kept: Vec::new(),
+            prompt_of: Vec::new(),
+            answers: Vec::new(),
+            sampled_groups: 0,
+            draws: 0,
+        };
+        let mut seen: HashMap<usize, u32> = HashMap::new();
+        let draws = if config.dynamic_sampling {
+            1 + config.max_extra_draws
+        } else {
+            1
+        };
+        while groups.kept.len() < wanted && groups.draws < draws {
+            // Each further draw asks for the missing groups over the share found informative
+            // so far.
+            let missing = wanted - groups.kept.len();
+            let size = if groups.draws == 0 {
+                wanted
+            } else {
+                let share = groups.kept.len() as f64 / groups.sampled_groups as f64;
+                let size = if share > 0.0 {
+                    (missing as f64 / share).ceil() as usize
+                } else {
+                    wanted
+                };
+                size.clamp(missing, wanted)
+            };
+            let first = cursor.position;
+            let chosen = prompt_stream(prompts.examples.len(), config.seed, first, size);
+            cursor.position += size;
+            let requests: Vec<RolloutRequest> = chosen
+                .iter()
+                .enumerate()
+                .flat_map(|(j, &prompt)| {
+                    let occurrence = seen.entry(prompt).or_default();
+                    let base = *occurrence * k as u32;
+                    *occurrence += 1;
+                    (0..k).map(move |member| RolloutRequest {
+                        prompt,
+                        // Unique over the run: the stream position and the member.
+                        seed: config.seed ^ ((((first + j) as u64) << 16) | member as u64),
+                        sample_idx: base + member as u32,
+                    })
+                })
+                .collect();
+            let generated = sample(
+                generator,
+                &prompts.encoded,
+                prompts.examples,
+                &requests,
+                &config.sampling(),
+            )?;
+            let scores = reward(&generated.rollouts)?;
+            let (rewards, valid) = shaped(config, &generated.rollouts, &scores);
+            let offset = rollouts.len();
+            for g in 0..size {
+                let rows = g * k..(g + 1) * k;
+                let keep = keeps(
+                    config,
+                    &rewards[rows.clone()],
+                    &scores[rows.clone()],
+                    &valid[rows],
+                );
+                if keep && groups.kept.len() < wanted {
+                    groups.kept.push(offset + g * k);
+                }
+            }
+            groups.sampled_groups += size;
+            groups.draws += 1;
+            groups.prompt_of.extend(requests.iter().map(|r| r.prompt));
+            groups.answers.extend(generated.answers);
+            rollouts.extend(generated.rollouts);
+            scored.extend(scores);
+            tracing::debug!(
+                iteration,
+                draw = groups.draws,
+                kept = groups.kept.len(),
+                "drew groups"
+            );
+        }
+        Ok(Sampled {
+            rollouts,
+            scores: scored,
+            detail: groups,
+        })
+    }
+
+    fn experience(
+        &mut self,
+        policy: &Policy,
+        prompts: &Prompts,
+        sampled: &Sampled<Groups>,
+        _: &mut Cursor,
+        metrics: &mut Metrics,
+    ) -> Option<Experience> {
+        let groups = &sampled.detail;
+        metrics.insert("groups/sampled".into(), groups.sampled_groups as f64);
+        metrics.insert("groups/kept".into(), groups.kept.len() as f64);
+        metrics.insert(
+            "groups/dropped_fraction".into(),
+            1.0 - groups.kept.len() as f64 / groups.sampled_groups as f64,
+        );
+        metrics.insert("groups/draws".into(), groups.draws as f64);
+        if groups.kept.is_empty() {
+            return None;
+        }
+        Some(make_experience(
+            policy,
+            &prompts.encoded,
+            sampled,
+            self.estimator,
+            self.config,
+        ))
+    }
 }
 
 /// Runs the group estimator from the prompts; saves `<out>/policy`. `reward` scores each draw's
@@ -339,141 +472,23 @@ struct Groups {
 /// checkpoint (policy, optimiser, reference, the prompt stream's position), and an iteration it
 /// redoes samples the same rollouts.
 #[allow(clippy::too_many_arguments)] // the run's inputs, each documented above
-pub fn train_group(
-    models: &GroupModels,
+pub fn train_group<E: From<TrainError>>(
+    policy: &Policy,
     prompts: &[PromptExample],
     estimator: Estimator,
-    reward: &mut RewardFn,
-    on_sampled: &mut SampledFn,
+    reward: &mut RewardFn<E>,
+    on_sampled: &mut SampledFn<E>,
     config: &GroupConfig,
     out: &Path,
-    mut on_iteration: impl FnMut(&IterationRecord, u64),
-) -> Result<Vec<IterationRecord>> {
-    config.validate()?;
-    let actor = &models.actor;
-    let Some(encoded) = encode_prompts(actor, prompts, &config.encode, out)? else {
+    on_iteration: impl FnMut(&IterationRecord, u64),
+) -> std::result::Result<Vec<IterationRecord>, E> {
+    let group = Group::new(config, estimator)?;
+    let Some(trainer) = Trainer::start(policy, group, prompts, out)? else {
         return Ok(Vec::new());
     };
-    let mut actor_opt = AdamW::new(actor.trainable(), config.actor.clone())?;
-    let mut ema = match (&models.reference, config.ema_reference) {
-        (Some(reference), true) => Some(EmaReference::new(&reference.vs, config.ema_eta)),
-        _ => None,
-    };
-    let (mut log, start, mut cursor): (_, _, Cursor) = Iterations::resume(
-        out,
-        &mut models.parts(&mut actor_opt, ema.as_mut()),
-        (config.seed, prompts.len()),
-        (config.iterations, config.checkpoint_every),
-    )?;
-
-    for iteration in start..config.iterations {
-        let mut metrics = BTreeMap::new();
-
-        // 1. Sample and score, drawing more prompts while groups carry no signal.
-        let began = Instant::now();
-        let groups = draw_groups(
-            actor,
-            &encoded,
-            prompts,
-            config,
-            iteration,
-            &mut cursor,
-            reward,
-        )?;
-        on_sampled(iteration, &groups.rollouts, &groups.scores)?;
-        let seconds = began.elapsed().as_secs_f64() - groups.scoring;
-        metrics.insert("time/generate".into(), seconds);
-        metrics.insert("time/score".into(), groups.scoring);
-        metrics.insert(
-            "generate/tokens_per_s".into(),
-            groups.tokens as f64 / seconds.max(1e-9),
-        );
-        let count = groups.scores.len() as f64;
-        let mean = groups.scores.iter().map(|&s| f64::from(s)).sum::<f64>() / count;
-        let var = groups
-            .scores
-            .iter()
-            .map(|&s| (f64::from(s) - mean).powi(2))
-            .sum::<f64>()
-            / (count - 1.0).max(1.0);
-        metrics.insert("reward/mean".into(), mean);
-        metrics.insert("reward/std".into(), var.sqrt());
-        metrics.insert(
-            "truncated".into(),
-            truncated(&groups.rollouts)
-                .iter()
-                .map(|&t| f64::from(t))
-                .sum::<f64>()
-                / count,
-        );
-        metrics.insert("groups/sampled".into(), groups.sampled_groups as f64);
-        metrics.insert("groups/kept".into(), groups.kept.len() as f64);
-        metrics.insert(
-            "groups/dropped_fraction".into(),
-            1.0 - groups.kept.len() as f64 / groups.sampled_groups as f64,
-        );
-        metrics.insert("groups/draws".into(), groups.draws as f64);
-
-        if groups.kept.is_empty() {
-            tracing::warn!(
-                iteration,
-                "no group carried signal: the policy is not updated"
-            );
-        } else {
-            // 2. Experience.
-            let began = Instant::now();
-            let experience = make_experience(models, &encoded, &groups, estimator, config);
-            let mask = &experience.loss_mask;
-            let kl = (&experience.old_logprobs - &experience.reference_logprobs) * mask;
-            metrics.insert("kl".into(), masked_mean(&kl, mask).double_value(&[]));
-            metrics.insert(
-                "entropy".into(),
-                masked_mean(&experience.entropy, mask).double_value(&[]),
-            );
-            metrics.insert(
-                "response_length".into(),
-                experience
-                    .batch
-                    .loss_mask
-                    .sum_dim_intlist([1].as_slice(), false, Kind::Float)
-                    .mean(Kind::Float)
-                    .double_value(&[]),
-            );
-            metrics.insert("time/experience".into(), began.elapsed().as_secs_f64());
-
-            // 3. Train.
-            let began = Instant::now();
-            metrics.extend(train_on(
-                models,
-                &experience,
-                config,
-                iteration,
-                &mut actor_opt,
-            ));
-            metrics.insert("time/train".into(), began.elapsed().as_secs_f64());
-        }
-
-        // 4. The reference.
-        let began = Instant::now();
-        if let Some(ema) = &mut ema {
-            let shift = ema.update(&exact_weights(actor, &actor_opt));
-            metrics.insert("ema/reference_shift".into(), shift);
-        }
-        metrics.insert(
-            "time/reference_update".into(),
-            began.elapsed().as_secs_f64(),
-        );
-
-        let record = IterationRecord {
-            step: iteration + 1,
-            metrics,
-        };
-        let parts = models.parts(&mut actor_opt, ema.as_mut());
-        log.finish(record, &mut on_iteration, &parts, &cursor)?;
-    }
-    actor.save(&out.join(crate::POLICY_DIR))?;
-    checkpoint::remove_all(out)?;
-    Ok(log.records())
+    let batching = Batching::new(config.generation_batch_size);
+    let mut generator = InProcess::new(&policy.actor, batching);
+    train_online(trainer, &mut generator, reward, on_sampled, on_iteration)
 }
 
 /// The rewards the estimator sees and which members count, after overlong handling.
@@ -513,138 +528,16 @@ fn keeps(config: &GroupConfig, rewards: &[f32], scores: &[f32], valid: &[bool]) 
     !config.dynamic_sampling || informative(compared, valid)
 }
 
-/// Draws groups until the batch is full of informative ones (dynamic sampling) or the draws
-/// run out. Rollout seeds come from their position in the prompt stream, so a resumed
-/// iteration draws the same rollouts.
-fn draw_groups(
-    actor: &Model,
-    encoded: &[Vec<u32>],
-    prompts: &[PromptExample],
-    config: &GroupConfig,
-    iteration: u64,
-    cursor: &mut Cursor,
-    reward: &mut RewardFn,
-) -> Result<Groups> {
-    let k = config.group_size;
-    let wanted = config.rollout_batch_size;
-    let mut groups = Groups {
-        rollouts: Vec::new(),
-        scores: Vec::new(),
-        kept: Vec::new(),
-        prompt_of: Vec::new(),
-        answers: Vec::new(),
-        sampled_groups: 0,
-        draws: 0,
-        tokens: 0,
-        scoring: 0.0,
-    };
-    let mut seen: HashMap<usize, u32> = HashMap::new();
-    let draws = if config.dynamic_sampling {
-        1 + config.max_extra_draws
-    } else {
-        1
-    };
-    while groups.kept.len() < wanted && groups.draws < draws {
-        // Each further draw asks for the missing groups over the share found informative so far.
-        let missing = wanted - groups.kept.len();
-        let size = if groups.draws == 0 {
-            wanted
-        } else {
-            let share = groups.kept.len() as f64 / groups.sampled_groups as f64;
-            let size = if share > 0.0 {
-                (missing as f64 / share).ceil() as usize
-            } else {
-                wanted
-            };
-            size.clamp(missing, wanted)
-        };
-        let first = cursor.position;
-        let chosen = prompt_stream(prompts.len(), config.seed, first, size);
-        cursor.position += size;
-        let requests: Vec<RolloutRequest> = chosen
-            .iter()
-            .enumerate()
-            .flat_map(|(j, &prompt)| {
-                let occurrence = seen.entry(prompt).or_default();
-                let base = *occurrence * k as u32;
-                *occurrence += 1;
-                (0..k).map(move |member| RolloutRequest {
-                    prompt,
-                    // Unique over the run: the stream position and the member.
-                    seed: config.seed ^ ((((first + j) as u64) << 16) | member as u64),
-                    sample_idx: base + member as u32,
-                })
-            })
-            .collect();
-        let sampled = sample(
-            actor,
-            encoded,
-            prompts,
-            &requests,
-            &config.sampling(),
-            config.generation_batch_size,
-        )?;
-        let scoring = Instant::now();
-        let scores = reward(iteration, &sampled.rollouts)?;
-        groups.scoring += scoring.elapsed().as_secs_f64();
-        check_scores(&scores, &sampled.rollouts)?;
-        let (rewards, valid) = shaped(config, &sampled.rollouts, &scores);
-        let offset = groups.rollouts.len();
-        for g in 0..size {
-            let rows = g * k..(g + 1) * k;
-            let keep = keeps(
-                config,
-                &rewards[rows.clone()],
-                &scores[rows.clone()],
-                &valid[rows],
-            );
-            if keep && groups.kept.len() < wanted {
-                groups.kept.push(offset + g * k);
-            }
-        }
-        groups.sampled_groups += size;
-        groups.draws += 1;
-        groups.tokens += sampled.tokens;
-        groups.prompt_of.extend(requests.iter().map(|r| r.prompt));
-        groups.answers.extend(sampled.answers);
-        groups.rollouts.extend(sampled.rollouts);
-        groups.scores.extend(scores);
-        tracing::debug!(
-            iteration,
-            draw = groups.draws,
-            kept = groups.kept.len(),
-            "drew groups"
-        );
-    }
-    Ok(groups)
-}
-
-/// What the update trains on: the kept groups' rollouts, N = groups × group_size rows,
-/// right-padded to T tokens; per-token tensors (N, T-1) as PPO's.
-#[derive(Debug)]
-struct GroupExperience {
-    batch: TokenBatch,
-    /// (N, T-1) the batch's completion tokens, less those of rows that carry no loss
-    /// (overlong-masked).
-    loss_mask: Tensor,
-    /// (N, T-1) log π_old, the policy that sampled.
-    old_logprobs: Tensor,
-    /// (N, T-1) log π_ref (log π_old when there is no reference).
-    reference_logprobs: Tensor,
-    /// (N, T-1) per-token advantages.
-    advantages: Tensor,
-    /// (N, T-1) the policy's entropy (a diagnostic).
-    entropy: Tensor,
-}
-
+/// The kept groups' experience: N = groups × group_size rows, their advantages from each
+/// group's rewards (after overlong handling), the KL penalty as a reward where it goes there.
 fn make_experience(
-    models: &GroupModels,
+    policy: &Policy,
     encoded: &[Vec<u32>],
-    groups: &Groups,
+    sampled: &Sampled<Groups>,
     estimator: Estimator,
     config: &GroupConfig,
-) -> GroupExperience {
-    let k = config.group_size;
+) -> Experience {
+    let (k, groups) = (config.group_size, &sampled.detail);
     let rows: Vec<usize> = groups
         .kept
         .iter()
@@ -652,11 +545,11 @@ fn make_experience(
         .collect();
     let prompt_of: Vec<usize> = rows.iter().map(|&r| groups.prompt_of[r]).collect();
     let answers: Vec<Vec<u32>> = rows.iter().map(|&r| groups.answers[r].clone()).collect();
-    let rollouts: Vec<Rollout> = rows.iter().map(|&r| groups.rollouts[r].clone()).collect();
-    let scores: Vec<f32> = rows.iter().map(|&r| groups.scores[r]).collect();
+    let rollouts: Vec<Rollout> = rows.iter().map(|&r| sampled.rollouts[r].clone()).collect();
+    let scores: Vec<f32> = rows.iter().map(|&r| sampled.scores[r]).collect();
     let (rewards, valid) = shaped(config, &rollouts, &scores);
     let batch = pack(
-        &models.actor,
+        &policy.actor,
         encoded,
         &prompt_of,
         &answers,
@@ -671,139 +564,23 @@ fn make_experience(
     )
     .to_device(device);
     let loss_mask = &batch.loss_mask * valid.unsqueeze(1);
-    let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.decoder, &batch);
-    let actor = &models.actor.decoder;
-    let reference_logprobs = match &models.reference {
-        Some(reference) => token_logprobs(&reference.decoder, &batch),
-        // LoRA: the reference is the base the adapters sit on.
-        None if config.uses_reference() => actor.without_adapters(|| token_logprobs(actor, &batch)),
-        None => old_logprobs.shallow_clone(),
-    };
+    let (old_logprobs, entropy) = token_logprobs_and_entropy(&policy.actor.decoder, &batch);
+    let reference_logprobs = policy.reference_logprobs(&batch, &old_logprobs);
     let rewards = Tensor::from_slice(&rewards).to_device(device);
     let sequence = group_advantages(&rewards, &valid, k as i64, estimator, config.scale_rewards);
     let kl_rewards = (config.kl == KlPenalty::Reward && config.uses_reference())
         .then(|| (&old_logprobs - &reference_logprobs) * -config.kl_coef);
     let advantages = token_advantages(&sequence, &loss_mask, kl_rewards.as_ref(), estimator);
-    GroupExperience {
+    Experience {
         batch,
         loss_mask,
         old_logprobs,
         reference_logprobs,
         advantages,
         entropy,
+        values: None,
+        returns: None,
     }
-}
-
-/// Epochs over shuffled minibatches; returns the mean losses and diagnostics.
-fn train_on(
-    models: &GroupModels,
-    e: &GroupExperience,
-    config: &GroupConfig,
-    iteration: u64,
-    optimizer: &mut AdamW,
-) -> BTreeMap<String, f64> {
-    let n = e.batch.input_ids.size()[0] as usize;
-    let device = e.batch.input_ids.device();
-    let aggregation = config.loss_aggregation;
-    let row_weights: Vec<f64> = Vec::<f32>::try_from(
-        &e.loss_mask
-            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
-            .to_device(tch::Device::Cpu),
-    )
-    .expect("a host f32 tensor")
-    .into_iter()
-    .map(|tokens| aggregation.row_weight(f64::from(tokens)))
-    .collect();
-    let kl_in_loss = config.kl == KlPenalty::Loss && config.uses_reference();
-    let total_steps = config.total_steps();
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    let mut steps = 0.0;
-    let mut rng =
-        StdRng::seed_from_u64(config.seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    let minibatches = config.num_minibatches;
-    for epoch in 0..config.epochs {
-        let mut order: Vec<i64> = (0..n as i64).collect();
-        order.shuffle(&mut rng);
-        for m in 0..minibatches {
-            // Always `num_minibatches` parts, however few rows dynamic sampling kept, and the
-            // learning rate of the step's planned place in the run: the schedule spans
-            // `total_steps` and reaches its end with the run, whatever was skipped.
-            let minibatch = &order[m * n / minibatches..(m + 1) * n / minibatches];
-            let position =
-                (iteration * config.epochs as u64 + epoch as u64) * minibatches as u64 + m as u64;
-            let weight_of =
-                |rows: &[i64]| rows.iter().map(|&r| row_weights[r as usize]).sum::<f64>();
-            let total = weight_of(minibatch);
-            if total == 0.0 {
-                continue; // every row masked: nothing to learn from
-            }
-            let mut add = |name: &str, value: f64, weight: f64| {
-                *sums.entry(name.to_string()).or_default() += value * weight;
-            };
-            for micro in minibatch.chunks(config.micro_batch_size) {
-                let weight = weight_of(micro) / total;
-                if weight == 0.0 {
-                    continue;
-                }
-                let rows = Tensor::from_slice(micro).to_device(device);
-                let batch = e.batch.select(&rows);
-                let pick = |t: &Tensor| t.index_select(0, &rows);
-                let mask = pick(&e.loss_mask);
-                let decoder = &models.actor.decoder;
-                let logprobs = decoder.training(|| match config.entropy_coef > 0.0 {
-                    true => TokenLogprobs::with_entropy(decoder, &batch),
-                    false => TokenLogprobs::forward(decoder, &batch),
-                });
-                let out = policy_loss(
-                    &logprobs.values,
-                    &pick(&e.old_logprobs),
-                    &pick(&e.advantages),
-                    &mask,
-                    config.clip_low,
-                    config.clip_high,
-                    aggregation,
-                    config.max_new_tokens,
-                );
-                let mut loss = out.loss.shallow_clone();
-                if kl_in_loss {
-                    let kl = k3_kl(&logprobs.values, &pick(&e.reference_logprobs));
-                    let kl = aggregation.apply(&kl, &mask, config.max_new_tokens);
-                    add("kl_loss", kl.double_value(&[]), weight);
-                    loss += kl * config.kl_coef;
-                }
-                if let Some(entropy) = &logprobs.entropy {
-                    loss -= aggregation.apply(entropy, &mask, config.max_new_tokens)
-                        * config.entropy_coef;
-                }
-                (&loss * weight).backward();
-                logprobs.backward(&models.actor.decoder);
-                optimizer.accumulate();
-                add("policy_loss", out.loss.double_value(&[]), weight);
-                add("loss", loss.double_value(&[]), weight);
-                add("clip_fraction", out.clip_fraction.double_value(&[]), weight);
-                add(
-                    "clip_fraction/low",
-                    out.clip_low_fraction.double_value(&[]),
-                    weight,
-                );
-                add(
-                    "clip_fraction/high",
-                    out.clip_high_fraction.double_value(&[]),
-                    weight,
-                );
-                add("approx_kl", out.approx_kl.double_value(&[]), weight);
-            }
-            add("grad_norm", optimizer.clip_grad_norm(), 1.0);
-            let lr = config.actor.lr_at(position, total_steps);
-            add("lr", lr, 1.0);
-            optimizer.step(lr);
-            optimizer.zero_grad();
-            steps += 1.0;
-        }
-    }
-    sums.into_iter()
-        .map(|(k, v)| (k, v / f64::max(steps, 1.0)))
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! prefloop-train: the trainers. SFT, a Bradley–Terry reward model, DPO/IPO, PPO and the
-//! group estimators (GRPO, RLOO, REINFORCE++-baseline) over the tch policy, sharing one
-//! optimisation loop for the offline ones (AdamW, schedules, clipping, accumulation, atomic
-//! checkpoints that resume exactly), rollouts for the online ones, and completion log-probs
-//! computed in chunks.
+//! group estimators (GRPO, RLOO, REINFORCE++-baseline) over the tch policy: the offline ones
+//! share one optimisation loop (fit.rs: AdamW, schedules, clipping, accumulation, atomic
+//! checkpoints that resume exactly), the online ones one core (online.rs: policy and
+//! reference, experience, the update loop, resume) that each algorithm plugs into, sampling
+//! through the model crate's `Generator`; completion log-probs are computed in chunks.
 
 mod advantage;
 pub mod checkpoint;
@@ -15,6 +16,7 @@ mod fit;
 mod group;
 mod logprobs;
 mod losses;
+mod online;
 mod optim;
 mod ppo;
 mod reward;
@@ -35,14 +37,20 @@ pub use estimators::{
 };
 pub use examples::{EncodeConfig, Encoder, PairExample, Sequence, pair_examples};
 pub use fit::{ExampleWeights, LoopConfig, METRICS_FILE, MicroBatch, StepRecord, fit};
-pub use group::{GroupConfig, GroupModels, KlPenalty, Overlong, SamplingFilter, train_group};
+pub use group::{
+    Cursor, Group, GroupConfig, Groups, KlPenalty, Overlong, SamplingFilter, train_group,
+};
 pub use logprobs::{TokenBatch, TokenLogprobs, log_ratios, sequence_sum, token_logprobs};
 pub use losses::{
     LossAggregation, PolicyLossOutput, PreferenceLoss, PreferenceOutput, bradley_terry_loss, k3_kl,
     masked_mean, policy_loss, preference_loss, sft_loss, value_loss,
 };
+pub use online::{
+    Algorithm, Experience, KL_TO_REFERENCE, Metrics, Policy, Prompts, Sampled, ScoreFn, Settings,
+    Sums, SurrogateLoss, Timed, Trainer, train_online,
+};
 pub use optim::{AdamW, OptimConfig, Schedule};
-pub use ppo::{CRITIC_DIR, Experience, PpoConfig, PpoModels, Truncated, train_ppo};
+pub use ppo::{CRITIC_DIR, Chosen, Ppo, PpoConfig, PpoModels, Truncated, train_ppo};
 pub use prefloop_model::LoraConfig;
 pub use reward::{
     EVAL_FILE, REWARD_MODEL_DIR, RewardConfig, RewardEval, RewardModel, RewardReport, evaluate,

@@ -1,34 +1,33 @@
-//! PPO with an actor, a critic, a reference and a reward (DESIGN §4), laid out as OpenRLHF's
-//! `fit()`: generate rollouts → make experience → train actor and critic over minibatches for
-//! several PPO epochs → update the reference (EMA) → log. Each of the paper's tricks
-//! (advantage normalisation, large batch, EMA reference; value normalisation too) is a config
-//! switch, so the paper's ablation is four configs.
+//! PPO with an actor, a critic, a reference and a reward (DESIGN §4), over the online core
+//! (online.rs): one rollout per prompt of the iteration's share; experience with the critic's
+//! values, per-token rewards (the KL penalty everywhere, the clipped score at the last action)
+//! and GAE advantages; the critic trained beside the actor on every micro-batch. Each of the
+//! paper's tricks (advantage normalisation, large batch, EMA reference; value normalisation
+//! too) is a config switch, so the paper's ablation is four configs.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
-use prefloop_model::{LoraConfig, Model, Precision, SamplingParams};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
+use prefloop_model::{Batching, Generator, InProcess, LoraConfig, Precision, SamplingParams};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::advantage::{
     RunningMoments, gae, kl_penalised_rewards, last_token_one_hot, normalise_advantages,
 };
-use crate::checkpoint::{self, Part};
-use crate::ema::EmaReference;
-use crate::error::Result;
+use crate::checkpoint::Part;
+use crate::error::{Result, TrainError};
 use crate::examples::EncodeConfig;
-use crate::logprobs::{TokenBatch, TokenLogprobs, token_logprobs, token_logprobs_and_entropy};
-use crate::losses::{LossAggregation, masked_mean, policy_loss, value_loss};
+use crate::logprobs::{TokenBatch, token_logprobs_and_entropy};
+use crate::losses::{LossAggregation, masked_mean, value_loss};
+use crate::online::{
+    Algorithm, Experience, Metrics, Policy, Prompts, Sampled, ScoreFn, Settings, Sums,
+    SurrogateLoss, Trainer, train_online,
+};
 use crate::optim::{AdamW, OptimConfig};
 use crate::reward::RewardModel;
 use crate::rollout::{
-    IterationRecord, Iterations, PromptExample, RewardFn, RolloutRequest, check_scores,
-    encode_prompts, exact_weights, pack, prompt_stream, sample, truncated,
+    IterationRecord, PromptExample, RewardFn, RolloutRequest, pack, prompt_stream, sample,
+    truncated,
 };
 
 /// Where the critic is saved under the output directory (the actor goes to `policy`).
@@ -41,8 +40,8 @@ pub struct PpoConfig {
     pub iterations: u64,
     /// Rollouts per iteration, one per prompt (the paper's large batch: 512). Default 512.
     pub rollout_batch_size: usize,
-    /// Minibatches each rollout batch is cut into per PPO epoch (one optimiser step each).
-    /// Default 4.
+    /// Minibatches each rollout batch is cut into per PPO epoch (one optimiser step each;
+    /// always this many, the last ones a row larger when the batch does not divide). Default 4.
     pub num_minibatches: usize,
     /// Passes over each rollout batch: 5 for dialogue, 16 for code in the paper. Default 5.
     pub ppo_epochs: usize,
@@ -79,12 +78,13 @@ pub struct PpoConfig {
     /// The critic learns normalised returns (running mean and std). Default true.
     pub value_normalisation: bool,
     /// `π_ref ← (1-η) π_ref + η π_actor` after every iteration; off keeps the starting policy.
-    /// Default true.
-    pub ema_reference: bool,
+    /// Default: on with full fine-tuning, off with `lora` (the reference is then the actor's
+    /// base with its adapters off, which cannot move; `true` with `lora` is refused).
+    pub ema_reference: Option<bool>,
     /// η of the EMA. Default 0.001 (ReaLHF).
     pub ema_eta: f64,
     /// Actor optimiser; lr defaults to 1e-5. Its warmup and schedule count optimiser steps:
-    /// iterations × ppo_epochs × minibatches.
+    /// iterations × ppo_epochs × num_minibatches.
     pub actor: OptimConfig,
     /// Critic optimiser; lr defaults to 5e-6; scheduled as the actor's.
     pub critic: OptimConfig,
@@ -95,8 +95,8 @@ pub struct PpoConfig {
     pub checkpoint_every: u64,
     /// LoRA adapters trained instead of every weight (`[lora]`), on the actor and on the
     /// critic (its adapters and value head); the reference is then the actor with its
-    /// adapters switched off, with no second copy of the model, so `ema_reference` must be
-    /// off. Default: none, full fine-tuning.
+    /// adapters switched off, with no second copy of the model, so `ema_reference` is off.
+    /// Default: none, full fine-tuning.
     pub lora: Option<LoraConfig>,
 }
 
@@ -125,7 +125,7 @@ impl Default for PpoConfig {
             value_clip: 0.2,
             advantage_normalisation: true,
             value_normalisation: true,
-            ema_reference: true,
+            ema_reference: None,
             ema_eta: 0.001,
             actor: optim(1e-5),
             critic: optim(5e-6),
@@ -158,16 +158,10 @@ impl PpoConfig {
         }
     }
 
-    /// Minibatches per PPO epoch: the rollout batch cut into `num_minibatches` equal parts
-    /// (the last may be smaller, or there may be fewer when the batch does not divide).
-    fn minibatches(&self) -> usize {
-        let size = self.rollout_batch_size.div_ceil(self.num_minibatches);
-        self.rollout_batch_size.div_ceil(size)
-    }
-
-    /// Optimiser steps of the whole run, which the learning-rate schedules span.
-    fn total_steps(&self) -> u64 {
-        self.iterations * (self.ppo_epochs * self.minibatches()) as u64
+    /// Whether the EMA moves the reference: as `ema_reference` says, else with full
+    /// fine-tuning.
+    pub fn moves_reference(&self) -> bool {
+        self.ema_reference.unwrap_or(self.lora.is_none())
     }
 
     /// Every setting checked before any work starts; errors name the field.
@@ -192,7 +186,7 @@ impl PpoConfig {
             "must be in [0, 1]",
         )?;
         check(
-            !(self.ema_reference && self.lora.is_some()),
+            !(self.ema_reference == Some(true) && self.lora.is_some()),
             "ema_reference",
             "with lora the reference is the base with the adapters off and cannot move: \
              set ema_reference = false",
@@ -204,42 +198,12 @@ impl PpoConfig {
     }
 }
 
-/// Everything PPO trains on from one rollout batch: B rollouts of prompt + completion,
-/// right-padded to T tokens. Per-token tensors are (B, T-1) and aligned with the next-token
-/// targets: position t is the action `input_ids[:, t+1]` taken in state `input_ids[:, ..=t]`.
-#[derive(Debug)]
-pub struct Experience {
-    /// Token ids, attention mask, and `loss_mask` (B, T-1): 1 on completion tokens (the
-    /// actions), 0 on prompt and padding.
-    pub batch: TokenBatch,
-    /// (B, T-1) log π_old(a_t | s_t): the actor that sampled, recomputed in one fp32 forward.
-    pub old_logprobs: Tensor,
-    /// (B, T-1) log π_ref(a_t | s_t).
-    pub reference_logprobs: Tensor,
-    /// (B, T-1) the critic's V(s_t) at sampling time, on the critic's (normalised) scale.
-    pub values: Tensor,
-    /// (B,) the reward function's score of each completion, before clipping.
-    pub scores: Tensor,
-    /// (B,) 1.0 where the rollout was cut at `max_new_tokens` before the policy ended it.
-    pub truncated: Tensor,
-    /// (B, T-1) per-token rewards: KL penalty everywhere, clipped score at the last action.
-    pub rewards: Tensor,
-    /// (B, T-1) GAE advantages (whitened when advantage normalisation is on).
-    pub advantages: Tensor,
-    /// (B, T-1) value targets A + V, on the critic's scale.
-    pub returns: Tensor,
-    /// (B, T-1) the actor's entropy at each position (a diagnostic).
-    pub entropy: Tensor,
-}
-
-/// The models PPO holds: the actor (the policy being trained), the critic (a trunk with a
-/// value head) and the reference, which with LoRA is the actor's base (adapters off).
+/// The models PPO holds: the policy (the actor and its reference, which with LoRA is the
+/// actor's base, adapters off) and the critic (a trunk with a value head).
 #[derive(Debug)]
 pub struct PpoModels {
-    pub actor: Model,
+    pub policy: Policy,
     pub critic: RewardModel,
-    /// None with LoRA.
-    pub reference: Option<Model>,
 }
 
 impl PpoModels {
@@ -253,182 +217,213 @@ impl PpoModels {
         config: &PpoConfig,
     ) -> Result<Self> {
         let lora = config.lora.as_ref();
-        let reference = match lora {
-            Some(_) => None,
-            None => {
-                let mut reference = Model::load(path, device, precision)?;
-                reference.vs.freeze();
-                Some(reference)
-            }
-        };
-        let actor = Model::load(path, device, precision)?;
-        let critic = Model::load(path, device, precision)?;
+        let policy = Policy::load(path, device, precision, lora, config.seed, true)?;
+        let critic = prefloop_model::Model::load(path, device, precision)?;
         Ok(Self {
-            actor: crate::with_lora(actor, lora, config.seed)?,
+            policy,
             critic: RewardModel::new(crate::with_lora(critic, lora, !config.seed)?)?,
-            reference,
         })
-    }
-
-    /// log π_ref of the batch's tokens: the reference's, or the actor's with its adapters off.
-    fn reference_logprobs(&self, batch: &TokenBatch) -> Tensor {
-        match &self.reference {
-            Some(reference) => token_logprobs(&reference.decoder, batch),
-            None => self
-                .actor
-                .decoder
-                .without_adapters(|| token_logprobs(&self.actor.decoder, batch)),
-        }
     }
 }
 
-impl PpoModels {
-    /// What a checkpoint holds: the actor and critic with their optimisers, the reference
-    /// with its EMA shadow (when the EMA moves it).
-    fn parts<'a>(
-        &'a self,
-        actor: &'a mut AdamW,
-        critic: &'a mut AdamW,
-        ema: Option<&'a mut EmaReference>,
-    ) -> Vec<Part<'a>> {
-        let mut parts = vec![
-            Part::trained("policy", self.actor.trainable(), actor),
-            Part::trained("critic", self.critic.model.trainable(), critic),
-        ];
-        if let Some(reference) = &self.reference {
-            parts.push(Part {
-                name: "reference",
-                vs: &reference.vs,
-                optimizer: None,
-                ema,
-            });
+/// PPO as an online algorithm: its config, and the critic it trains beside the policy.
+#[derive(Debug)]
+pub struct Ppo<'m> {
+    config: &'m PpoConfig,
+    critic: &'m RewardModel,
+    critic_opt: AdamW,
+}
+
+impl<'m> Ppo<'m> {
+    /// PPO under `config` (checked here), training `critic`.
+    pub fn new(config: &'m PpoConfig, critic: &'m RewardModel) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            critic,
+            critic_opt: AdamW::new(critic.model.trainable(), config.critic.clone())?,
+        })
+    }
+}
+
+/// What PPO keeps of its rollouts for the experience: the prompt of each, one per prompt of
+/// the iteration's share, and its completion's token ids.
+#[derive(Debug)]
+pub struct Chosen {
+    prompts: Vec<usize>,
+    answers: Vec<Vec<u32>>,
+}
+
+impl Algorithm for Ppo<'_> {
+    type State = RunningMoments;
+    type Detail = Chosen;
+
+    fn name(&self) -> String {
+        "ppo".into()
+    }
+
+    fn settings(&self) -> Settings<'_> {
+        let config = self.config;
+        Settings {
+            optimizer: &config.actor,
+            encode: &config.encode,
+            iterations: config.iterations,
+            seed: config.seed,
+            checkpoint_every: config.checkpoint_every,
+            epochs: config.ppo_epochs,
+            num_minibatches: config.num_minibatches,
+            micro_batch_size: config.micro_batch_size,
+            sampling: config.sampling(),
+            ema_eta: config.moves_reference().then_some(config.ema_eta),
+            loss: SurrogateLoss {
+                clip_low: config.clip_eps,
+                clip_high: config.clip_eps,
+                aggregation: LossAggregation::TokenMean,
+                kl_coef: None,
+                entropy_coef: 0.0,
+            },
         }
-        parts
+    }
+
+    fn sample<G: Generator, E: From<TrainError>>(
+        &self,
+        prompts: &Prompts,
+        iteration: u64,
+        _: &mut RunningMoments,
+        generator: &mut G,
+        reward: &mut ScoreFn<E>,
+    ) -> std::result::Result<Sampled<Chosen>, E> {
+        let size = self.config.rollout_batch_size;
+        let first = iteration as usize * size;
+        let chosen = prompt_stream(prompts.examples.len(), self.config.seed, first, size);
+        let requests = rollout_requests(&chosen, self.config.seed, iteration);
+        let generated = sample(
+            generator,
+            &prompts.encoded,
+            prompts.examples,
+            &requests,
+            &self.config.sampling(),
+        )?;
+        let scores = reward(&generated.rollouts)?;
+        Ok(Sampled {
+            rollouts: generated.rollouts,
+            scores,
+            detail: Chosen {
+                prompts: chosen,
+                answers: generated.answers,
+            },
+        })
+    }
+
+    fn experience(
+        &mut self,
+        policy: &Policy,
+        prompts: &Prompts,
+        sampled: &Sampled<Chosen>,
+        moments: &mut RunningMoments,
+        metrics: &mut Metrics,
+    ) -> Option<Experience> {
+        let batch = pack(
+            &policy.actor,
+            &prompts.encoded,
+            &sampled.detail.prompts,
+            &sampled.detail.answers,
+            &self.config.sampling(),
+        );
+        let truncated = truncated(&sampled.rollouts);
+        let e = make_experience(
+            policy,
+            self.critic,
+            batch,
+            (&sampled.scores, &truncated),
+            self.config,
+            moments,
+        );
+        metrics.insert("explained_variance".into(), explained_variance(&e));
+        Some(e)
+    }
+
+    /// The critic's clipped value loss on the micro-batch.
+    fn micro_batch(
+        &mut self,
+        e: &Experience,
+        rows: &Tensor,
+        batch: &TokenBatch,
+        weight: f64,
+        sums: &mut Sums,
+    ) {
+        let pick = |t: &Option<Tensor>| t.as_ref().expect("PPO's").index_select(0, rows);
+        let critic = &self.critic.model.decoder;
+        let hidden = critic.training(|| batch.hidden(critic));
+        let t = hidden.size()[1] - 1;
+        let values = self
+            .critic
+            .head
+            .per_token(&hidden.narrow(1, 0, t))
+            .to_kind(Kind::Float);
+        let loss = value_loss(
+            &values,
+            &pick(&e.values),
+            &pick(&e.returns),
+            &batch.loss_mask,
+            self.config.value_clip,
+        );
+        (&loss * weight).backward();
+        self.critic_opt.accumulate();
+        sums.add("value_loss", loss.double_value(&[]), weight);
+    }
+
+    fn step(&mut self, position: u64, total: u64, sums: &mut Sums) {
+        sums.add("critic_grad_norm", self.critic_opt.clip_grad_norm(), 1.0);
+        let lr = self.config.critic.lr_at(position, total);
+        sums.add("critic_lr", lr, 1.0);
+        self.critic_opt.step(lr);
+        self.critic_opt.zero_grad();
+    }
+
+    fn after_update(&self, moments: &RunningMoments, metrics: &mut Metrics) {
+        metrics.insert("value_norm/mean".into(), moments.mean);
+        metrics.insert("value_norm/std".into(), moments.std());
+    }
+
+    fn parts(&mut self) -> Vec<Part<'_>> {
+        vec![Part::trained(
+            "critic",
+            self.critic.model.trainable(),
+            &mut self.critic_opt,
+        )]
+    }
+
+    fn save(&self, out: &Path) -> Result<()> {
+        self.critic.model.save(&out.join(CRITIC_DIR))?;
+        Ok(())
     }
 }
 
 /// Runs PPO from the prompts; saves `<out>/policy` and `<out>/critic`. Killed, the same call
 /// resumes from the last checkpoint (the actor, critic, reference, both optimisers and the
 /// value-normalisation moments).
-pub fn train_ppo(
+pub fn train_ppo<E: From<TrainError>>(
     models: &PpoModels,
     prompts: &[PromptExample],
-    reward: &mut RewardFn,
+    reward: &mut RewardFn<E>,
     config: &PpoConfig,
     out: &Path,
-    mut on_iteration: impl FnMut(&IterationRecord, u64),
-) -> Result<Vec<IterationRecord>> {
-    config.validate()?;
-    let (actor, critic) = (&models.actor, &models.critic);
-    let Some(encoded) = encode_prompts(actor, prompts, &config.encode, out)? else {
+    on_iteration: impl FnMut(&IterationRecord, u64),
+) -> std::result::Result<Vec<IterationRecord>, E> {
+    let ppo = Ppo::new(config, &models.critic)?;
+    let Some(trainer) = Trainer::start(&models.policy, ppo, prompts, out)? else {
         return Ok(Vec::new());
     };
-    let mut actor_opt = AdamW::new(actor.trainable(), config.actor.clone())?;
-    let mut critic_opt = AdamW::new(critic.model.trainable(), config.critic.clone())?;
-    let mut ema = match (&models.reference, config.ema_reference) {
-        (Some(reference), true) => Some(EmaReference::new(&reference.vs, config.ema_eta)),
-        _ => None,
-    };
-    let (mut log, start, mut moments): (_, _, RunningMoments) = Iterations::resume(
-        out,
-        &mut models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut()),
-        (config.seed, prompts.len()),
-        (config.iterations, config.checkpoint_every),
-    )?;
-
-    for iteration in start..config.iterations {
-        let mut metrics = BTreeMap::new();
-
-        // 1. Generate: one rollout per prompt of this iteration's share.
-        let began = Instant::now();
-        let first = iteration as usize * config.rollout_batch_size;
-        let chosen = prompt_stream(prompts.len(), config.seed, first, config.rollout_batch_size);
-        let requests = rollout_requests(&chosen, config.seed, iteration);
-        let params = config.sampling();
-        let sampled = sample(
-            actor,
-            &encoded,
-            prompts,
-            &requests,
-            &params,
-            config.generation_batch_size,
-        )?;
-        let batch = pack(actor, &encoded, &chosen, &sampled.answers, &params);
-        let rollouts = sampled.rollouts;
-        metrics.insert("time/generate".into(), began.elapsed().as_secs_f64());
-        metrics.insert(
-            "generate/tokens_per_s".into(),
-            sampled.tokens as f64 / began.elapsed().as_secs_f64().max(1e-9),
-        );
-
-        // 2. Make experience: score, log-probs, values, rewards, advantages.
-        let began = Instant::now();
-        let scores = reward(iteration, &rollouts)?;
-        check_scores(&scores, &rollouts)?;
-        let truncated = truncated(&rollouts);
-        let experience = make_experience(models, batch, &scores, &truncated, config, &mut moments);
-        let mask = &experience.batch.loss_mask;
-        let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
-        metrics.insert("truncated".into(), mean(&experience.truncated));
-        let kl = (&experience.old_logprobs - &experience.reference_logprobs) * mask;
-        metrics.insert("reward/mean".into(), mean(&experience.scores));
-        metrics.insert(
-            "reward/std".into(),
-            experience.scores.std(true).double_value(&[]),
-        );
-        metrics.insert("kl".into(), masked_mean(&kl, mask).double_value(&[]));
-        metrics.insert(
-            "kl/sequence".into(),
-            mean(&kl.sum_dim_intlist([1].as_slice(), false, Kind::Float)),
-        );
-        metrics.insert(
-            "entropy".into(),
-            masked_mean(&experience.entropy, mask).double_value(&[]),
-        );
-        metrics.insert(
-            "response_length".into(),
-            mean(&mask.sum_dim_intlist([1].as_slice(), false, Kind::Float)),
-        );
-        metrics.insert("explained_variance".into(), explained_variance(&experience));
-        metrics.insert("time/experience".into(), began.elapsed().as_secs_f64());
-
-        // 3. Train: PPO epochs over shuffled minibatches, actor then critic per minibatch.
-        let began = Instant::now();
-        let sums = train_on(
-            models,
-            &experience,
-            config,
-            iteration,
-            &mut actor_opt,
-            &mut critic_opt,
-        );
-        metrics.extend(sums);
-        metrics.insert("time/train".into(), began.elapsed().as_secs_f64());
-
-        // 4. Update the reference.
-        let began = Instant::now();
-        if let Some(ema) = &mut ema {
-            let shift = ema.update(&exact_weights(actor, &actor_opt));
-            metrics.insert("ema/reference_shift".into(), shift);
-        }
-        metrics.insert(
-            "time/reference_update".into(),
-            began.elapsed().as_secs_f64(),
-        );
-        metrics.insert("value_norm/mean".into(), moments.mean);
-        metrics.insert("value_norm/std".into(), moments.std());
-
-        let record = IterationRecord {
-            step: iteration + 1,
-            metrics,
-        };
-        let parts = models.parts(&mut actor_opt, &mut critic_opt, ema.as_mut());
-        log.finish(record, &mut on_iteration, &parts, &moments)?;
-    }
-    actor.save(&out.join(crate::POLICY_DIR))?;
-    critic.model.save(&out.join(CRITIC_DIR))?;
-    checkpoint::remove_all(out)?;
-    Ok(log.records())
+    let batching = Batching::new(config.generation_batch_size);
+    let mut generator = InProcess::new(&models.policy.actor, batching);
+    train_online(
+        trainer,
+        &mut generator,
+        reward,
+        &mut |_, _, _| Ok(()),
+        on_iteration,
+    )
 }
 
 /// One rollout per chosen prompt; row r of iteration i is seeded with `seed ^ (i << 32) ^ r`.
@@ -457,20 +452,24 @@ fn critic_values(critic: &RewardModel, batch: &TokenBatch) -> Tensor {
     critic.head.per_token(&hidden).to_kind(Kind::Float)
 }
 
+/// PPO's experience of B rollouts from their `(scores, truncated)`: the actor's and the
+/// reference's log-probs, the critic's values, per-token rewards (the KL penalty everywhere,
+/// the clipped score at the last action), GAE advantages (whitened when advantage
+/// normalisation is on) and returns.
 fn make_experience(
-    models: &PpoModels,
+    policy: &Policy,
+    critic: &RewardModel,
     batch: TokenBatch,
-    scores: &[f32],
-    truncated: &[f32],
+    (scores, truncated): (&[f32], &[f32]),
     config: &PpoConfig,
     moments: &mut RunningMoments,
 ) -> Experience {
     let device = batch.input_ids.device();
     let mask = batch.loss_mask.shallow_clone();
     let t = mask.size()[1];
-    let (old_logprobs, entropy) = token_logprobs_and_entropy(&models.actor.decoder, &batch);
-    let reference_logprobs = models.reference_logprobs(&batch);
-    let all_values = tch::no_grad(|| critic_values(&models.critic, &batch)); // (B, T)
+    let (old_logprobs, entropy) = token_logprobs_and_entropy(&policy.actor.decoder, &batch);
+    let reference_logprobs = policy.reference_logprobs(&batch, &old_logprobs);
+    let all_values = tch::no_grad(|| critic_values(critic, &batch)); // (B, T)
     let values = all_values.narrow(1, 0, t) * &mask;
     let truncated = Tensor::from_slice(truncated).to_device(device);
     let scores = Tensor::from_slice(scores).to_device(device);
@@ -522,126 +521,29 @@ fn make_experience(
     };
     Experience {
         batch,
+        loss_mask: mask,
         old_logprobs,
         reference_logprobs,
-        values,
-        scores,
-        truncated,
-        rewards,
         advantages,
-        returns,
         entropy,
+        values: Some(values),
+        returns: Some(returns),
     }
 }
 
 /// `1 - Var(returns - values) / Var(returns)` over the completion tokens.
 fn explained_variance(e: &Experience) -> f64 {
-    let mask = &e.batch.loss_mask;
+    let (Some(returns), Some(values)) = (&e.returns, &e.values) else {
+        return f64::NAN;
+    };
+    let mask = &e.loss_mask;
     let var = |x: &Tensor| {
         let mean = masked_mean(x, mask);
         masked_mean(&(x - mean).square(), mask).double_value(&[])
     };
-    let total = var(&e.returns);
+    let total = var(returns);
     if total <= 0.0 {
         return f64::NAN;
     }
-    1.0 - var(&(&e.returns - &e.values)) / total
-}
-
-/// PPO epochs over the experience; returns the mean losses and diagnostics.
-fn train_on(
-    models: &PpoModels,
-    e: &Experience,
-    config: &PpoConfig,
-    iteration: u64,
-    actor_opt: &mut AdamW,
-    critic_opt: &mut AdamW,
-) -> BTreeMap<String, f64> {
-    let b = e.scores.size()[0] as usize;
-    let device = e.scores.device();
-    // Completion tokens of each row: the losses are token means over a minibatch, so each
-    // micro-batch's mean weighs by its share of the minibatch's tokens.
-    let row_tokens: Vec<f64> = Vec::<f32>::try_from(
-        &e.batch
-            .loss_mask
-            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
-            .to_device(tch::Device::Cpu),
-    )
-    .expect("a host f32 tensor")
-    .into_iter()
-    .map(f64::from)
-    .collect();
-    let total_steps = config.total_steps();
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    let mut steps = 0.0;
-    let mut rng =
-        StdRng::seed_from_u64(config.seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    for _ in 0..config.ppo_epochs {
-        let mut order: Vec<i64> = (0..b as i64).collect();
-        order.shuffle(&mut rng);
-        for minibatch in order.chunks(b.div_ceil(config.num_minibatches)) {
-            let tokens = |rows: &[i64]| rows.iter().map(|&r| row_tokens[r as usize]).sum::<f64>();
-            let minibatch_tokens = tokens(minibatch).max(1.0);
-            let mut add = |name: &str, value: f64, weight: f64| {
-                *sums.entry(name.to_string()).or_default() += value * weight;
-            };
-            for micro in minibatch.chunks(config.micro_batch_size) {
-                let weight = tokens(micro) / minibatch_tokens;
-                let rows = Tensor::from_slice(micro).to_device(device);
-                let batch = e.batch.select(&rows);
-                let pick = |t: &Tensor| t.index_select(0, &rows);
-                let mask = &batch.loss_mask;
-
-                let actor = &models.actor.decoder;
-                let logprobs = actor.training(|| TokenLogprobs::forward(actor, &batch));
-                let out = policy_loss(
-                    &logprobs.values,
-                    &pick(&e.old_logprobs),
-                    &pick(&e.advantages),
-                    mask,
-                    config.clip_eps,
-                    config.clip_eps,
-                    LossAggregation::TokenMean,
-                    config.max_new_tokens,
-                );
-                (&out.loss * weight).backward();
-                logprobs.backward(&models.actor.decoder);
-                actor_opt.accumulate();
-                add("policy_loss", out.loss.double_value(&[]), weight);
-                add("clip_fraction", out.clip_fraction.double_value(&[]), weight);
-                add("approx_kl", out.approx_kl.double_value(&[]), weight);
-
-                let critic = &models.critic.model.decoder;
-                let hidden = critic.training(|| batch.hidden(critic));
-                let t = hidden.size()[1] - 1;
-                let values = models
-                    .critic
-                    .head
-                    .per_token(&hidden.narrow(1, 0, t))
-                    .to_kind(Kind::Float);
-                let loss = value_loss(
-                    &values,
-                    &pick(&e.values),
-                    &pick(&e.returns),
-                    mask,
-                    config.value_clip,
-                );
-                (&loss * weight).backward();
-                critic_opt.accumulate();
-                add("value_loss", loss.double_value(&[]), weight);
-            }
-            add("actor_grad_norm", actor_opt.clip_grad_norm(), 1.0);
-            add("critic_grad_norm", critic_opt.clip_grad_norm(), 1.0);
-            let actor_lr = config.actor.lr_at(actor_opt.steps(), total_steps);
-            let critic_lr = config.critic.lr_at(critic_opt.steps(), total_steps);
-            add("actor_lr", actor_lr, 1.0);
-            add("critic_lr", critic_lr, 1.0);
-            actor_opt.step(actor_lr);
-            critic_opt.step(critic_lr);
-            actor_opt.zero_grad();
-            critic_opt.zero_grad();
-            steps += 1.0;
-        }
-    }
-    sums.into_iter().map(|(k, v)| (k, v / steps)).collect()
+    1.0 - var(&(returns - values)) / total
 }

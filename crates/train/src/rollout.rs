@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use prefloop_core::Finish;
-use prefloop_model::{Batching, Model, Request, SamplingParams, collect};
+use prefloop_model::{Generator, Model, Request, SamplingParams};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -51,15 +51,17 @@ pub struct Rollout {
     pub finish: Finish,
 }
 
-/// The rewards of rollouts of an iteration (0-based), in order. PPO calls it once per
+/// The rewards of rollouts of an iteration (0-based), in order. PPO asks once per
 /// iteration; the group estimators once per draw of prompts. Called again for the same
 /// rollouts only when a killed run redoes an iteration it had not checkpointed.
-pub type RewardFn<'a> = dyn FnMut(u64, &[Rollout]) -> Result<Vec<f32>> + 'a;
+pub type RewardFn<'a, E = TrainError> =
+    dyn FnMut(u64, &[Rollout]) -> std::result::Result<Vec<f32>, E> + 'a;
 
 /// Every rollout of an iteration with its reward, once the group estimators' sampling is done
 /// and before the update: for whoever keeps the rollouts (the pipeline writes them as the
 /// round's samples and scores).
-pub type SampledFn<'a> = dyn FnMut(u64, &[Rollout], &[f32]) -> Result<()> + 'a;
+pub type SampledFn<'a, E = TrainError> =
+    dyn FnMut(u64, &[Rollout], &[f32]) -> std::result::Result<(), E> + 'a;
 
 /// Per-iteration metrics, one line of metrics.jsonl.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +70,19 @@ pub struct IterationRecord {
     pub step: u64,
     #[serde(flatten)]
     pub metrics: BTreeMap<String, f64>,
+}
+
+impl IterationRecord {
+    /// The iteration's mean reward and KL to the reference, for a progress line.
+    pub fn summary(&self) -> String {
+        let metric = |key: &str| self.metrics.get(key).copied().unwrap_or(f64::NAN);
+        let kl = crate::KL_TO_REFERENCE;
+        format!(
+            "reward/mean {:.3} · {kl} {:.4}",
+            metric("reward/mean"),
+            metric(kl)
+        )
+    }
 }
 
 /// The prompts encoded for the actor, or None where `out` already holds the trained policy
@@ -96,28 +111,27 @@ pub(crate) fn encode_prompts(
     Ok(Some(encoded))
 }
 
-/// The bookkeeping of an online trainer's iterations: where the run resumes, its metrics
-/// file, when it checkpoints. A checkpoint is tied to the run's seed and prompt count, and
-/// carries the trainer's own state (`extra`: PPO's value-normalisation moments, the group
-/// estimators' prompt cursor).
+/// The bookkeeping of an online trainer's iterations: its metrics file, and when it
+/// checkpoints. A checkpoint is tied to the run's seed and prompt count, and carries the
+/// algorithm's own state (`extra`: PPO's value-normalisation moments, the group estimators'
+/// prompt cursor).
 #[derive(Debug)]
-pub(crate) struct Iterations<'a> {
-    out: &'a Path,
+pub(crate) struct Iterations {
+    out: PathBuf,
     seed: u64,
     prompts: usize,
     total: u64,
     checkpoint_every: u64,
     file: File,
     path: PathBuf,
-    records: Vec<IterationRecord>,
 }
 
-impl<'a> Iterations<'a> {
+impl Iterations {
     /// Restores `parts` from the newest checkpoint under `out`, if any; returns the
-    /// bookkeeping, the first iteration to run and the trainer's state (its default when the
+    /// bookkeeping, the first iteration to run and the algorithm's state (its default when the
     /// run starts afresh).
     pub(crate) fn resume<T: DeserializeOwned + Default>(
-        out: &'a Path,
+        out: &Path,
         parts: &mut [Part],
         (seed, prompts): (u64, usize),
         (total, checkpoint_every): (u64, u64),
@@ -140,32 +154,28 @@ impl<'a> Iterations<'a> {
         }
         let (file, path) = open_metrics(out, start)?;
         let iterations = Self {
-            out,
+            out: out.to_owned(),
             seed,
             prompts,
             total,
             checkpoint_every,
             file,
             path,
-            records: Vec::new(),
         };
         Ok((iterations, start, extra))
     }
 
-    /// Logs iteration `record`, shows it to `on_iteration`, and checkpoints `parts` with the
-    /// trainer's `extra` state when one is due.
+    /// Logs iteration `record` and checkpoints `parts` with the algorithm's `extra` state
+    /// when one is due.
     pub(crate) fn finish(
         &mut self,
-        record: IterationRecord,
-        on_iteration: &mut impl FnMut(&IterationRecord, u64),
+        record: &IterationRecord,
         parts: &[Part],
         extra: &impl Serialize,
     ) -> Result<()> {
-        let line = serde_json::to_string(&record).expect("a record serialises");
+        let line = serde_json::to_string(record).expect("a record serialises");
         writeln!(self.file, "{line}").map_err(TrainError::io(&self.path))?;
-        on_iteration(&record, self.total);
         let done = record.step;
-        self.records.push(record);
         if done.is_multiple_of(self.checkpoint_every) || done == self.total {
             self.file.sync_data().map_err(TrainError::io(&self.path))?;
             let state = TrainerState {
@@ -175,14 +185,9 @@ impl<'a> Iterations<'a> {
                 examples: self.prompts as u64,
                 extra: serde_json::to_value(extra).expect("the trainer's state serialises"),
             };
-            checkpoint::save(self.out, parts, &state)?;
+            checkpoint::save(&self.out, parts, &state)?;
         }
         Ok(())
-    }
-
-    /// The records of this call's iterations.
-    pub(crate) fn records(self) -> Vec<IterationRecord> {
-        self.records
     }
 }
 
@@ -215,24 +220,21 @@ pub(crate) struct RolloutRequest {
 
 /// Rollouts sampled from the actor, with the token ids the update trains on.
 #[derive(Debug)]
-pub(crate) struct Sampled {
+pub(crate) struct Generated {
     pub rollouts: Vec<Rollout>,
     /// Completion token ids of each rollout, ended by the EOS token the policy sampled (an
     /// action too: the policy chose to stop) when it stopped.
     pub answers: Vec<Vec<u32>>,
-    /// Tokens generated.
-    pub tokens: usize,
 }
 
-/// Samples `requests` from `actor`, `batch_size` rows at a time (continuous batching).
+/// Samples `requests` from `generator`.
 pub(crate) fn sample(
-    actor: &Model,
+    generator: &mut impl Generator,
     encoded: &[Vec<u32>],
     prompts: &[PromptExample],
     requests: &[RolloutRequest],
     params: &SamplingParams,
-    batch_size: usize,
-) -> Result<Sampled> {
+) -> Result<Generated> {
     let batch: Vec<Request> = requests
         .iter()
         .map(|r| Request {
@@ -240,8 +242,7 @@ pub(crate) fn sample(
             seed: r.seed,
         })
         .collect();
-    let completions = collect(actor, &batch, params, Batching::new(batch_size))?;
-    let tokens = completions.iter().map(|g| g.tokens.len()).sum();
+    let completions = generator.collect(&batch, params)?;
     let answers = completions
         .iter()
         .map(|g| g.tokens.iter().copied().chain(g.eos).collect())
@@ -260,11 +261,7 @@ pub(crate) fn sample(
             finish: g.finish,
         })
         .collect();
-    Ok(Sampled {
-        rollouts,
-        answers,
-        tokens,
-    })
+    Ok(Generated { rollouts, answers })
 }
 
 /// Prompts plus answers of the rows `prompt_of` names, packed for the update and scored at
@@ -283,17 +280,6 @@ pub(crate) fn pack(
         .collect();
     TokenBatch::new(&sequences, actor.tokenizer.pad_id(), actor.vs.device())
         .at_temperature(params.temperature)
-}
-
-/// Checks that the reward function scored every rollout.
-pub(crate) fn check_scores(scores: &[f32], rollouts: &[Rollout]) -> Result<()> {
-    if scores.len() == rollouts.len() {
-        return Ok(());
-    }
-    Err(TrainError::Config {
-        field: "reward",
-        message: format!("{} scores for {} rollouts", scores.len(), rollouts.len()),
-    })
 }
 
 /// 1.0 for each rollout cut at `max_new_tokens` before the policy ended it.

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Result;
 use prefloop_model::{Config, LoraConfig, best_device};
 use prefloop_train::{
-    AdamW, DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, GroupModels, OptimConfig,
+    AdamW, DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, KL_TO_REFERENCE, OptimConfig,
     Overlong, PpoConfig, PpoModels, PromptExample, RewardModel, Rollout, Share, TokenBatch,
     dpo_backward, sequence_sum, token_logprobs, train_group, train_ppo, with_lora,
 };
@@ -349,7 +349,7 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
         &config,
     )?;
     let rm = untrained_reward_model(&args.model, device)?;
-    let mut reward = TimedReward::new(&rm, &config.encode, args.micro_batch_size)?;
+    let reward = RewardOf::new(&rm, &config.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
     let records = train_ppo(
         &models,
@@ -362,7 +362,7 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     let m = &records[0].metrics;
     println!(
         "bench ppo: one iteration on {device:?} in {:?}, {} rollouts × {} new tokens, {} PPO epoch(s), {} minibatches",
-        models.actor.kind(),
+        models.policy.actor.kind(),
         args.rollouts,
         args.new_tokens,
         args.ppo_epochs,
@@ -370,18 +370,18 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     );
     print_phases(&[
         ("generate", m["time/generate"]),
+        ("score (reward model)", m["time/score"]),
         ("experience", m["time/experience"]),
-        ("  of which reward model", reward.seconds),
         ("train (actor + critic)", m["time/train"]),
         ("EMA reference update", m["time/reference_update"]),
     ]);
     println!(
-        "generation {:.1} tok/s, ema/reference_shift {:.3} (1.0 = as the EMA formula says), truncated {:.3}, reward/mean {:.4}, kl {:.4}",
+        "generation {:.1} tok/s, ema/reference_shift {:.3} (1.0 = as the EMA formula says), truncated {:.3}, reward/mean {:.4}, {KL_TO_REFERENCE} {:.4}",
         m["generate/tokens_per_s"],
         m["ema/reference_shift"],
         m["truncated"],
         m["reward/mean"],
-        m["kl"]
+        m[KL_TO_REFERENCE]
     );
     Ok(())
 }
@@ -432,17 +432,12 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         lora: args.lora_rank.map(|rank| LoraConfig::with_rank(rank, None)),
         ..GroupConfig::default()
     };
-    let models = GroupModels::load(
-        args.model.model.as_deref(),
-        device,
-        args.model.dtype,
-        &config,
-    )?;
+    let policy = config.load_policy(args.model.model.as_deref(), device, args.model.dtype)?;
     let rm = untrained_reward_model(&args.model, device)?;
-    let mut reward = TimedReward::new(&rm, &config.encode, args.micro_batch_size)?;
+    let reward = RewardOf::new(&rm, &config.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
     let records = train_group(
-        &models,
+        &policy,
         &bench_prompts(args.prompts),
         args.estimator,
         &mut |_, rollouts| reward.score(rollouts),
@@ -459,7 +454,7 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
     println!(
         "bench grpo: one {:?} iteration on {device:?} in {:?}, {} prompts × {} completions × {} new tokens, {} minibatches",
         args.estimator,
-        models.actor.kind(),
+        policy.actor.kind(),
         args.prompts,
         args.group_size,
         args.new_tokens,
@@ -471,7 +466,7 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         ("experience", m["time/experience"]),
         ("train (actor)", m["time/train"]),
     ]);
-    let reference = match (&models.reference, config.lora.is_some()) {
+    let reference = match (&policy.reference, config.lora.is_some()) {
         (Some(_), _) => "a second model",
         (None, true) => "the base, adapters off",
         (None, false) => "none (no KL penalty)",
@@ -482,13 +477,13 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         memory_mib(device)
     );
     println!(
-        "generation {:.1} tok/s, groups kept {} of {}, truncated {:.3}, reward/mean {:.4}, kl {:.4}",
+        "generation {:.1} tok/s, groups kept {} of {}, truncated {:.3}, reward/mean {:.4}, {KL_TO_REFERENCE} {:.4}",
         m["generate/tokens_per_s"],
         m["groups/kept"],
         m["groups/sampled"],
         m["truncated"],
         m["reward/mean"],
-        m["kl"]
+        m[KL_TO_REFERENCE]
     );
     Ok(())
 }
@@ -524,32 +519,27 @@ fn untrained_reward_model(model: &ModelArgs, device: Device) -> Result<RewardMod
     Ok(rm)
 }
 
-/// A reward model's scores, with the seconds it spent scoring.
-struct TimedReward<'a> {
+/// A reward model's scores of rollouts (the online core times the scoring).
+struct RewardOf<'a> {
     rm: &'a RewardModel,
     encoder: Encoder<'a>,
     micro_batch_size: usize,
-    seconds: f64,
 }
 
-impl<'a> TimedReward<'a> {
+impl<'a> RewardOf<'a> {
     fn new(rm: &'a RewardModel, encode: &EncodeConfig, micro_batch_size: usize) -> Result<Self> {
         Ok(Self {
             rm,
             encoder: Encoder::new(&rm.model.tokenizer, encode.clone())?,
             micro_batch_size,
-            seconds: 0.0,
         })
     }
 
-    fn score(&mut self, rollouts: &[Rollout]) -> prefloop_train::Result<Vec<f32>> {
-        let start = Instant::now();
+    fn score(&self, rollouts: &[Rollout]) -> prefloop_train::Result<Vec<f32>> {
         let texts: Vec<(&str, &str)> = rollouts
             .iter()
             .map(|r| (r.prompt.as_str(), r.completion.as_str()))
             .collect();
-        let scores = self.rm.score(&self.encoder, &texts, self.micro_batch_size);
-        self.seconds += start.elapsed().as_secs_f64();
-        scores
+        self.rm.score(&self.encoder, &texts, self.micro_batch_size)
     }
 }
