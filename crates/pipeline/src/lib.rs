@@ -5,9 +5,12 @@
 //! `prefloop generate` and `prefloop score-tests` run on their own.
 
 mod config;
+mod dpo_iter;
 mod error;
 mod eval;
 mod generate;
+mod inputs;
+mod metrics;
 mod online_rounds;
 mod prompt_source;
 mod report;
@@ -21,13 +24,16 @@ pub use config::{
     Algorithm, DataConfig, EvalConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig,
     ScorerKind, ScorerList, WhenExhausted,
 };
+pub use dpo_iter::{KL_TO_PREVIOUS, REPLAY_DIR};
 pub use error::{PipelineError, Result};
 pub use eval::EVAL_DIR;
 pub use generate::{GenerateReport, PromptRow, generate_stage, read_prompts, row_seed};
+pub use inputs::PROBLEMS_DIR;
+pub use metrics::RoundMetrics;
 pub use online_rounds::{GROUP_DIR, PPO_DIR};
 pub use prompt_source::{RoundPrompts, SourceFile};
 pub use report::{REPORT_FILE, write_report};
-pub use rounds::{KL_TO_PREVIOUS, PROBLEMS_DIR, RoundMetrics, run_rounds};
+pub use rounds::run_rounds;
 pub use run_dir::{
     CONFIG_FILE, Extension, LOCK_FILE, METRICS_FILE, POLICY_LINK, RoundState, Rounds, RunDir,
     RunState, STATE_FILE, Stage, read_state,

@@ -22,7 +22,8 @@ use prefloop_train::{
 
 use crate::config::RunConfig;
 use crate::error::Result;
-use crate::rounds::{RoundMetrics, Run, policy_name};
+use crate::metrics::RoundMetrics;
+use crate::rounds::{Run, policy_name};
 use crate::run_dir::Stage;
 use crate::score::rollout_samples;
 

@@ -13,9 +13,9 @@ use prefloop_core::{Pair, Sample, Score, Scorer, Verdict};
 use prefloop_data::StageReader;
 use prefloop_train::KL_TO_REFERENCE;
 
+use crate::dpo_iter::KL_TO_PREVIOUS;
 use crate::error::{PipelineError, Result};
-use crate::rounds::KL_TO_PREVIOUS;
-use crate::run_dir::{CONFIG_FILE, METRICS_FILE, RunState, Stage};
+use crate::run_dir::{CONFIG_FILE, METRICS_FILE, RunState, Stage, round_path};
 
 pub const REPORT_FILE: &str = "report.html";
 
@@ -473,11 +473,11 @@ fn verdict_table(counts: &VerdictCounts) -> String {
 
 /// The rounds the run has begun: `round-0000/`, `round-0001/`, … as far as they go.
 fn round_numbers(run: &Path) -> impl Iterator<Item = u32> {
-    (0..).take_while(move |&r| run.join(format!("round-{r:04}")).is_dir())
+    (0..).take_while(move |&r| round_path(run, r).is_dir())
 }
 
 fn stage_dir(run: &Path, round: u32, stage: Stage) -> PathBuf {
-    run.join(format!("round-{round:04}")).join(stage.dir_name())
+    round_path(run, round).join(stage.dir_name())
 }
 
 /// The first rows of a stage, or none when the round has not written it.

@@ -246,7 +246,9 @@ impl RunDir {
             if crate::prompt_source::per_round(config) {
                 let from = self.round_dir(last);
                 if from.exists() {
-                    let to = self.root.join(format!("round-{last:04}-final"));
+                    let mut to = from.clone().into_os_string();
+                    to.push("-final");
+                    let to = PathBuf::from(to);
                     if to.exists() {
                         std::fs::remove_dir_all(&to).map_err(PipelineError::io(&to))?;
                     }
@@ -309,7 +311,7 @@ impl RunDir {
 
     /// `round-NNNN/`.
     pub fn round_dir(&self, round: u32) -> PathBuf {
-        self.root.join(format!("round-{round:04}"))
+        round_path(&self.root, round)
     }
 
     /// The directory of `stage` in `round`.
@@ -361,6 +363,11 @@ pub fn read_state(root: &Path) -> Result<RunState> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RunState::default()),
         Err(e) => Err(PipelineError::io(path)(e)),
     }
+}
+
+/// `ROOT/round-NNNN`: the one place a round's directory is named.
+pub fn round_path(root: &Path, round: u32) -> PathBuf {
+    root.join(format!("round-{round:04}"))
 }
 
 #[cfg(test)]
