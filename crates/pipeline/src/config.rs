@@ -673,6 +673,45 @@ mod tests {
     }
 
     #[test]
+    fn a_scorer_list_takes_one_weight_each_and_names_each_scorer_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("r.py"),
+            "def reward(prompt, completion): return 0\n",
+        )
+        .unwrap();
+        let load = |score: &str| {
+            let text = format!(
+                "rounds = 1\n[data]\nproblems = \"p\"\n[score]\nprogram = \"r.py\"\n{score}\n"
+            );
+            RunConfig::load(&write(dir.path(), &text)).map_err(|e| e.to_string())
+        };
+        let config = load("scorer = [\"tests\", \"program\"]\nweights = [1.0, 0.1]").unwrap();
+        let parts = config.score.parts();
+        assert_eq!(
+            parts,
+            [(ScorerKind::Tests, 1.0), (ScorerKind::Program, 0.1)]
+        );
+        assert!(config.score.uses(ScorerKind::Program) && !config.score.uses(ScorerKind::Rm));
+        // No weights: 1 each; one scorer as a string, as before lists.
+        let config = load("scorer = [\"tests\", \"program\"]").unwrap();
+        assert_eq!(config.score.parts()[1], (ScorerKind::Program, 1.0));
+        let config = load("scorer = \"program\"").unwrap();
+        assert_eq!(config.score.parts(), [(ScorerKind::Program, 1.0)]);
+        let refused = |score: &str, field: &str| {
+            let error = load(score).unwrap_err();
+            assert!(error.contains(field), "{score}: {error}");
+        };
+        refused(
+            "scorer = [\"tests\", \"program\"]\nweights = [1.0]",
+            "score.weights",
+        );
+        refused("scorer = [\"tests\", \"tests\"]", "score.scorer");
+        refused("scorer = []", "score.scorer");
+        refused("scorer = [\"tests\", \"rm\"]", "score.reward_model");
+    }
+
+    #[test]
     fn a_config_named_without_a_directory_resolves_against_the_current_one() {
         // `prefloop run --config exp.toml` failed: "cannot make an empty path absolute".
         assert_eq!(config_dir(Path::new("exp.toml")), Path::new("."));

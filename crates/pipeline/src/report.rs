@@ -371,7 +371,13 @@ fn verdict_counts(run: &Path) -> Result<VerdictCounts> {
         }
         for batch in StageReader::<Score>::open(&dir)? {
             for score in batch? {
-                if score.scorer == Scorer::Tests {
+                // The tests' verdicts, alone or in a weighted sum.
+                let tested = match score.scorer {
+                    Scorer::Tests => true,
+                    Scorer::Sum => score.total > 0,
+                    _ => false,
+                };
+                if tested {
                     *counts
                         .entry(round)
                         .or_default()

@@ -100,8 +100,12 @@ fn decide(scores: &Path, problems: Option<&Path>, options: &PairsOptions) -> Res
         ranked(false).alias("rejected_idx"),
         col("reward").min().alias("rejected_reward"),
         passed.any(true).alias("any_passed"),
+        // Tests, alone or in a weighted sum (whose counts are the tests').
         col("scorer")
             .eq(lit(Scorer::Tests.as_str()))
+            .or(col("scorer")
+                .eq(lit(Scorer::Sum.as_str()))
+                .and(col("total").gt(lit(0))))
             .all(true)
             .alias("tested"),
     ]);
