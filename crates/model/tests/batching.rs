@@ -9,7 +9,8 @@ use common::{embedded, request};
 
 use prefloop_core::Finish;
 use prefloop_model::{
-    Batching, Generation, Model, Request, SamplingParams, collect, generate, generate_each,
+    Batching, Generation, Generator, InProcess, Model, Request, SamplingParams, collect, generate,
+    generate_each,
 };
 
 /// Prompts of different lengths whose completions end at different steps (EOS on), each
@@ -91,8 +92,12 @@ fn a_rows_sample_does_not_depend_on_the_batch_size_or_when_it_joined() {
         "some rows end early, some run the whole budget: {lengths:?}"
     );
     // 7 slots: rows join as others finish, and the tail is compacted; 1 slot: one at a time.
+    // Through the Generator seam, told between calls that the policy is its model (as an
+    // online trainer's actor after an update), as `collect` samples.
     for slots in [7, 1] {
-        let refilled = collect(&model, &batch, &params, Batching::new(slots)).unwrap();
+        let mut generator = InProcess::new(&model, Batching::new(slots));
+        generator.sync_policy(&model).unwrap();
+        let refilled = generator.collect(&batch, &params).unwrap();
         assert_eq!(tokens(&refilled), tokens(&whole), "{slots} slots");
         for (a, b) in refilled.iter().zip(&whole) {
             assert_eq!(a.text, b.text);

@@ -22,9 +22,10 @@ pub struct RunConfig {
     /// After the last round, generate and score once more with the final policy, so its
     /// reward and pass@k are measured like every earlier policy's. Default true.
     pub final_generation: bool,
-    /// DPO-Iter: measure KL(π_k ‖ π_{k-1}) on each round's samples (the metric `kl`), which
-    /// loads the previous round's policy and runs it over every sample of the round. Turn it
-    /// off where `eval.kl_to_start` on held-out prompts is the KL wanted. Default true.
+    /// DPO-Iter: measure KL(π_k ‖ π_{k-1}) on each round's samples (the metric
+    /// `kl_to_previous`), which loads the previous round's policy and runs it over every sample
+    /// of the round. Turn it off where `eval.kl_to_start` on held-out prompts is the KL wanted.
+    /// Default true.
     pub kl_to_previous: bool,
     /// The starting policy: a GGUF file or a Hugging Face directory. Default: the embedded
     /// SmolLM2-135M-Instruct.
