@@ -17,9 +17,9 @@ use prefloop_model::{
 };
 use prefloop_train::{
     Encoder, Estimator, GroupConfig, IterationRecord, LoopConfig, LoraConfig, LossAggregation,
-    OptimConfig, Overlong, PpoConfig, PpoModels, PromptExample, RewardConfig, RewardModel, Rollout,
-    SftConfig, TokenBatch, TokenLogprobs, Truncated, k3_kl, policy_loss, train_group, train_ppo,
-    train_reward_model, train_sft,
+    OnlineConfig, OptimConfig, Overlong, PpoConfig, PpoModels, PromptExample, RewardConfig,
+    RewardModel, Rollout, SftConfig, TokenBatch, TokenLogprobs, Truncated, k3_kl, policy_loss,
+    train_group, train_ppo, train_reward_model, train_sft,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -587,7 +587,7 @@ fn e_share(rollouts: &[Rollout]) -> prefloop_train::Result<Vec<f32>> {
 fn mean_e_share(dir: &Path) -> f32 {
     let model = Model::load(Some(dir), Device::Cpu, Precision::Fp32).unwrap();
     let config = ppo_config(1);
-    let encoder = Encoder::new(&model.tokenizer, config.encode.clone()).unwrap();
+    let encoder = Encoder::new(&model.tokenizer, config.online.encode.clone()).unwrap();
     let prompts = ppo_prompts();
     let requests: Vec<Request> = (0..256)
         .map(|i| Request {
@@ -596,8 +596,8 @@ fn mean_e_share(dir: &Path) -> f32 {
         })
         .collect();
     let params = SamplingParams {
-        top_k: config.top_k,
-        max_new_tokens: config.max_new_tokens,
+        top_k: config.online.top_k,
+        max_new_tokens: config.online.max_new_tokens,
         ..SamplingParams::default()
     };
     let rollouts: Vec<Rollout> = generate(&model, &requests, &params)
@@ -624,26 +624,29 @@ fn ppo_config(iterations: u64) -> PpoConfig {
         ..OptimConfig::default()
     };
     PpoConfig {
-        iterations,
+        online: OnlineConfig {
+            iterations,
+            micro_batch_size: 16,
+            generation_batch_size: 32,
+            max_new_tokens: 12,
+            // A random policy is near uniform over 49k tokens; sampling from its top 20 gives
+            // rollouts that differ enough in reward for a short run to learn from.
+            top_k: 20,
+            ema_eta: 0.01,
+            seed: 11,
+            ..OnlineConfig::default()
+        },
         rollout_batch_size: 32,
         num_minibatches: 2,
         ppo_epochs: 4,
-        micro_batch_size: 16,
-        generation_batch_size: 32,
-        max_new_tokens: 12,
         kl_coef: 0.1,
-        // A random policy is near uniform over 49k tokens; sampling from its top 20 gives
-        // rollouts that differ enough in reward for a short run to learn from.
-        top_k: 20,
         // At 5e-3 the first updates overshoot (1.0 → 1.9 → 0.7 in three iterations) and a run
         // could end no better than it began (CI: 1.07 → 1.25 on the trained half). 2e-3 climbs.
         actor: optim(2e-3),
         critic: optim(1e-2),
-        ema_eta: 0.01,
         // Twelve tokens rarely reach EOS; the letter-share reward means as much for a cut
         // completion as for an ended one, so cut rollouts keep their score.
         truncated: Truncated::Score,
-        seed: 11,
         ..PpoConfig::default()
     }
 }
@@ -672,8 +675,11 @@ fn ppo_on_a_programmatic_reward_raises_the_mean_reward_with_kl_bounded() {
     // 32 rollouts an iteration learned by 0.3 to 1.3 over a dozen runs and seeds, and once by
     // less than the 0.2 asserted below; 64 learned by 0.64, 0.90 and 1.30 (seeds 1–3).
     let config = PpoConfig {
+        online: OnlineConfig {
+            generation_batch_size: 64,
+            ..ppo_config(8).online
+        },
         rollout_batch_size: 64,
-        generation_batch_size: 64,
         ..ppo_config(8)
     };
     let rng = libtorch_rng();
@@ -838,7 +844,10 @@ fn a_lora_ppo_run_trains_adapters_on_actor_and_critic_and_resumes_exactly_after_
         return;
     };
     let config = PpoConfig {
-        lora: Some(small_lora()),
+        online: OnlineConfig {
+            lora: Some(small_lora()),
+            ..ppo_config(3).online
+        },
         ema_reference: Some(false),
         ..ppo_config(3)
     };
@@ -1194,7 +1203,10 @@ fn micro_batches_do_not_change_an_sft_or_ppo_update() {
     // the ratio, and the first step leaves the ratios one float rounding apart.)
     let ppo = |micro_batch_size: usize, out: &str| {
         let config = PpoConfig {
-            micro_batch_size,
+            online: OnlineConfig {
+                micro_batch_size,
+                ..ppo_config(1).online
+            },
             ppo_epochs: 1,
             num_minibatches: 1,
             actor: optim.clone(),
@@ -1219,22 +1231,25 @@ fn micro_batches_do_not_change_an_sft_or_ppo_update() {
 /// 12 new tokens.
 fn group_config(iterations: u64, seed: u64) -> GroupConfig {
     GroupConfig {
-        iterations,
+        online: OnlineConfig {
+            iterations,
+            micro_batch_size: 16,
+            generation_batch_size: 32,
+            max_new_tokens: 12,
+            top_k: 20,
+            seed,
+            ..OnlineConfig::default()
+        },
         rollout_batch_size: 4,
         group_size: 8,
         num_minibatches: 2,
         epochs: 1,
-        micro_batch_size: 16,
-        generation_batch_size: 32,
-        max_new_tokens: 12,
-        top_k: 20,
         // Twelve tokens rarely reach EOS; cut completions are scored as they are.
         overlong: Overlong::Keep,
         actor: OptimConfig {
             lr: 2e-3,
             ..OptimConfig::default()
         },
-        seed,
         ..GroupConfig::default()
     }
 }
@@ -1269,7 +1284,10 @@ fn a_lora_grpo_run_takes_its_reference_from_the_base_and_resumes_exactly_after_a
         return;
     };
     let config = GroupConfig {
-        lora: Some(small_lora()),
+        online: OnlineConfig {
+            lora: Some(small_lora()),
+            ..group_config(3, 1).online
+        },
         // One scoring call an iteration, so the third call fails in the third iteration.
         dynamic_sampling: false,
         ..group_config(3, 1)
@@ -1759,7 +1777,10 @@ fn a_lora_grpo_update_starts_on_policy_and_refuses_adapter_dropout() {
         return;
     };
     let config = GroupConfig {
-        lora: Some(small_lora()),
+        online: OnlineConfig {
+            lora: Some(small_lora()),
+            ..group_config(3, 1).online
+        },
         num_minibatches: 1,
         dynamic_sampling: false,
         ..group_config(3, 1)
@@ -1778,10 +1799,13 @@ fn a_lora_grpo_update_starts_on_policy_and_refuses_adapter_dropout() {
         assert!(r.metrics["approx_kl"].abs() < 1e-9, "{:?}", r.metrics);
     }
     let with_dropout = GroupConfig {
-        lora: Some(LoraConfig {
-            dropout: 0.05,
-            ..small_lora()
-        }),
+        online: OnlineConfig {
+            lora: Some(LoraConfig {
+                dropout: 0.05,
+                ..small_lora()
+            }),
+            ..config.online
+        },
         ..config
     };
     let e = with_dropout.validate().unwrap_err().to_string();

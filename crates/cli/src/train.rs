@@ -10,14 +10,15 @@ use prefloop_core::Problem;
 use prefloop_model::{Model, Precision, best_device};
 use prefloop_pipeline::{
     ProgramFields, PromptRow, ScoreConfig, Scorer, ScorerKind, ScorerList, Task, read_problems,
-    read_prompts,
+    read_prompts, unknown_keys,
 };
 use prefloop_train::{
     DpoConfig, EncodeConfig, Estimator, GroupConfig, IterationRecord, KL_TO_REFERENCE, LoopConfig,
-    LoraConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss, PromptExample, REWARD_MODEL_DIR,
-    RewardConfig, RewardModel, Rollout, SftConfig, StepRecord, train_dpo, train_group, train_ppo,
-    train_reward_model, train_sft, with_lora,
+    LoraConfig, OnlineConfig, POLICY_DIR, PpoConfig, PpoModels, PreferenceLoss, PromptExample,
+    REWARD_MODEL_DIR, RewardConfig, RewardModel, Rollout, SftConfig, StepRecord, train_dpo,
+    train_group, train_ppo, train_reward_model, train_sft, with_lora,
 };
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Trainers: SFT, a reward model, DPO/IPO, PPO and the group estimators; each resumable.
@@ -65,7 +66,8 @@ pub enum Command {
     /// A group estimator (GRPO, RLOO, REINFORCE++-baseline) from prompts, scored by a reward
     /// model, a reward program, unit tests or a weighted sum of them (see the scoring flags):
     /// group_size completions per prompt, advantages from each group, no critic; saves
-    /// OUT/policy. Settings: the GroupConfig fields (see crates/train/src/group.rs). Log-probs,
+    /// OUT/policy. Settings: the GroupConfig fields (see crates/train/src/group.rs, and
+    /// OnlineConfig in crates/train/src/online.rs for those every online trainer has). Log-probs,
     /// ratio, KL and entropy are of the logits divided by the rollouts' `temperature`; LoRA
     /// takes no dropout here (the on-policy ratio must be 1).
     Grpo {
@@ -222,19 +224,20 @@ pub struct OnlineArgs {
 
 impl OnlineArgs {
     /// The config file's settings with the flags on top, and the precision.
-    fn config<C: DeserializeOwned + Default>(
+    /// `fields` finds the config's shared online settings and its `rollout_batch_size`.
+    fn config<C: DeserializeOwned + Serialize + Default>(
         &self,
-        fields: impl FnOnce(&mut C) -> OnlineFields<'_>,
+        fields: impl FnOnce(&mut C) -> (&mut OnlineConfig, &mut usize),
     ) -> Result<(C, Precision)> {
         let mut table = read_table(self.config.as_deref())?;
         table.remove("score");
         let (mut config, file_dtype): (C, _) = from_table(table, self.config.as_deref())?;
-        let f = fields(&mut config);
-        set(f.iterations, self.iterations);
-        set(f.rollout_batch_size, self.rollout_batch_size);
-        set(f.max_new_tokens, self.max_new_tokens);
-        set(f.seed, self.seed);
-        f.encode.raw_prompts |= self.raw_prompts;
+        let (online, rollout_batch_size) = fields(&mut config);
+        set(&mut online.iterations, self.iterations);
+        set(rollout_batch_size, self.rollout_batch_size);
+        set(&mut online.max_new_tokens, self.max_new_tokens);
+        set(&mut online.seed, self.seed);
+        online.encode.raw_prompts |= self.raw_prompts;
         Ok((config, self.dtype.unwrap_or(file_dtype)))
     }
 
@@ -371,15 +374,6 @@ fn parse_weight(s: &str) -> Result<(ScorerKind, f64), String> {
     Ok((kind, weight))
 }
 
-/// The fields of an online trainer's config that flags set.
-struct OnlineFields<'a> {
-    iterations: &'a mut u64,
-    rollout_batch_size: &'a mut usize,
-    max_new_tokens: &'a mut usize,
-    seed: &'a mut u64,
-    encode: &'a mut EncodeConfig,
-}
-
 /// A progress bar over iterations showing the reward and KL.
 fn iteration_progress(iterations: u64) -> (ProgressBar, impl FnMut(&IterationRecord, u64)) {
     let bar = ProgressBar::new(iterations);
@@ -495,7 +489,9 @@ fn set<T: Copy>(target: &mut T, value: Option<T>) {
 /// The trainer's config from a TOML file (its defaults without one), and the file's `dtype`:
 /// the precision the command loads the model in, which is the command's business, not the
 /// trainer's.
-fn read_config<C: DeserializeOwned + Default>(path: Option<&Path>) -> Result<(C, Precision)> {
+fn read_config<C: DeserializeOwned + Serialize + Default>(
+    path: Option<&Path>,
+) -> Result<(C, Precision)> {
     from_table(read_table(path)?, path)
 }
 
@@ -510,7 +506,7 @@ fn read_table(path: Option<&Path>) -> Result<toml::Table> {
 }
 
 /// A trainer's config and `dtype` from a config file's `table` (the defaults where empty).
-fn from_table<C: DeserializeOwned + Default>(
+fn from_table<C: DeserializeOwned + Serialize + Default>(
     mut table: toml::Table,
     path: Option<&Path>,
 ) -> Result<(C, Precision)> {
@@ -522,7 +518,12 @@ fn from_table<C: DeserializeOwned + Default>(
         Some(value) => value.try_into().with_context(invalid)?,
         None => Precision::Auto,
     };
-    let config = table.try_into().with_context(invalid)?;
+    let given = table.clone();
+    let config: C = table.try_into().with_context(invalid)?;
+    let unknown = unknown_keys(&given, &toml::Table::try_from(&config)?);
+    if !unknown.is_empty() {
+        anyhow::bail!("{}: unknown field(s) {}", invalid(), unknown.join(", "));
+    }
     Ok((config, dtype))
 }
 
@@ -639,20 +640,15 @@ pub fn run(command: &Command) -> Result<()> {
             summarise(&records, &common.out.join(POLICY_DIR));
         }
         Command::Ppo { online, lora } => {
-            let (mut config, precision) = online.config(|c: &mut PpoConfig| OnlineFields {
-                iterations: &mut c.iterations,
-                rollout_batch_size: &mut c.rollout_batch_size,
-                max_new_tokens: &mut c.max_new_tokens,
-                seed: &mut c.seed,
-                encode: &mut c.encode,
-            })?;
-            lora.apply(&mut config.lora);
-            let mut scoring = online.scoring(precision, config.encode.clone())?;
+            let (mut config, precision) =
+                online.config(|c: &mut PpoConfig| (&mut c.online, &mut c.rollout_batch_size))?;
+            lora.apply(&mut config.online.lora);
+            let mut scoring = online.scoring(precision, config.online.encode.clone())?;
             let prompts = std::mem::take(&mut scoring.prompts);
             let models =
                 PpoModels::load(online.model.as_deref(), best_device(), precision, &config)?;
             let mut reward = |iteration: u64, r: &[Rollout]| scoring.reward(iteration, r);
-            let (bar, on_iteration) = iteration_progress(config.iterations);
+            let (bar, on_iteration) = iteration_progress(config.online.iterations);
             let records = train_ppo(
                 &models,
                 &prompts,
@@ -671,20 +667,15 @@ pub fn run(command: &Command) -> Result<()> {
             group_size,
             lora,
         } => {
-            let (mut config, precision) = online.config(|c: &mut GroupConfig| OnlineFields {
-                iterations: &mut c.iterations,
-                rollout_batch_size: &mut c.rollout_batch_size,
-                max_new_tokens: &mut c.max_new_tokens,
-                seed: &mut c.seed,
-                encode: &mut c.encode,
-            })?;
+            let (mut config, precision) =
+                online.config(|c: &mut GroupConfig| (&mut c.online, &mut c.rollout_batch_size))?;
             set(&mut config.group_size, *group_size);
-            lora.apply(&mut config.lora);
-            let mut scoring = online.scoring(precision, config.encode.clone())?;
+            lora.apply(&mut config.online.lora);
+            let mut scoring = online.scoring(precision, config.online.encode.clone())?;
             let prompts = std::mem::take(&mut scoring.prompts);
             let policy = config.load_policy(online.model.as_deref(), best_device(), precision)?;
             let mut reward = |iteration: u64, r: &[Rollout]| scoring.reward(iteration, r);
-            let (bar, on_iteration) = iteration_progress(config.iterations);
+            let (bar, on_iteration) = iteration_progress(config.online.iterations);
             let records = train_group(
                 &policy,
                 &prompts,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use prefloop_model::Precision;
-use prefloop_train::{DpoConfig, EncodeConfig, Estimator, GroupConfig, PpoConfig};
+use prefloop_train::{DpoConfig, EncodeConfig, Estimator, GroupConfig, OnlineConfig, PpoConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -445,6 +445,32 @@ fn set_dotted(table: &mut toml::Table, item: &str) -> std::result::Result<(), St
     Ok(())
 }
 
+/// The dotted paths of the keys of `given` (a config file's table) that `read` (the config as
+/// read, written back out) lacks: keys nothing took. PPO's and the group estimators' configs
+/// share their settings through `#[serde(flatten)]`, which serde's `deny_unknown_fields` does
+/// not take; this is what refuses a misspelt key there, as everywhere else.
+pub fn unknown_keys(given: &toml::Table, read: &toml::Table) -> Vec<String> {
+    let mut unknown = Vec::new();
+    let mut pending = vec![(String::new(), given, read)];
+    while let Some((prefix, given, read)) = pending.pop() {
+        for (key, value) in given {
+            let path = match prefix.is_empty() {
+                true => key.clone(),
+                false => format!("{prefix}.{key}"),
+            };
+            match (value, read.get(key)) {
+                (_, None) => unknown.push(path),
+                (toml::Value::Table(given), Some(toml::Value::Table(read))) => {
+                    pending.push((path, given, read));
+                }
+                _ => {}
+            }
+        }
+    }
+    unknown.sort();
+    unknown
+}
+
 /// The directory a config's relative paths start from: the file's own (`.` for a bare file
 /// name, whose parent is the empty path).
 fn config_dir(path: &Path) -> &Path {
@@ -473,9 +499,15 @@ impl RunConfig {
         for item in overrides {
             set_dotted(&mut table, item).map_err(|e| fail(format!("--set {item}: {e}")))?;
         }
+        let given = table.clone();
         let mut config: Self = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| fail(e.to_string()))?;
+        let read = toml::Table::try_from(&config).expect("a config serialises");
+        let unknown = unknown_keys(&given, &read);
+        if !unknown.is_empty() {
+            return Err(fail(format!("unknown field(s) {}", unknown.join(", "))));
+        }
         let base = config_dir(path);
         let base = std::path::absolute(base).map_err(PipelineError::io(base))?;
         config.resolve_paths(&base);
@@ -594,50 +626,51 @@ impl RunConfig {
         match self.algorithm {
             Algorithm::DpoIter => self.dpo.validate().map_err(|e| fail("dpo", &e.to_string())),
             Algorithm::Ppo => {
-                let iterations = self.ppo.iterations;
-                if iterations != u64::from(self.rounds)
-                    && iterations != PpoConfig::default().iterations
-                {
-                    return Err(fail(
-                        "ppo.iterations",
-                        "a PPO run does one iteration per round: set `rounds` instead",
-                    ));
-                }
-                self.ppo_config()
-                    .validate()
-                    .map_err(|e| fail("ppo", &e.to_string()))
+                let validated = self.ppo_config().validate();
+                self.one_iteration_a_round("ppo", &self.ppo.online, validated)
+                    .map_err(|(field, e)| fail(field, &e))
             }
             Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => {
-                let iterations = self.group.iterations;
-                if iterations != u64::from(self.rounds)
-                    && iterations != GroupConfig::default().iterations
-                {
-                    return Err(fail(
-                        "group.iterations",
-                        "a group run does one iteration per round: set `rounds` instead",
-                    ));
-                }
-                self.group_config()
-                    .validate()
-                    .map_err(|e| fail("group", &e.to_string()))
+                let validated = self.group_config().validate();
+                self.one_iteration_a_round("group", &self.group.online, validated)
+                    .map_err(|(field, e)| fail(field, &e))
             }
         }
+    }
+
+    /// An online trainer's `section` runs one iteration per round: its own `iterations` is
+    /// refused unless it says so; then its config's own checks (`validated`).
+    fn one_iteration_a_round(
+        &self,
+        section: &'static str,
+        online: &OnlineConfig,
+        validated: prefloop_train::Result<()>,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        let iterations = online.iterations;
+        if iterations != u64::from(self.rounds) && iterations != OnlineConfig::default().iterations
+        {
+            let field = match section {
+                "ppo" => "ppo.iterations",
+                _ => "group.iterations",
+            };
+            let message = "an online run does one iteration per round: set `rounds` instead";
+            return Err((field, message.into()));
+        }
+        validated.map_err(|e| (section, e.to_string()))
     }
 
     /// The group estimator's settings with `rounds` as the iterations.
     pub fn group_config(&self) -> GroupConfig {
-        GroupConfig {
-            iterations: u64::from(self.rounds),
-            ..self.group.clone()
-        }
+        let mut config = self.group.clone();
+        config.online.iterations = u64::from(self.rounds);
+        config
     }
 
     /// The PPO settings with `rounds` as the iterations.
     pub fn ppo_config(&self) -> PpoConfig {
-        PpoConfig {
-            iterations: u64::from(self.rounds),
-            ..self.ppo.clone()
-        }
+        let mut config = self.ppo.clone();
+        config.online.iterations = u64::from(self.rounds);
+        config
     }
 
     /// How the run encodes prompts and answers: as the trainer does. Generation encodes its
@@ -646,8 +679,10 @@ impl RunConfig {
     pub fn score_encoding(&self) -> EncodeConfig {
         match self.algorithm {
             Algorithm::DpoIter => self.dpo.encode.clone(),
-            Algorithm::Ppo => self.ppo.encode.clone(),
-            Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => self.group.encode.clone(),
+            Algorithm::Ppo => self.ppo.online.encode.clone(),
+            Algorithm::Grpo | Algorithm::Rloo | Algorithm::ReinforcePp => {
+                self.group.online.encode.clone()
+            }
         }
     }
 
@@ -842,6 +877,24 @@ mod tests {
         assert_eq!(config.algorithm, Algorithm::Ppo);
         let err = set(&["generate.sed=1"]).unwrap_err().to_string();
         assert!(err.contains("run.toml") && err.contains("sed"), "{err}");
+        // PPO's and the group estimators' shared settings come in through `flatten`: a key
+        // nothing took is refused by its path all the same.
+        for (key, named) in [
+            ("ppo.sed", "ppo.sed"),
+            ("group.sed", "group.sed"),
+            ("group.lora.rnak", "rnak"),
+        ] {
+            let err = set(&[&format!("{key}=1")]).unwrap_err().to_string();
+            assert!(
+                err.contains("run.toml") && err.contains(named),
+                "{key}: {err}"
+            );
+        }
+        let config = set(&["ppo.seed=3", "group.max_new_tokens=9"]).unwrap();
+        assert_eq!(
+            (config.ppo.online.seed, config.group.online.max_new_tokens),
+            (3, 9)
+        );
         let err = set(&["generate.n.x=1"]).unwrap_err().to_string();
         assert!(
             err.contains("--set generate.n.x=1") && err.contains("`n`"),

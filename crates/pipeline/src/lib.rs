@@ -22,7 +22,7 @@ mod tensorboard;
 
 pub use config::{
     Algorithm, DataConfig, EvalConfig, GenerateConfig, PairsConfig, RunConfig, ScoreConfig,
-    ScorerKind, ScorerList, WhenExhausted,
+    ScorerKind, ScorerList, WhenExhausted, unknown_keys,
 };
 pub use dpo_iter::{KL_TO_PREVIOUS, REPLAY_DIR};
 pub use error::{PipelineError, Result};

@@ -50,7 +50,7 @@ impl Run<'_> {
                 let ppo = config.ppo_config();
                 let models = PpoModels::load(model, best_device(), dtype, &ppo)?;
                 let algorithm = Ppo::new(&ppo, &models.critic)?;
-                let batching = Batching::new(ppo.generation_batch_size);
+                let batching = Batching::new(ppo.online.generation_batch_size);
                 self.drive(&models.policy, algorithm, batching, &out, on_round)
             }
             Some(estimator) => {
@@ -61,7 +61,7 @@ impl Run<'_> {
                 let group = config.group_config();
                 let policy = group.load_policy(model, best_device(), dtype)?;
                 let algorithm = Group::new(&group, estimator)?;
-                let batching = Batching::new(group.generation_batch_size);
+                let batching = Batching::new(group.online.generation_batch_size);
                 self.drive(&policy, algorithm, batching, &out, on_round)
             }
         }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use prefloop_model::{Batching, Generator, InProcess, LoraConfig, Precision, SamplingParams};
+use prefloop_model::{Batching, Generator, InProcess, Precision};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -20,12 +20,11 @@ use crate::error::{Result, TrainError};
 use crate::estimators::{
     Estimator, group_advantages, informative, overlong_penalty, token_advantages,
 };
-use crate::examples::EncodeConfig;
 use crate::logprobs::token_logprobs_and_entropy;
 use crate::losses::LossAggregation;
 use crate::online::{
-    Algorithm, Experience, Metrics, Policy, Prompts, Sampled, ScoreFn, Settings, SurrogateLoss,
-    Trainer, train_online,
+    Algorithm, Experience, Metrics, OnlineConfig, Policy, Prompts, Sampled, ScoreFn, Settings,
+    SurrogateLoss, Trainer, train_online,
 };
 use crate::optim::OptimConfig;
 use crate::rollout::{
@@ -66,10 +65,13 @@ pub enum Overlong {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+// Not `deny_unknown_fields`, which serde does not take with `flatten`: whoever reads the
+// config refuses the keys nothing took (prefloop_pipeline::unknown_keys).
+#[serde(default)]
 pub struct GroupConfig {
-    /// Sample → update iterations. Default 10.
-    pub iterations: u64,
+    /// What every online algorithm has (online.rs), with its defaults.
+    #[serde(flatten)]
+    pub online: OnlineConfig,
     /// Groups (prompts) per iteration. Default 32.
     pub rollout_batch_size: usize,
     /// Completions sampled per prompt (TRL's `num_generations`, veRL's `n`). Default 8.
@@ -80,17 +82,6 @@ pub struct GroupConfig {
     pub num_minibatches: usize,
     /// Passes over each iteration's rollouts. Default 1.
     pub epochs: usize,
-    /// Rows per forward pass inside a minibatch (gradients accumulate, weighted as the
-    /// aggregation weighs rows): a memory knob that does not change the result. Default 8.
-    pub micro_batch_size: usize,
-    /// Rows generated together. Default 64.
-    pub generation_batch_size: usize,
-    /// Default 256.
-    pub max_new_tokens: usize,
-    /// Default 1.0 (the paper's).
-    pub temperature: f64,
-    /// Default 200 (the paper's).
-    pub top_k: i64,
     /// GRPO divides by the group's standard deviation; false is Dr. GRPO. Default true.
     pub scale_rewards: bool,
     /// Lower clip ε of the ratio. Default 0.2.
@@ -108,8 +99,6 @@ pub struct GroupConfig {
     /// Move the reference towards the policy after every iteration, as PPO's EMA reference;
     /// off keeps the starting policy. Default false.
     pub ema_reference: bool,
-    /// η of the EMA. Default 0.001.
-    pub ema_eta: f64,
     /// Drop groups whose rewards are all equal and draw further prompts. Default true.
     pub dynamic_sampling: bool,
     /// What dynamic sampling compares within a group: `reward`, the reward the estimator
@@ -129,29 +118,16 @@ pub struct GroupConfig {
     pub entropy_coef: f64,
     /// The policy's optimiser; lr defaults to 1e-6. Warmup and schedule count optimiser steps.
     pub actor: OptimConfig,
-    pub encode: EncodeConfig,
-    /// Seeds the prompt order, the sampling and the minibatch order. Default 0.
-    pub seed: u64,
-    /// Iterations between checkpoints. Default 1.
-    pub checkpoint_every: u64,
-    /// LoRA adapters trained instead of every weight (`[lora]`); the reference is then the
-    /// base with the adapters off, not a second model. Default: none.
-    pub lora: Option<LoraConfig>,
 }
 
 impl Default for GroupConfig {
     fn default() -> Self {
         Self {
-            iterations: 10,
+            online: OnlineConfig::default(),
             rollout_batch_size: 32,
             group_size: 8,
             num_minibatches: 1,
             epochs: 1,
-            micro_batch_size: 8,
-            generation_batch_size: 64,
-            max_new_tokens: 256,
-            temperature: 1.0,
-            top_k: 200,
             scale_rewards: true,
             clip_low: 0.2,
             clip_high: 0.28,
@@ -159,7 +135,6 @@ impl Default for GroupConfig {
             kl: KlPenalty::Loss,
             kl_coef: 0.04,
             ema_reference: false,
-            ema_eta: 0.001,
             dynamic_sampling: true,
             dynamic_sampling_on: SamplingFilter::Reward,
             max_extra_draws: 2,
@@ -171,10 +146,6 @@ impl Default for GroupConfig {
                 lr: 1e-6,
                 ..OptimConfig::default()
             },
-            encode: EncodeConfig::default(),
-            seed: 0,
-            checkpoint_every: 1,
-            lora: None,
         }
     }
 }
@@ -183,14 +154,10 @@ impl GroupConfig {
     /// Every setting checked before any work starts; errors name the field.
     pub fn validate(&self) -> Result<()> {
         let check = crate::error::ensure;
+        self.online.validate()?;
         crate::error::at_least_one(&[
-            ("iterations", self.iterations),
             ("rollout_batch_size", self.rollout_batch_size as u64),
             ("epochs", self.epochs as u64),
-            ("micro_batch_size", self.micro_batch_size as u64),
-            ("generation_batch_size", self.generation_batch_size as u64),
-            ("max_new_tokens", self.max_new_tokens as u64),
-            ("checkpoint_every", self.checkpoint_every),
         ])?;
         check(
             self.group_size >= 2,
@@ -211,34 +178,17 @@ impl GroupConfig {
         check(self.clip_high >= 0.0, "clip_high", "must be ≥ 0")?;
         check(self.kl_coef >= 0.0, "kl_coef", "must be ≥ 0")?;
         check(
-            (0.0..=1.0).contains(&self.ema_eta),
-            "ema_eta",
-            "must be in [0, 1]",
-        )?;
-        check(
-            self.overlong != Overlong::Penalty || self.overlong_buffer <= self.max_new_tokens,
+            self.overlong != Overlong::Penalty
+                || self.overlong_buffer <= self.online.max_new_tokens,
             "overlong_buffer",
             "must not exceed max_new_tokens",
         )?;
         check(
-            !(self.ema_reference && self.lora.is_some()),
+            !(self.ema_reference && self.online.lora.is_some()),
             "ema_reference",
             "needs full fine-tuning: with LoRA the reference is the base, the adapters off",
         )?;
-        crate::validate_online_lora(self.lora.as_ref())?;
-        self.encode.validate()?;
         self.actor.validate()
-    }
-
-    fn sampling(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: 1.0,
-            max_new_tokens: self.max_new_tokens,
-            stop: Vec::new(),
-            ignore_eos: false,
-        }
     }
 
     /// Whether the run measures KL to a reference at all.
@@ -255,15 +205,8 @@ impl GroupConfig {
         device: tch::Device,
         precision: Precision,
     ) -> Result<Policy> {
-        let lora = self.lora.as_ref();
-        Policy::load(
-            path,
-            device,
-            precision,
-            lora,
-            self.seed,
-            self.uses_reference(),
-        )
+        let (lora, seed) = (self.online.lora.as_ref(), self.online.seed);
+        Policy::load(path, device, precision, lora, seed, self.uses_reference())
     }
 }
 
@@ -314,14 +257,10 @@ impl Algorithm for Group<'_> {
         let config = self.config;
         let kl_in_loss = config.kl == KlPenalty::Loss && config.uses_reference();
         Settings {
-            iterations: config.iterations,
-            seed: config.seed,
-            checkpoint_every: config.checkpoint_every,
+            online: &config.online,
             epochs: config.epochs,
             num_minibatches: config.num_minibatches,
-            micro_batch_size: config.micro_batch_size,
-            sampling: config.sampling(),
-            ema_eta: config.ema_reference.then_some(config.ema_eta),
+            ema_reference: config.ema_reference,
             loss: SurrogateLoss {
                 clip_low: config.clip_low,
                 clip_high: config.clip_high,
@@ -330,7 +269,6 @@ impl Algorithm for Group<'_> {
                 entropy_coef: config.entropy_coef,
             },
             optimizer: &config.actor,
-            encode: &config.encode,
         }
     }
 
@@ -378,7 +316,8 @@ impl Algorithm for Group<'_> {
                 size.clamp(missing, wanted)
             };
             let first = cursor.position;
-            let chosen = prompt_stream(prompts.examples.len(), config.seed, first, size);
+            let seed = config.online.seed;
+            let chosen = prompt_stream(prompts.examples.len(), seed, first, size);
             cursor.position += size;
             let requests: Vec<RolloutRequest> = chosen
                 .iter()
@@ -390,7 +329,7 @@ impl Algorithm for Group<'_> {
                     (0..k).map(move |member| RolloutRequest {
                         prompt,
                         // Unique over the run: the stream position and the member.
-                        seed: config.seed ^ ((((first + j) as u64) << 16) | member as u64),
+                        seed: seed ^ ((((first + j) as u64) << 16) | member as u64),
                         sample_idx: base + member as u32,
                     })
                 })
@@ -400,7 +339,7 @@ impl Algorithm for Group<'_> {
                 &prompts.encoded,
                 prompts.examples,
                 &requests,
-                &config.sampling(),
+                &config.online.sampling(),
             )?;
             let scores = reward(&generated.rollouts)?;
             let (rewards, valid) = shaped(config, &generated.rollouts, &scores);
@@ -486,7 +425,7 @@ pub fn train_group<E: From<TrainError>>(
     let Some(trainer) = Trainer::start(policy, group, prompts, out)? else {
         return Ok(Vec::new());
     };
-    let batching = Batching::new(config.generation_batch_size);
+    let batching = Batching::new(config.online.generation_batch_size);
     let mut generator = InProcess::new(&policy.actor, batching);
     train_online(trainer, &mut generator, reward, on_sampled, on_iteration)
 }
@@ -507,7 +446,7 @@ fn shaped(config: &GroupConfig, rollouts: &[Rollout], scores: &[f32]) -> (Vec<f3
                     let eos = usize::from(r.finish == prefloop_core::Finish::Stop);
                     let penalty = overlong_penalty(
                         r.num_tokens as usize + eos,
-                        config.max_new_tokens,
+                        config.online.max_new_tokens,
                         config.overlong_buffer,
                         config.overlong_penalty,
                     );
@@ -553,7 +492,7 @@ fn make_experience(
         encoded,
         &prompt_of,
         &answers,
-        &config.sampling(),
+        &config.online.sampling(),
     );
     let device = batch.input_ids.device();
     let valid = Tensor::from_slice(
@@ -607,7 +546,10 @@ mod tests {
     #[test]
     fn the_overlong_penalty_counts_the_eos_token_as_dapo_does() {
         let config = GroupConfig {
-            max_new_tokens: 256,
+            online: OnlineConfig {
+                max_new_tokens: 256,
+                ..OnlineConfig::default()
+            },
             overlong: Overlong::Penalty,
             overlong_buffer: 64,
             overlong_penalty: 1.0,

@@ -46,8 +46,8 @@ pub use losses::{
     masked_mean, policy_loss, preference_loss, sft_loss, value_loss,
 };
 pub use online::{
-    Algorithm, Experience, KL_TO_REFERENCE, Metrics, Policy, Prompts, Sampled, ScoreFn, Settings,
-    Sums, SurrogateLoss, Timed, Trainer, train_online,
+    Algorithm, Experience, KL_TO_REFERENCE, Metrics, OnlineConfig, Policy, Prompts, Sampled,
+    ScoreFn, Settings, Sums, SurrogateLoss, Timed, Trainer, train_online,
 };
 pub use optim::{AdamW, OptimConfig, Schedule};
 pub use ppo::{CRITIC_DIR, Chosen, Ppo, PpoConfig, PpoModels, Truncated, train_ppo};

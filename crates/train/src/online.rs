@@ -22,8 +22,8 @@ use prefloop_model::{Generator, LoraConfig, Model, Precision, SamplingParams};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, Part};
@@ -37,6 +37,88 @@ use crate::rollout::{
     IterationRecord, Iterations, PromptExample, RewardFn, Rollout, SampledFn, encode_prompts,
     exact_weights, truncated,
 };
+
+/// The settings every online algorithm has, with the same defaults for each (`#[serde(flatten)]`
+/// into PPO's and the group estimators' configs, so they stay keys of `[ppo]` and `[group]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OnlineConfig {
+    /// Sample → update iterations (in a run, one per round: `rounds`). Default 10.
+    pub iterations: u64,
+    /// Rows generated together. Default 64.
+    pub generation_batch_size: usize,
+    /// Rows per forward pass inside a minibatch (gradients accumulate, each micro-batch weighted
+    /// as the loss weighs its rows): a memory knob that does not change the result. Default 8.
+    pub micro_batch_size: usize,
+    /// Default 256.
+    pub max_new_tokens: usize,
+    /// Default 1.0 (the paper's).
+    pub temperature: f64,
+    /// Default 200 (the paper's).
+    pub top_k: i64,
+    /// η of the EMA that moves the reference towards the policy after every iteration, when
+    /// it moves (`ema_reference`). Default 0.001 (ReaLHF).
+    pub ema_eta: f64,
+    pub encode: EncodeConfig,
+    /// Seeds the prompt order, the sampling and the minibatch order. Default 0.
+    pub seed: u64,
+    /// Iterations between checkpoints. Default 1.
+    pub checkpoint_every: u64,
+    /// LoRA adapters trained instead of every weight (`[lora]`, no dropout); the reference is
+    /// then the policy's base with its adapters off, not a second model (so it cannot move),
+    /// and PPO's critic trains adapters and its value head. Default: none, full fine-tuning.
+    pub lora: Option<LoraConfig>,
+}
+
+impl Default for OnlineConfig {
+    fn default() -> Self {
+        Self {
+            iterations: 10,
+            generation_batch_size: 64,
+            micro_batch_size: 8,
+            max_new_tokens: 256,
+            temperature: 1.0,
+            top_k: 200,
+            ema_eta: 0.001,
+            encode: EncodeConfig::default(),
+            seed: 0,
+            checkpoint_every: 1,
+            lora: None,
+        }
+    }
+}
+
+impl OnlineConfig {
+    /// How rollouts are sampled.
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: 1.0,
+            max_new_tokens: self.max_new_tokens,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
+    /// Every setting checked before any work starts; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        crate::error::at_least_one(&[
+            ("iterations", self.iterations),
+            ("micro_batch_size", self.micro_batch_size as u64),
+            ("generation_batch_size", self.generation_batch_size as u64),
+            ("max_new_tokens", self.max_new_tokens as u64),
+            ("checkpoint_every", self.checkpoint_every),
+        ])?;
+        crate::error::ensure(
+            (0.0..=1.0).contains(&self.ema_eta),
+            "ema_eta",
+            "must be in [0, 1]",
+        )?;
+        crate::validate_online_lora(self.lora.as_ref())?;
+        self.encode.validate()
+    }
+}
 
 /// The scores of one draw of rollouts, in order, as the driver of a trainer computes them (with
 /// its own error type, so a pipeline's errors stay typed through the trainer).
@@ -141,33 +223,25 @@ pub struct SurrogateLoss {
     pub entropy_coef: f64,
 }
 
-/// The settings every online algorithm has, read from its config.
+/// How an online algorithm trains, read from its config.
 #[derive(Debug, Clone)]
 pub struct Settings<'c> {
-    pub iterations: u64,
-    /// Seeds the prompt order, the sampling and the minibatch order.
-    pub seed: u64,
-    pub checkpoint_every: u64,
+    pub online: &'c OnlineConfig,
     /// Passes over each iteration's experience.
     pub epochs: usize,
     /// Minibatches each pass is cut into (one optimiser step each; always this many parts,
     /// the last rows going to the last parts when they do not divide).
     pub num_minibatches: usize,
-    /// Rows per forward pass inside a minibatch: a memory knob that does not change the
-    /// result.
-    pub micro_batch_size: usize,
-    pub sampling: SamplingParams,
-    /// η of the EMA that moves the reference after every iteration; None keeps it.
-    pub ema_eta: Option<f64>,
+    /// Whether the EMA moves the reference after every iteration.
+    pub ema_reference: bool,
     pub loss: SurrogateLoss,
     pub optimizer: &'c OptimConfig,
-    pub encode: &'c EncodeConfig,
 }
 
 impl Settings<'_> {
     /// Optimiser steps of the whole run, which the learning-rate schedule spans.
     fn total_steps(&self) -> u64 {
-        self.iterations * (self.epochs * self.num_minibatches) as u64
+        self.online.iterations * (self.epochs * self.num_minibatches) as u64
     }
 }
 
@@ -277,19 +351,16 @@ impl<'m, A: Algorithm> Trainer<'m, A> {
         out: &Path,
     ) -> Result<Option<Self>> {
         let settings = algorithm.settings();
-        let Some(encoded) = encode_prompts(&policy.actor, prompts, settings.encode, out)? else {
+        let online = settings.online;
+        let Some(encoded) = encode_prompts(&policy.actor, prompts, &online.encode, out)? else {
             return Ok(None);
         };
         let mut optimizer = AdamW::new(policy.actor.trainable(), settings.optimizer.clone())?;
-        let mut ema = match (&policy.reference, settings.ema_eta) {
-            (Some(reference), Some(eta)) => Some(EmaReference::new(&reference.vs, eta)),
+        let mut ema = match (&policy.reference, settings.ema_reference) {
+            (Some(reference), true) => Some(EmaReference::new(&reference.vs, online.ema_eta)),
             _ => None,
         };
-        let (seed, iterations, every) = (
-            settings.seed,
-            settings.iterations,
-            settings.checkpoint_every,
-        );
+        let (seed, iterations, every) = (online.seed, online.iterations, online.checkpoint_every);
         let mut algorithm = algorithm;
         let (log, next, state) = {
             let mut parts = policy_parts(policy, &mut optimizer, ema.as_mut());
@@ -314,7 +385,7 @@ impl<'m, A: Algorithm> Trainer<'m, A> {
 
     /// The next iteration to run (0-based), or None when every one has run.
     pub fn next_iteration(&self) -> Option<u64> {
-        (self.next < self.algorithm.settings().iterations).then_some(self.next)
+        (self.next < self.algorithm.settings().online.iterations).then_some(self.next)
     }
 
     /// The algorithm's name, for logs.
@@ -424,7 +495,7 @@ impl<'m, A: Algorithm> Trainer<'m, A> {
         let loss = settings.loss;
         let n = e.batch.input_ids.size()[0] as usize;
         let device = e.batch.input_ids.device();
-        let max_new_tokens = settings.sampling.max_new_tokens;
+        let max_new_tokens = settings.online.max_new_tokens;
         // What each row counts for in its minibatch's loss (its tokens for a token mean), so
         // a micro-batch's loss weighted by its rows' share is the minibatch's.
         let row_weights: Vec<f64> = Vec::<f32>::try_from(
@@ -437,8 +508,9 @@ impl<'m, A: Algorithm> Trainer<'m, A> {
         .map(|tokens| loss.aggregation.row_weight(f64::from(tokens)))
         .collect();
         let (epochs, minibatches) = (settings.epochs, settings.num_minibatches);
-        let (micro_batch_size, total_steps) = (settings.micro_batch_size, settings.total_steps());
-        let (optim, seed) = (settings.optimizer.clone(), settings.seed);
+        let (micro_batch_size, total_steps) =
+            (settings.online.micro_batch_size, settings.total_steps());
+        let (optim, seed) = (settings.optimizer.clone(), settings.online.seed);
         let mut sums = Sums::default();
         let mut steps = 0.0;
         let mut rng = StdRng::seed_from_u64(seed ^ iteration.wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -653,7 +725,7 @@ pub fn train_online<A: Algorithm, G: Generator, E: From<TrainError>>(
     on_sampled: &mut SampledFn<E>,
     mut on_iteration: impl FnMut(&IterationRecord, u64),
 ) -> std::result::Result<Vec<IterationRecord>, E> {
-    let total = trainer.algorithm.settings().iterations;
+    let total = trainer.algorithm.settings().online.iterations;
     let mut records = Vec::new();
     while let Some(iteration) = trainer.next_iteration() {
         let sampled = trainer.sample(generator, &mut |rollouts| reward(iteration, rollouts))?;

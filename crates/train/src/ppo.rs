@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use prefloop_model::{Batching, Generator, InProcess, LoraConfig, Precision, SamplingParams};
+use prefloop_model::{Batching, Generator, InProcess, Precision};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -16,12 +16,11 @@ use crate::advantage::{
 };
 use crate::checkpoint::Part;
 use crate::error::{Result, TrainError};
-use crate::examples::EncodeConfig;
 use crate::logprobs::{TokenBatch, token_logprobs_and_entropy};
 use crate::losses::{LossAggregation, masked_mean, value_loss};
 use crate::online::{
-    Algorithm, Experience, Metrics, Policy, Prompts, Sampled, ScoreFn, Settings, Sums,
-    SurrogateLoss, Trainer, train_online,
+    Algorithm, Experience, Metrics, OnlineConfig, Policy, Prompts, Sampled, ScoreFn, Settings,
+    Sums, SurrogateLoss, Trainer, train_online,
 };
 use crate::optim::{AdamW, OptimConfig};
 use crate::reward::RewardModel;
@@ -34,10 +33,13 @@ use crate::rollout::{
 pub const CRITIC_DIR: &str = "critic";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+// Not `deny_unknown_fields`, which serde does not take with `flatten`: whoever reads the
+// config refuses the keys nothing took (prefloop_pipeline::unknown_keys).
+#[serde(default)]
 pub struct PpoConfig {
-    /// Rollout → train iterations. Default 10.
-    pub iterations: u64,
+    /// What every online algorithm has (online.rs), with its defaults.
+    #[serde(flatten)]
+    pub online: OnlineConfig,
     /// Rollouts per iteration, one per prompt (the paper's large batch: 512). Default 512.
     pub rollout_batch_size: usize,
     /// Minibatches each rollout batch is cut into per PPO epoch (one optimiser step each;
@@ -45,18 +47,6 @@ pub struct PpoConfig {
     pub num_minibatches: usize,
     /// Passes over each rollout batch: 5 for dialogue, 16 for code in the paper. Default 5.
     pub ppo_epochs: usize,
-    /// Rows per forward pass inside a minibatch (gradients accumulate, each micro-batch
-    /// weighted by its share of the minibatch's tokens, as the losses are token means): a
-    /// memory knob that does not change the result. Default 8.
-    pub micro_batch_size: usize,
-    /// Rows generated together. Default 64.
-    pub generation_batch_size: usize,
-    /// Default 256.
-    pub max_new_tokens: usize,
-    /// Default 1.0.
-    pub temperature: f64,
-    /// Default 200.
-    pub top_k: i64,
     /// β_KL of the per-token penalty `-β_KL (log π - log π_ref)`. Default 0.1.
     pub kl_coef: f64,
     /// The score is clipped to ±this. Default 20.
@@ -81,23 +71,11 @@ pub struct PpoConfig {
     /// Default: on with full fine-tuning, off with `lora` (the reference is then the actor's
     /// base with its adapters off, which cannot move; `true` with `lora` is refused).
     pub ema_reference: Option<bool>,
-    /// η of the EMA. Default 0.001 (ReaLHF).
-    pub ema_eta: f64,
     /// Actor optimiser; lr defaults to 1e-5. Its warmup and schedule count optimiser steps:
     /// iterations × ppo_epochs × num_minibatches.
     pub actor: OptimConfig,
     /// Critic optimiser; lr defaults to 5e-6; scheduled as the actor's.
     pub critic: OptimConfig,
-    pub encode: EncodeConfig,
-    /// Seeds prompt order and sampling. Default 0.
-    pub seed: u64,
-    /// Iterations between checkpoints. Default 1.
-    pub checkpoint_every: u64,
-    /// LoRA adapters trained instead of every weight (`[lora]`), on the actor and on the
-    /// critic (its adapters and value head); the reference is then the actor with its
-    /// adapters switched off, with no second copy of the model, so `ema_reference` is off.
-    /// Default: none, full fine-tuning.
-    pub lora: Option<LoraConfig>,
 }
 
 impl Default for PpoConfig {
@@ -107,15 +85,10 @@ impl Default for PpoConfig {
             ..OptimConfig::default()
         };
         Self {
-            iterations: 10,
+            online: OnlineConfig::default(),
             rollout_batch_size: 512,
             num_minibatches: 4,
             ppo_epochs: 5,
-            micro_batch_size: 8,
-            generation_batch_size: 64,
-            max_new_tokens: 256,
-            temperature: 1.0,
-            top_k: 200,
             kl_coef: 0.1,
             reward_clip: 20.0,
             gamma: 1.0,
@@ -126,13 +99,8 @@ impl Default for PpoConfig {
             advantage_normalisation: true,
             value_normalisation: true,
             ema_reference: None,
-            ema_eta: 0.001,
             actor: optim(1e-5),
             critic: optim(5e-6),
-            encode: EncodeConfig::default(),
-            seed: 0,
-            checkpoint_every: 1,
-            lora: None,
         }
     }
 }
@@ -146,53 +114,28 @@ pub enum Truncated {
 }
 
 impl PpoConfig {
-    /// How rollouts are sampled.
-    fn sampling(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: 1.0,
-            max_new_tokens: self.max_new_tokens,
-            stop: Vec::new(),
-            ignore_eos: false,
-        }
-    }
-
     /// Whether the EMA moves the reference: as `ema_reference` says, else with full
     /// fine-tuning.
     pub fn moves_reference(&self) -> bool {
-        self.ema_reference.unwrap_or(self.lora.is_none())
+        self.ema_reference.unwrap_or(self.online.lora.is_none())
     }
 
     /// Every setting checked before any work starts; errors name the field.
     pub fn validate(&self) -> Result<()> {
         let check = crate::error::ensure;
-        crate::error::at_least_one(&[
-            ("iterations", self.iterations),
-            ("ppo_epochs", self.ppo_epochs as u64),
-            ("micro_batch_size", self.micro_batch_size as u64),
-            ("generation_batch_size", self.generation_batch_size as u64),
-            ("max_new_tokens", self.max_new_tokens as u64),
-            ("checkpoint_every", self.checkpoint_every),
-        ])?;
+        self.online.validate()?;
+        crate::error::at_least_one(&[("ppo_epochs", self.ppo_epochs as u64)])?;
         check(
             self.num_minibatches > 0 && self.rollout_batch_size >= self.num_minibatches,
             "num_minibatches",
             "must be between 1 and rollout_batch_size",
         )?;
         check(
-            (0.0..=1.0).contains(&self.ema_eta),
-            "ema_eta",
-            "must be in [0, 1]",
-        )?;
-        check(
-            !(self.ema_reference == Some(true) && self.lora.is_some()),
+            !(self.ema_reference == Some(true) && self.online.lora.is_some()),
             "ema_reference",
             "with lora the reference is the base with the adapters off and cannot move: \
              set ema_reference = false",
         )?;
-        crate::validate_online_lora(self.lora.as_ref())?;
-        self.encode.validate()?;
         self.actor.validate()?;
         self.critic.validate()
     }
@@ -216,12 +159,12 @@ impl PpoModels {
         precision: Precision,
         config: &PpoConfig,
     ) -> Result<Self> {
-        let lora = config.lora.as_ref();
-        let policy = Policy::load(path, device, precision, lora, config.seed, true)?;
+        let (lora, seed) = (config.online.lora.as_ref(), config.online.seed);
+        let policy = Policy::load(path, device, precision, lora, seed, true)?;
         let critic = prefloop_model::Model::load(path, device, precision)?;
         Ok(Self {
             policy,
-            critic: RewardModel::new(crate::with_lora(critic, lora, !config.seed)?)?,
+            critic: RewardModel::new(crate::with_lora(critic, lora, !seed)?)?,
         })
     }
 }
@@ -265,16 +208,11 @@ impl Algorithm for Ppo<'_> {
     fn settings(&self) -> Settings<'_> {
         let config = self.config;
         Settings {
+            online: &config.online,
             optimizer: &config.actor,
-            encode: &config.encode,
-            iterations: config.iterations,
-            seed: config.seed,
-            checkpoint_every: config.checkpoint_every,
             epochs: config.ppo_epochs,
             num_minibatches: config.num_minibatches,
-            micro_batch_size: config.micro_batch_size,
-            sampling: config.sampling(),
-            ema_eta: config.moves_reference().then_some(config.ema_eta),
+            ema_reference: config.moves_reference(),
             loss: SurrogateLoss {
                 clip_low: config.clip_eps,
                 clip_high: config.clip_eps,
@@ -293,16 +231,16 @@ impl Algorithm for Ppo<'_> {
         generator: &mut G,
         reward: &mut ScoreFn<E>,
     ) -> std::result::Result<Sampled<Chosen>, E> {
-        let size = self.config.rollout_batch_size;
+        let (size, seed) = (self.config.rollout_batch_size, self.config.online.seed);
         let first = iteration as usize * size;
-        let chosen = prompt_stream(prompts.examples.len(), self.config.seed, first, size);
-        let requests = rollout_requests(&chosen, self.config.seed, iteration);
+        let chosen = prompt_stream(prompts.examples.len(), seed, first, size);
+        let requests = rollout_requests(&chosen, seed, iteration);
         let generated = sample(
             generator,
             &prompts.encoded,
             prompts.examples,
             &requests,
-            &self.config.sampling(),
+            &self.config.online.sampling(),
         )?;
         let scores = reward(&generated.rollouts)?;
         Ok(Sampled {
@@ -328,7 +266,7 @@ impl Algorithm for Ppo<'_> {
             &prompts.encoded,
             &sampled.detail.prompts,
             &sampled.detail.answers,
-            &self.config.sampling(),
+            &self.config.online.sampling(),
         );
         let truncated = truncated(&sampled.rollouts);
         let e = make_experience(
@@ -415,7 +353,7 @@ pub fn train_ppo<E: From<TrainError>>(
     let Some(trainer) = Trainer::start(&models.policy, ppo, prompts, out)? else {
         return Ok(Vec::new());
     };
-    let batching = Batching::new(config.generation_batch_size);
+    let batching = Batching::new(config.online.generation_batch_size);
     let mut generator = InProcess::new(&models.policy.actor, batching);
     train_online(
         trainer,

@@ -10,9 +10,9 @@ use std::time::Instant;
 use anyhow::Result;
 use prefloop_model::{Config, LoraConfig, best_device};
 use prefloop_train::{
-    AdamW, DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, KL_TO_REFERENCE, OptimConfig,
-    Overlong, PpoConfig, PpoModels, PromptExample, RewardModel, Rollout, Share, TokenBatch,
-    dpo_backward, sequence_sum, token_logprobs, train_group, train_ppo, with_lora,
+    AdamW, DpoConfig, EncodeConfig, Encoder, Estimator, GroupConfig, KL_TO_REFERENCE, OnlineConfig,
+    OptimConfig, Overlong, PpoConfig, PpoModels, PromptExample, RewardModel, Rollout, Share,
+    TokenBatch, dpo_backward, sequence_sum, token_logprobs, train_group, train_ppo, with_lora,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -333,13 +333,16 @@ pub struct PpoArgs {
 pub fn run_ppo(args: &PpoArgs) -> Result<()> {
     let device = best_device();
     let config = PpoConfig {
-        iterations: 1,
+        online: OnlineConfig {
+            iterations: 1,
+            micro_batch_size: args.micro_batch_size,
+            generation_batch_size: args.rollouts,
+            max_new_tokens: args.new_tokens,
+            ..OnlineConfig::default()
+        },
         rollout_batch_size: args.rollouts,
         num_minibatches: args.minibatches,
         ppo_epochs: args.ppo_epochs,
-        micro_batch_size: args.micro_batch_size,
-        generation_batch_size: args.rollouts,
-        max_new_tokens: args.new_tokens,
         ..PpoConfig::default()
     };
     let models = PpoModels::load(
@@ -349,7 +352,7 @@ pub fn run_ppo(args: &PpoArgs) -> Result<()> {
         &config,
     )?;
     let rm = untrained_reward_model(&args.model, device)?;
-    let reward = RewardOf::new(&rm, &config.encode, args.micro_batch_size)?;
+    let reward = RewardOf::new(&rm, &config.online.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
     let records = train_ppo(
         &models,
@@ -421,20 +424,23 @@ pub struct GroupArgs {
 pub fn run_group(args: &GroupArgs) -> Result<()> {
     let device = best_device();
     let config = GroupConfig {
-        iterations: 1,
+        online: OnlineConfig {
+            iterations: 1,
+            micro_batch_size: args.micro_batch_size,
+            generation_batch_size: args.prompts * args.group_size,
+            max_new_tokens: args.new_tokens,
+            lora: args.lora_rank.map(|rank| LoraConfig::with_rank(rank, None)),
+            ..OnlineConfig::default()
+        },
         rollout_batch_size: args.prompts,
         group_size: args.group_size,
         num_minibatches: args.minibatches,
-        micro_batch_size: args.micro_batch_size,
-        generation_batch_size: args.prompts * args.group_size,
-        max_new_tokens: args.new_tokens,
         overlong: Overlong::Keep,
-        lora: args.lora_rank.map(|rank| LoraConfig::with_rank(rank, None)),
         ..GroupConfig::default()
     };
     let policy = config.load_policy(args.model.model.as_deref(), device, args.model.dtype)?;
     let rm = untrained_reward_model(&args.model, device)?;
-    let reward = RewardOf::new(&rm, &config.encode, args.micro_batch_size)?;
+    let reward = RewardOf::new(&rm, &config.online.encode, args.micro_batch_size)?;
     let out = tempfile::tempdir()?;
     let records = train_group(
         &policy,
@@ -466,7 +472,7 @@ pub fn run_group(args: &GroupArgs) -> Result<()> {
         ("experience", m["time/experience"]),
         ("train (actor)", m["time/train"]),
     ]);
-    let reference = match (&policy.reference, config.lora.is_some()) {
+    let reference = match (&policy.reference, config.online.lora.is_some()) {
         (Some(_), _) => "a second model",
         (None, true) => "the base, adapters off",
         (None, false) => "none (no KL penalty)",
