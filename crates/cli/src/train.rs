@@ -53,8 +53,8 @@ pub enum Command {
     /// saves OUT/policy and OUT/critic. The paper's tricks are config switches
     /// (advantage_normalisation, rollout_batch_size, ema_reference, value_normalisation).
     /// With --lora-rank the actor and critic train adapters and the reference is the actor's
-    /// base with its adapters off, which cannot move: the EMA reference is off (as in the
-    /// library: ema_reference defaults to off with LoRA, and true is refused). Log-probs,
+    /// base with its adapters off, which cannot move: the EMA reference is off whatever
+    /// ema_reference says (as in the library, which warns when it says true). Log-probs,
     /// ratio and KL are of the logits divided by the rollouts' `temperature`; LoRA takes no
     /// dropout here (the on-policy ratio must be 1).
     Ppo {

@@ -68,9 +68,10 @@ pub struct PpoConfig {
     /// The critic learns normalised returns (running mean and std). Default true.
     pub value_normalisation: bool,
     /// `π_ref ← (1-η) π_ref + η π_actor` after every iteration; off keeps the starting policy.
-    /// Default: on with full fine-tuning, off with `lora` (the reference is then the actor's
-    /// base with its adapters off, which cannot move; `true` with `lora` is refused).
-    pub ema_reference: Option<bool>,
+    /// With `lora` the reference is the actor's base with its adapters off, which cannot move:
+    /// the EMA is then off whatever this says (a warning says so when it says true). Default
+    /// true.
+    pub ema_reference: bool,
     /// Actor optimiser; lr defaults to 1e-5. Its warmup and schedule count optimiser steps:
     /// iterations × ppo_epochs × num_minibatches.
     pub actor: OptimConfig,
@@ -98,7 +99,7 @@ impl Default for PpoConfig {
             value_clip: 0.2,
             advantage_normalisation: true,
             value_normalisation: true,
-            ema_reference: None,
+            ema_reference: true,
             actor: optim(1e-5),
             critic: optim(5e-6),
         }
@@ -114,10 +115,9 @@ pub enum Truncated {
 }
 
 impl PpoConfig {
-    /// Whether the EMA moves the reference: as `ema_reference` says, else with full
-    /// fine-tuning.
+    /// Whether the EMA moves the reference: as `ema_reference` says, with full fine-tuning.
     pub fn moves_reference(&self) -> bool {
-        self.ema_reference.unwrap_or(self.online.lora.is_none())
+        self.ema_reference && self.online.lora.is_none()
     }
 
     /// Every setting checked before any work starts; errors name the field.
@@ -129,12 +129,6 @@ impl PpoConfig {
             self.num_minibatches > 0 && self.rollout_batch_size >= self.num_minibatches,
             "num_minibatches",
             "must be between 1 and rollout_batch_size",
-        )?;
-        check(
-            !(self.ema_reference == Some(true) && self.online.lora.is_some()),
-            "ema_reference",
-            "with lora the reference is the base with the adapters off and cannot move: \
-             set ema_reference = false",
         )?;
         self.actor.validate()?;
         self.critic.validate()
@@ -181,6 +175,12 @@ impl<'m> Ppo<'m> {
     /// PPO under `config` (checked here), training `critic`.
     pub fn new(config: &'m PpoConfig, critic: &'m RewardModel) -> Result<Self> {
         config.validate()?;
+        if config.ema_reference && !config.moves_reference() {
+            tracing::warn!(
+                "ema_reference = true with lora: the reference is the base with the adapters \
+                 off, which cannot move; the EMA is off"
+            );
+        }
         Ok(Self {
             config,
             critic,
