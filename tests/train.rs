@@ -618,6 +618,22 @@ fn mean_e_share(dir: &Path) -> f32 {
     scores.iter().sum::<f32>() / scores.len() as f32
 }
 
+/// What the tiny PPO and group runs share: 12 new tokens from the top 20, 32 rows generated and
+/// 16 trained together.
+fn tiny_online(iterations: u64, seed: u64) -> OnlineConfig {
+    OnlineConfig {
+        iterations,
+        micro_batch_size: 16,
+        generation_batch_size: 32,
+        max_new_tokens: 12,
+        // A random policy is near uniform over 49k tokens; sampling from its top 20 gives
+        // rollouts that differ enough in reward for a short run to learn from.
+        top_k: 20,
+        seed,
+        ..OnlineConfig::default()
+    }
+}
+
 fn ppo_config(iterations: u64) -> PpoConfig {
     let optim = |lr| OptimConfig {
         lr,
@@ -625,16 +641,8 @@ fn ppo_config(iterations: u64) -> PpoConfig {
     };
     PpoConfig {
         online: OnlineConfig {
-            iterations,
-            micro_batch_size: 16,
-            generation_batch_size: 32,
-            max_new_tokens: 12,
-            // A random policy is near uniform over 49k tokens; sampling from its top 20 gives
-            // rollouts that differ enough in reward for a short run to learn from.
-            top_k: 20,
             ema_eta: 0.01,
-            seed: 11,
-            ..OnlineConfig::default()
+            ..tiny_online(iterations, 11)
         },
         rollout_batch_size: 32,
         num_minibatches: 2,
@@ -1225,15 +1233,7 @@ fn micro_batches_do_not_change_an_sft_or_ppo_update() {
 /// 12 new tokens.
 fn group_config(iterations: u64, seed: u64) -> GroupConfig {
     GroupConfig {
-        online: OnlineConfig {
-            iterations,
-            micro_batch_size: 16,
-            generation_batch_size: 32,
-            max_new_tokens: 12,
-            top_k: 20,
-            seed,
-            ..OnlineConfig::default()
-        },
+        online: tiny_online(iterations, seed),
         rollout_batch_size: 4,
         group_size: 8,
         num_minibatches: 2,

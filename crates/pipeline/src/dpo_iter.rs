@@ -1,6 +1,6 @@
-//! DPO-Iter as rounds (DESIGN §4): generate from the current policy → score → pairs (best
-//! against worst, the reference solution where nothing passed) → DPO against the policy the
-//! round started from → the next round samples from the trained policy. Each stage is written
+//! DPO-Iter as rounds (docs/ARCHITECTURE.md): generate from the current policy → score →
+//! pairs (best against worst, the reference solution where nothing passed) → DPO against the
+//! policy the round started from → the next round samples from the trained policy. Each stage is written
 //! whole and marked complete before the next, so a killed round continues where it stood.
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
-//! PPO with an actor, a critic, a reference and a reward (DESIGN §4), over the online core
-//! (online.rs): one rollout per prompt of the iteration's share; experience with the critic's
+//! PPO with an actor, a critic, a reference and a reward, over the online core (online.rs;
+//! docs/ARCHITECTURE.md): one rollout per prompt of the iteration's share; experience with the critic's
 //! values, per-token rewards (the KL penalty everywhere, the clipped score at the last action)
 //! and GAE advantages; the critic trained beside the actor on every micro-batch. Each of the
 //! paper's tricks (advantage normalisation, large batch, EMA reference; value normalisation
